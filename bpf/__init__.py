@@ -1,0 +1,1 @@
+"""The eBPF C sources, shipped as package data (compiled at run time by bcc)."""

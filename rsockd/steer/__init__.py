@@ -1,0 +1,80 @@
+"""Steering backends: keep the kernel's TCP stack away from tunnel segments and hand them to us.
+
+One backend per module, all behind the ``Steering`` protocol; each imports its platform
+libraries (bcc, nftables, pyroute2, macOS ioctls) inside its own module, so importing this
+package loads none of them.
+
+- ``xdp``   (Linux): XDP rewrites tunnel segments into UDP in place; they land on the daemon's
+            UDP sockets.  A TC egress guard drops kernel RST/ACK.  Needs bcc + kernel headers.
+- ``nft``   (Linux): an nftables table drops tunnel segments before the TCP stack; an AF_PACKET
+            socket with a classic BPF filter receives them.  No bcc needed.
+- ``bpfdev`` (macOS): a BPF device with a classic BPF filter receives; a pf anchor blocks.
+
+The daemon owns the UDP sockets (they are needed for the ``udp`` transport anyway); a backend
+only owns what it attaches and, for capture backends, its packet sockets.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+Role = Literal["server", "client"]
+
+#: Counter names every backend reports (missing ones read as 0).
+STEER_COUNTERS = (
+    "steered_v4",  # tunnel segments handed to userspace, IPv4
+    "steered_v6",  # ... IPv6
+    "passed_malformed",  # matched the ports but malformed (bad data offset, truncated): left to the kernel
+    "passed_fragment",  # IP fragments on tunnel ports: left to the kernel
+    "passed_ip_options",  # IPv4 options / IPv6 extension headers on tunnel ports: left to the kernel
+    "guard_dropped",  # kernel-made RST/ACK from tunnel ports dropped on egress
+)
+
+
+@dataclass(frozen=True)
+class SteerPlan:
+    """What to steer.  The same plan type serves every backend.
+
+    Server: segments whose destination port is in ``tunnel_ports``.
+    Client: segments from an address in ``peers`` whose source port is in ``tunnel_ports`` and
+    whose destination port is in ``local_ports``.
+    """
+
+    instance: str
+    role: Role
+    interfaces: tuple[str, ...]
+    tunnel_ports: frozenset[int]
+    local_ports: frozenset[int] = frozenset()
+    peers: frozenset[str] = frozenset()  # textual IPv4/IPv6 addresses (client role)
+    mark: int = 0x72736B64  # SO_MARK of our raw sends; the guard lets these through
+    xdp_mode: Literal["auto", "native", "skb"] = "auto"
+    extra: dict[str, str] = field(default_factory=dict, compare=False)
+
+
+class Steering(Protocol):
+    """A steering backend.  Every method is synchronous and quick except ``attach``."""
+
+    name: str
+
+    def attach(self) -> None:
+        """Remove stale state of the same instance, then attach.  Raises ``SteerError``.
+
+        On failure nothing of ours is left attached.
+        """
+
+    def update(self, plan: SteerPlan) -> None:
+        """Apply a changed plan (ports, peers, local ports) to what is attached."""
+
+    def receivers(self) -> list[socket.socket]:
+        """Packet sockets that deliver whole L3 packets (IP header first); [] for xdp."""
+
+    def counters(self) -> dict[str, int]:
+        """Counters named as in ``STEER_COUNTERS`` (and backend extras)."""
+
+    def describe(self) -> list[dict[str, str]]:
+        """One entry per interface, e.g. ``{"interface": "eth0", "mode": "native"}``."""
+
+    def detach(self) -> None:
+        """Remove everything attached; idempotent; never raises for state already gone."""
