@@ -178,7 +178,7 @@ class Keyring:
     def from_secret(cls, secret: str | bytes | None) -> Keyring:
         return cls(derive_key(secret), is_default=secret is None)
 
-    def context(self, nonce: bytes, direction: int) -> Sealer:
+    def sealer(self, nonce: bytes, direction: int) -> Sealer:
         """The sealing state for one direction of one connection."""
         h = self._base.copy()
         h.update(nonce + bytes((direction,)))
@@ -195,7 +195,7 @@ class Sealer:
 
     __slots__ = ("_ctx", "counter")
 
-    def __init__(self, ctx: hashlib._Hash) -> None:  # type: ignore[name-defined]
+    def __init__(self, ctx: hashlib.blake2s) -> None:
         self._ctx = ctx
         self.counter = 0
 
@@ -244,7 +244,7 @@ class Opener:
 
     __slots__ = ("_ctx", "window")
 
-    def __init__(self, ctx: hashlib._Hash, window: ReplayWindow) -> None:  # type: ignore[name-defined]
+    def __init__(self, ctx: hashlib.blake2s, window: ReplayWindow) -> None:
         self._ctx = ctx
         self.window = window
 
