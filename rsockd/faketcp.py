@@ -612,6 +612,7 @@ class Connection:
             self.drops["unexpected"] += 1
             return
         self.hello = hello
+        self.conn_index, self.conn_count = hello.conn_index, hello.conn_count
         self._events.append(HelloReceived(hello))
 
     def _on_hello_ack(self, ack: HelloAck, now: float) -> None:

@@ -1,0 +1,201 @@
+"""``rsockd --check``: a preflight that loads nothing permanent.
+
+One line per check, ``ok``/``warn``/``FAIL`` with what to do about it.  Exit 0 only when the
+daemon would start (warnings do not block).
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .config import Config
+
+CAP_NET_ADMIN, CAP_NET_RAW, CAP_SYS_ADMIN, CAP_BPF = 12, 13, 21, 39
+
+
+@dataclass
+class Result:
+    level: str  # ok | warn | FAIL
+    what: str
+    fix: str = ""
+
+
+def effective_caps() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def check_python() -> list[Result]:
+    out = [Result("ok", f"python {sys.version.split()[0]}")]
+    for mod, pkg, need in (("pyroute2", "python3-pyroute2", True), ("sdnotify", "python3-sdnotify", False),
+                           ("nftables", "python3-nftables", False), ("bcc", "python3-bpfcc", False)):
+        if importlib.util.find_spec(mod) is None:
+            out.append(Result("FAIL" if need else "warn", f"python module {mod} missing", f"apt install {pkg}"))
+        else:
+            out.append(Result("ok", f"python module {mod}"))
+    return out
+
+
+def check_caps() -> list[Result]:
+    caps = effective_caps()
+    out = []
+    for bit, name, fix in ((CAP_NET_RAW, "CAP_NET_RAW", "raw sockets"), (CAP_NET_ADMIN, "CAP_NET_ADMIN",
+                           "XDP/TC attach, nftables, SO_MARK")):
+        if caps >> bit & 1:
+            out.append(Result("ok", f"capability {name}"))
+        else:
+            out.append(Result("FAIL", f"capability {name} missing ({fix})", "run as root or grant it"))
+    if caps >> CAP_BPF & 1 or caps >> CAP_SYS_ADMIN & 1:
+        out.append(Result("ok", "capability CAP_BPF"))
+    else:
+        out.append(Result("warn", "capability CAP_BPF/CAP_SYS_ADMIN missing: will use the nft backend",
+                          "run as root for the xdp backend"))
+    return out
+
+
+def check_backend(cfg: Config) -> list[Result]:
+    from .steer import nft, xdp
+
+    bcc = xdp.bcc_available()
+    nftr = nft.nft_available()
+    if cfg.backend == "xdp" and bcc:
+        return [Result("FAIL", f"backend xdp: {bcc}", "install python3-bpfcc and kernel headers, or backend = nft")]
+    if cfg.backend == "nft" and nftr:
+        return [Result("FAIL", f"backend nft: {nftr}", "apt install nftables python3-nftables")]
+    if bcc is None:
+        return [Result("ok", "bcc and kernel headers: xdp backend available")]
+    if nftr is None:
+        return [Result("warn", f"xdp backend unavailable ({bcc}): will use the nft backend")]
+    return [Result("FAIL", f"no backend: xdp: {bcc}; nft: {nftr}", "install python3-bpfcc + headers or nftables")]
+
+
+def check_network(cfg: Config) -> list[Result]:
+    from .errors import RsockdError
+    from .netinfo import default_interfaces, interface_addresses, interface_exists, resolve, route_to
+
+    out = []
+    try:
+        if cfg.role == "client":
+            assert cfg.server is not None
+            server = resolve(cfg.server)
+            route = route_to(server)
+            names: tuple[str, ...] = cfg.dev or (route.interface,)
+            out.append(Result("ok", f"route to server {server} via {route.interface} from {route.source}"))
+        else:
+            names = cfg.dev or tuple(default_interfaces())
+            if not names:
+                return [Result("FAIL", "no interface: no default route and no dev", "set dev")]
+    except RsockdError as e:
+        return [Result("FAIL", str(e), "check the address and routes")]
+    for name in names:
+        if not interface_exists(name):
+            out.append(Result("FAIL", f"interface {name} does not exist", "set dev to an existing interface"))
+        elif not interface_addresses(name):
+            out.append(Result("FAIL", f"interface {name} has no address", "configure an address"))
+        else:
+            out.append(Result("ok", f"interface {name} up with an address"))
+    return out
+
+
+def _port_free(fam: int, kind: int, host: str, port: int) -> str | None:
+    try:
+        with socket.socket(fam, kind) as s:
+            if fam == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind((host, port))
+    except OSError as e:
+        return "in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+    return None
+
+
+def check_ports(cfg: Config) -> list[Result]:
+    out = []
+    if cfg.role == "server":
+        busy = []
+        for port in cfg.ports:
+            for kind, proto in ((socket.SOCK_STREAM, "tcp"), (socket.SOCK_DGRAM, "udp")):
+                why = _port_free(socket.AF_INET, kind, cfg.local_ip or "0.0.0.0", port)
+                if why:
+                    busy.append(f"{port}/{proto} ({why})")
+        if busy:
+            out.append(Result("FAIL", f"tunnel ports not free: {', '.join(busy)}",
+                              "stop what uses them or change ports"))
+        else:
+            out.append(Result("ok", f"tunnel ports {_ports(cfg.ports)} free (tcp and udp)"))
+    else:
+        assert cfg.listen is not None
+        host, port = cfg.listen
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        why = _port_free(fam, socket.SOCK_DGRAM, host, port)
+        out.append(Result("FAIL", f"listen {host}:{port}/udp {why}", "change listen") if why
+                   else Result("ok", f"listen {host}:{port}/udp free"))
+    return out
+
+
+def _ports(ports: tuple[int, ...]) -> str:
+    from .cbpf import port_ranges
+
+    return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in port_ranges(ports))
+
+
+def check_firewall(cfg: Config) -> list[Result]:
+    """Does an nftables input chain with policy drop let the tunnel ports in as UDP?"""
+    try:
+        out = subprocess.run(["nft", "-j", "list", "ruleset"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return [Result("ok", "host firewall: nft not available, not checked")]
+    if out.returncode != 0:
+        return [Result("warn", f"host firewall: cannot read the ruleset ({out.stderr.strip()[:80]})")]
+    try:
+        items = json.loads(out.stdout).get("nftables", [])
+    except json.JSONDecodeError:
+        return [Result("warn", "host firewall: unreadable nft output")]
+    drops = [i["chain"] for i in items if "chain" in i and i["chain"].get("hook") == "input"
+             and i["chain"].get("policy") == "drop"]
+    if not drops:
+        return [Result("ok", "host firewall: no input chain drops by policy")]
+    text = out.stdout
+    ports = set(cfg.ports) if cfg.role == "server" else set()
+    if cfg.role == "client" or (any(str(p) in text for p in ports) and '"udp"' in text):
+        return [Result("warn", "host firewall: an input chain drops by default; make sure it accepts the tunnel "
+                               "ports as udp too (segments arrive as UDP after the XDP rewrite)",
+                       f"e.g. ufw allow {_ports(cfg.ports).replace('-', ':')}")]
+    names = ", ".join(f"{c['family']} {c['table']} {c['name']}" for c in drops)
+    return [Result("FAIL", f"host firewall: input chain {names} drops by policy and does not accept "
+                           f"udp {_ports(cfg.ports)}",
+                   f"allow tcp and udp {_ports(cfg.ports)} (e.g. ufw allow {_ports(cfg.ports).replace('-', ':')})")]
+
+
+CHECKS: list[Callable[[Config], list[Result]]] = [
+    lambda cfg: [Result("ok", f"config valid ({cfg.config_path or 'command line'})")],
+    lambda cfg: check_python(),
+    lambda cfg: check_caps(),
+    check_backend,
+    check_network,
+    check_ports,
+    check_firewall,
+]
+
+
+def run_checks(cfg: Config) -> int:
+    failed = False
+    for check in CHECKS:
+        try:
+            results = check(cfg)
+        except Exception as e:  # a check that breaks says so instead of a traceback
+            results = [Result("FAIL", f"{getattr(check, '__name__', 'check')}: {e}")]
+        for r in results:
+            failed |= r.level == "FAIL"
+            print(f"{r.level:4}  {r.what}" + (f"  -> {r.fix}" if r.fix and r.level != "ok" else ""))
+    print("rsockd would start" if not failed else "rsockd would NOT start")
+    return 1 if failed else 0

@@ -1,0 +1,396 @@
+"""``rsockd``: wires config, steering, the relay, systemd notifications and the control socket.
+
+Start-up order matters: sockets are bound first (every port the XDP program rewrites must have a
+bound UDP socket, or the kernel answers with ICMP port unreachable), then stale state of this
+instance is removed and steering attached, then the control socket listens, then READY=1.
+Every exit path after attaching detaches (``finally``); SIGTERM/SIGINT stop cleanly, SIGHUP
+reloads the configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .config import Config, load_invocation
+from .control import ControlServer
+from .errors import ConfigError, RsockdError, SteerError
+from .framing import Keyring
+from .logs import setup as setup_logging
+from .notify import Notifier
+from .relay import ClientRelay, Relay, ServerRelay, timing_of
+from .steer import STEER_COUNTERS, Steering, SteerPlan
+
+LOG = logging.getLogger("rsockd")
+
+#: Keys a reload applies in place; any other change rebuilds the relay and steering.
+LIVE_KEYS = {"key", "keepalive", "dead_timeout", "syn_timeout", "reconnect_min", "reconnect_max", "log_level",
+             "duration", "target", "hello_skew", "max_sessions", "max_flows", "max_conns_per_client", "backlog"}
+
+
+def cleanup_stale(instance: str) -> list[str]:
+    """Remove what a dead daemon of ``instance`` left attached (any backend)."""
+    removed: list[str] = []
+    if sys.platform != "linux":
+        return removed
+    from .steer import nft, xdp
+
+    with contextlib.suppress(SteerError, OSError, ImportError):
+        removed += xdp.cleanup_stale(instance)
+    with contextlib.suppress(SteerError, OSError, ImportError):
+        if nft.nft_available() is None and nft.cleanup_stale(instance):
+            removed.append(f"nft table {nft.table_name(instance)}")
+    return removed
+
+
+def choose_steering(cfg: Config, plan: SteerPlan) -> Steering:
+    """The backend for ``cfg.backend``, attached.  ``auto`` falls back from xdp to nft, saying why."""
+    from .steer import nft, xdp
+
+    if cfg.backend in ("auto", "xdp"):
+        reason = xdp.bcc_available()
+        if reason is None:
+            steering = xdp.XdpSteering(plan)
+            try:
+                steering.attach()
+                return steering
+            except SteerError as e:
+                if cfg.backend == "xdp":
+                    raise
+                reason = str(e)
+        elif cfg.backend == "xdp":
+            raise SteerError(f"backend xdp: {reason}")
+        LOG.warning("xdp backend unavailable (%s); using the nft backend", reason)
+    why = nft.nft_available()
+    if why is not None:
+        raise SteerError(f"backend nft: {why}")
+    n = nft.NftSteering(plan)
+    n.attach()
+    return n
+
+
+class Daemon:
+    def __init__(self, cfg: Config, argv: Sequence[str] = (), notifier: Notifier | None = None) -> None:
+        self.cfg = cfg
+        self.argv = list(argv)  # re-read on SIGHUP
+        self.notifier = notifier or Notifier()
+        self.relay: Relay | None = None
+        self.steering: Steering | None = None
+        self.control: ControlServer | None = None
+        self.plan: SteerPlan | None = None
+        self.started = time.time()
+        self._stop = asyncio.Event()
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._status_timer: asyncio.TimerHandle | None = None
+        self._reloading = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        self._start_watchdog()
+        try:
+            await self._bring_up()
+            self.control = ControlServer(self.cfg.control_socket_path, {"status": self.status, "ports": self.ports})
+            await self.control.start()
+            self.notifier.ready(self.status_line())
+            LOG.info("ready: %s", self.status_line())
+            self._refresh_status()
+            await self._stop.wait()
+            LOG.info("stopping")
+            self.notifier.stopping()
+        finally:
+            await self._tear_down()
+        return 0
+
+    async def _bring_up(self) -> None:
+        cfg = self.cfg
+        relay: Relay = ServerRelay(cfg) if cfg.role == "server" else ClientRelay(cfg)
+        self.relay = relay
+        relay.on_change = self._refresh_status
+        if isinstance(relay, ServerRelay):
+            relay.bind(self._server_interfaces())
+            plan = SteerPlan(cfg.instance, "server", relay.interfaces, frozenset(cfg.ports), mark=cfg.mark,
+                             xdp_mode=cfg.xdp_mode)
+        else:
+            assert isinstance(relay, ClientRelay)
+            route = relay.route()
+            if cfg.dev:
+                route = dataclasses.replace(route, interface=cfg.dev[0])
+            relay.bind(route)
+            relay.interfaces = cfg.dev or relay.interfaces
+            plan = SteerPlan(cfg.instance, "client", relay.interfaces, frozenset(cfg.ports),
+                             local_ports=frozenset(relay.local_ports), peers=frozenset({relay.server_ip}),
+                             mark=cfg.mark, xdp_mode=cfg.xdp_mode)
+        self.plan = plan
+        if "tcp" in cfg.transports:
+            self.steering = await self._attach(plan)
+            relay.add_packet_receivers(self.steering.receivers())
+            LOG.info("steering: %s on %s", self.steering.name,
+                     ", ".join(f"{d['interface']} ({d['mode']})" for d in self.steering.describe()))
+        if isinstance(relay, ClientRelay):
+            relay.start()
+
+    def _server_interfaces(self) -> tuple[str, ...]:
+        from .netinfo import default_interfaces, interface_exists, interface_of
+
+        cfg = self.cfg
+        if cfg.dev:
+            names = cfg.dev
+        elif cfg.local_ip:
+            found = interface_of(cfg.local_ip)
+            if found is None:
+                raise RsockdError(f"local_ip {cfg.local_ip} is not an address of this host")
+            names = (found,)
+        else:
+            names = tuple(default_interfaces())
+            if not names:
+                raise RsockdError("no default route: set dev (the interface clients reach us on)")
+        for name in names:
+            if not interface_exists(name):
+                raise RsockdError(f"dev: interface {name} does not exist")
+        return names
+
+    async def _attach(self, plan: SteerPlan) -> Steering:
+        loop = asyncio.get_running_loop()
+        removed = await loop.run_in_executor(None, cleanup_stale, plan.instance)
+        for what in removed:
+            LOG.warning("removed stale state of instance %s: %s", plan.instance, what)
+        # bcc compiles in a child for seconds: keep systemd's start timeout ahead of it.
+        self.notifier.extend_timeout(30)
+        ticker = loop.call_later(10, self._extend_while_attaching)
+        try:
+            return await loop.run_in_executor(None, choose_steering, self.cfg, plan)
+        finally:
+            ticker.cancel()
+
+    def _extend_while_attaching(self) -> None:
+        self.notifier.extend_timeout(30)
+        asyncio.get_running_loop().call_later(10, self._extend_while_attaching)
+
+    async def _tear_down(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self._status_timer is not None:
+            self._status_timer.cancel()
+        if self.relay is not None:
+            with contextlib.suppress(Exception):
+                self.relay.close()
+        if self.steering is not None:
+            try:
+                self.steering.detach()
+            except Exception as e:  # keep going: the control socket must still be removed
+                LOG.error("detaching steering failed: %s", e)
+            self.steering = None
+        if self.control is not None:
+            await self.control.close()
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(self.cfg.control_socket_path))
+
+    # -- reload ---------------------------------------------------------------------------------
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the config; apply live keys in place, rebuild for the rest."""
+        if self._reloading or self.relay is None:
+            return
+        self._reloading = True
+        self.notifier.reloading()
+        try:
+            try:
+                new = load_invocation(self.argv).config
+            except ConfigError as e:
+                LOG.error("reload: %s; keeping the running configuration", e)
+                return
+            changed = {f.name for f in dataclasses.fields(Config) if getattr(new, f.name) != getattr(self.cfg, f.name)}
+            if not changed:
+                LOG.info("reload: configuration unchanged")
+                return
+            if changed <= LIVE_KEYS:
+                self._apply_live(new, changed)
+            else:
+                LOG.info("reload: %s changed; re-attaching", ", ".join(sorted(changed - LIVE_KEYS)))
+                await self._rebuild(new)
+            LOG.info("reload: applied %s", ", ".join(sorted(changed)))
+        finally:
+            self._reloading = False
+            self.notifier.ready(self.status_line())
+
+    def _apply_live(self, new: Config, changed: set[str]) -> None:
+        relay = self.relay
+        assert relay is not None
+        self.cfg = new
+        relay.cfg = new
+        if "log_level" in changed:
+            logging.getLogger().setLevel(new.log_level.upper())
+        if "key" in changed:
+            # New connections use the new key; established ones keep the key of their hello.
+            relay.keyring = Keyring.from_secret(new.key)
+            if isinstance(relay, ServerRelay):
+                relay.acceptor.keyring = relay.keyring
+            else:
+                for c in relay.connections():
+                    c.keyring = relay.keyring
+        timing = timing_of(new)
+        relay.timing = timing
+        for c in relay.connections():
+            c.timing = timing
+        if isinstance(relay, ServerRelay):
+            relay.acceptor.timing = timing
+            relay.acceptor.backlog = new.backlog
+            s = relay.sessions
+            s.max_sessions, s.max_flows, s.max_conns_per_client = new.max_sessions, new.max_flows, \
+                new.max_conns_per_client
+            s.hello_skew, s.idle = new.hello_skew, new.duration
+            if "target" in changed and new.target is not None:
+                from .netinfo import resolve
+
+                relay.target = (resolve(new.target[0]), new.target[1])  # new flows; open ones keep theirs
+        else:
+            assert isinstance(relay, ClientRelay)
+            relay.flows.idle = new.duration
+
+    async def _rebuild(self, new: Config) -> None:
+        old_cfg = self.cfg
+        if self.relay is not None:
+            self.relay.close()
+            self.relay = None
+        if self.steering is not None:
+            self.steering.detach()
+            self.steering = None
+        self.cfg = new
+        try:
+            await self._bring_up()
+        except RsockdError as e:
+            LOG.error("reload: %s; going back to the previous configuration", e)
+            if self.relay is not None:
+                self.relay.close()
+                self.relay = None
+            if self.steering is not None:
+                self.steering.detach()
+                self.steering = None
+            self.cfg = old_cfg
+            await self._bring_up()
+
+    # -- watchdog and status --------------------------------------------------------------------
+
+    def _start_watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval
+        if interval is None:
+            return
+
+        def tick() -> None:
+            # Runs on the event loop: a blocked loop sends nothing and systemd notices.
+            self.notifier.watchdog()
+            self._watchdog = asyncio.get_running_loop().call_later(interval, tick)
+
+        tick()
+
+    def _refresh_status(self) -> None:
+        if self._status_timer is not None:
+            self._status_timer.cancel()
+        self.notifier.status(self.status_line())
+        self._status_timer = asyncio.get_running_loop().call_later(1.0, self._refresh_status)
+
+    def status_line(self) -> str:
+        relay = self.relay
+        if relay is None:
+            return "starting"
+        conns = relay.connections()
+        up = sum(1 for c in conns if c.established)
+        backend = self.steering.name if self.steering else "udp only"
+        if isinstance(relay, ServerRelay):
+            st = relay.status()
+            return (f"server, {backend}: {up} connections up, {st['sessions']} sessions, {st['flows']} flows, "
+                    f"{st['half_open']} half-open")
+        assert isinstance(relay, ClientRelay)
+        return f"client, {backend}: {up}/{len(conns)} connections up, {len(relay.flows.by_id)} flows"
+
+    def status(self) -> dict[str, Any]:
+        relay = self.relay
+        cfg = self.cfg
+        out: dict[str, Any] = {
+            "instance": cfg.instance, "pid": os.getpid(), "version": __version__, "role": cfg.role,
+            "started": self.started, "uptime": round(time.time() - self.started, 3), "ports": list(cfg.ports),
+            "transports": list(cfg.transports), "status": self.status_line(),
+        }
+        steer: dict[str, int] = dict.fromkeys(STEER_COUNTERS, 0)
+        if self.steering is not None:
+            with contextlib.suppress(Exception):
+                steer.update(self.steering.counters())
+        out["backend"] = {
+            "name": self.steering.name if self.steering else None,
+            "interfaces": self.steering.describe() if self.steering else [],
+        }
+        out["steering"] = steer
+        if relay is None:
+            return out
+        detail = relay.status()  # type: ignore[attr-defined]
+        conns = detail.pop("connections")
+        states: dict[str, int] = {}
+        for c in conns:
+            states[c["state"]] = states.get(c["state"], 0) + 1
+        out.update(detail)
+        out["connections"] = {"total": len(conns), "by_state": states}
+        out["traffic"] = {
+            "from_app_packets": relay.app_rx, "from_app_bytes": relay.app_rx_bytes,
+            "to_app_packets": relay.app_tx, "to_app_bytes": relay.app_tx_bytes,
+            "tunnel_rx_packets": sum(c["rx_packets"] for c in conns),
+            "tunnel_rx_bytes": sum(c["rx_bytes"] for c in conns),
+            "tunnel_tx_packets": sum(c["tx_packets"] for c in conns),
+            "tunnel_tx_bytes": sum(c["tx_bytes"] for c in conns),
+        }
+        out["drops"] = dict(relay.drops)
+        out["tx_errors"] = dict(relay.tx_errors)
+        out["mtu"] = relay.mtu
+        out["max_datagram"] = relay.max_datagram
+        return out
+
+    def ports(self) -> dict[str, Any]:
+        relay = self.relay
+        if relay is None:
+            return {"connections": []}
+        now = asyncio.get_running_loop().time()
+        return {"role": self.cfg.role, "connections": [relay.conn_info(c, now) for c in relay.connections()]}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        inv = load_invocation(args)
+    except ConfigError as e:
+        print(f"rsockd: {e}", file=sys.stderr)
+        return e.exit_code
+    cfg = inv.config
+    setup_logging(cfg.log_level)
+    if inv.check:
+        from .check import run_checks
+
+        return run_checks(cfg)
+    if sys.platform == "linux" and os.geteuid() != 0:
+        print("rsockd: must run as root (raw sockets, XDP/nftables need CAP_NET_RAW, CAP_NET_ADMIN, CAP_BPF)",
+              file=sys.stderr)
+        return 4
+    LOG.info("rsockd %s starting: instance %s, %s", __version__, cfg.instance, cfg.role)
+    try:
+        return asyncio.run(Daemon(cfg, args).run())
+    except RsockdError as e:
+        LOG.error("%s", e)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

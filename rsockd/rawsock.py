@@ -1,0 +1,104 @@
+"""Raw sockets that send the crafted TCP segments (Linux).
+
+IPv4: ``SOCK_RAW``/``IPPROTO_RAW`` (implies ``IP_HDRINCL``).  Each path gets a 20-byte header
+template with total length, id and checksum 0: the kernel fills those in (raw(7)); the TCP
+checksum was computed by the connection.  IPv6: ``SOCK_RAW``/``IPPROTO_TCP`` with
+``IPV6_CHECKSUM`` at offset 16, so the kernel computes the checksum with the source address it
+picks; the source is pinned per path with ``IPV6_PKTINFO``.  A ``ret 0`` classic filter keeps the
+IPv6 socket from receiving a copy of every inbound TCP segment.  Both set ``SO_MARK`` so the
+egress guard and the notrack rule recognise our packets.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import struct
+from collections import Counter
+from collections.abc import Callable
+
+from . import cbpf
+from .errors import RsockdError
+from .packet import IPV4_HEADER, PROTO_TCP
+
+LOG = logging.getLogger(__name__)
+
+SO_MARK = getattr(socket, "SO_MARK", 36)
+IPV6_CHECKSUM = getattr(socket, "IPV6_CHECKSUM", 7)
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+SNDBUF = 4 << 20
+
+Sender = Callable[[bytes], None]
+
+
+class RawSender:
+    """One raw socket per address family, opened on first use; counts send failures."""
+
+    def __init__(self, mark: int, errors: Counter[str] | None = None) -> None:
+        self.mark = mark
+        self.errors: Counter[str] = errors if errors is not None else Counter()
+        self._socks: dict[int, socket.socket] = {}
+        self._logged: set[int] = set()
+
+    def _sock(self, family: int) -> socket.socket:
+        s = self._socks.get(family)
+        if s is not None:
+            return s
+        try:
+            if family == socket.AF_INET:
+                s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            else:
+                s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_TCP)
+                cbpf.attach_filter(s, cbpf.drop_all())
+                s.setsockopt(socket.IPPROTO_IPV6, IPV6_CHECKSUM, 16)
+            s.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+            except OSError:
+                pass
+            s.setblocking(False)
+        except PermissionError:
+            raise RsockdError("raw sockets need CAP_NET_RAW and SO_MARK needs CAP_NET_ADMIN (run as root)") from None
+        self._socks[family] = s
+        return s
+
+    def path(self, src: bytes, dst: bytes) -> Sender:
+        """A function sending one TCP segment from ``src`` to ``dst`` (packed addresses)."""
+        if len(dst) == 4:
+            s = self._sock(socket.AF_INET)
+            tmpl = IPV4_HEADER.pack(0x45, 0, 0, 0, 0x4000, 64, PROTO_TCP, 0, src, dst)
+            addr4 = (socket.inet_ntop(socket.AF_INET, dst), 0)
+            sendmsg = s.sendmsg
+
+            def send4(segment: bytes) -> None:
+                try:
+                    sendmsg((tmpl, segment), (), 0, addr4)
+                except OSError as e:
+                    self._failed(e)
+
+            return send4
+        s6 = self._sock(socket.AF_INET6)
+        cmsg = [(socket.IPPROTO_IPV6, IPV6_PKTINFO, src + struct.pack("@I", 0))]
+        addr6 = (socket.inet_ntop(socket.AF_INET6, dst), 0, 0, 0)
+        sendmsg6 = s6.sendmsg
+
+        def send6(segment: bytes) -> None:
+            try:
+                sendmsg6((segment,), cmsg, 0, addr6)
+            except OSError as e:
+                self._failed(e)
+
+        return send6
+
+    def _failed(self, e: OSError) -> None:
+        name = errno.errorcode.get(e.errno or 0, "error").lower()
+        self.errors[name] += 1
+        if e.errno not in self._logged:  # once per kind: a full queue can fail thousands of times
+            self._logged.add(e.errno or 0)
+            LOG.warning("raw send failed: %s (further %s failures are only counted)", e.strerror, name)
+
+    def close(self) -> None:
+        for s in self._socks.values():
+            s.close()
+        self._socks.clear()

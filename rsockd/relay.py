@@ -1,0 +1,821 @@
+"""The data path: moves bytes between sockets and the pure core (asyncio, Linux).
+
+``ServerRelay`` and ``ClientRelay`` own the sockets (tunnel UDP sockets, TCP port reservations,
+the application / target UDP sockets, raw senders) and the pure objects (connections, the
+acceptor, sessions, flows).  They read every socket until ``EAGAIN`` on each wake-up, feed what
+they read to the core, and send what the core produced.  One loop timer, armed at the earliest
+connection timer, runs the connections' timers.
+
+Steered segments arrive on the tunnel UDP sockets (XDP backend) or as whole IP packets on the
+steering backend's packet sockets (nft backend); both end in ``_segment()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import math
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from . import framing
+from .config import Config
+from .counters import new_drops
+from .errors import PacketError, RsockdError
+from .faketcp import (
+    Acceptor,
+    Connected,
+    Connection,
+    ConnectionClosed,
+    FlowClosed,
+    HelloReceived,
+    State,
+    Timing,
+)
+from .framing import CloseReason, Keyring
+from .logs import RateLimit
+from .netinfo import Route, interface_mtu, resolve, route_to
+from .packet import (
+    PROTO_TCP,
+    TCP_MIN_HEADER,
+    TcpHeader,
+    pack_address,
+    parse_ip,
+    parse_meta,
+    parse_tcp,
+    pseudo_sum,
+    transport_checksum_ok,
+)
+from .rawsock import RawSender, Sender
+from .session import ClientFlow, FlowTable, ServerFlow, Session, SessionTable
+
+LOG = logging.getLogger(__name__)
+
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+BUF = 65536 + 64
+BATCH = 256  # datagrams read per socket per wake-up before yielding to the loop
+SOCKBUF = 4 << 20
+TCP_OPT_TS = 12
+ANC = socket.CMSG_SPACE(20)
+
+
+def timing_of(cfg: Config) -> Timing:
+    return Timing(keepalive=cfg.keepalive, dead_timeout=cfg.dead_timeout, syn_timeout=cfg.syn_timeout,
+                  reconnect_min=cfg.reconnect_min, reconnect_max=cfg.reconnect_max)
+
+
+def max_datagram(mtu: int, v6: bool, transports: Iterable[str]) -> int:
+    """The largest application datagram one segment can carry (docs/protocol.md §4, Sizes)."""
+    ip = 40 if v6 else 20
+    over = {"tcp": TCP_MIN_HEADER + TCP_OPT_TS, "udp": 8 + 1}
+    return mtu - ip - max(over[t] for t in transports) - framing.RECORD_OVERHEAD - framing.DATA_OVERHEAD
+
+
+def _bufsize(sock: socket.socket) -> None:
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKBUF)
+        except OSError:
+            pass
+
+
+def _bind(family: int, kind: int, addr: tuple[Any, ...], what: str) -> socket.socket:
+    s = socket.socket(family, kind)
+    try:
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.bind(addr)
+    except OSError as e:
+        s.close()
+        proto = "udp" if kind == socket.SOCK_DGRAM else "tcp"
+        if e.errno == errno.EADDRINUSE:
+            raise RsockdError(f"{what}: port {addr[1]}/{proto} on {addr[0] or '*'} is already in use") from None
+        raise RsockdError(f"{what}: cannot bind {addr[0] or '*'}:{addr[1]}/{proto}: {e.strerror}") from None
+    s.setblocking(False)
+    return s
+
+
+class Relay:
+    """What both roles share: sockets, sending, the timer, reading packet sockets."""
+
+    role = ""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.loop = asyncio.get_running_loop()
+        self.clock_offset = time.time() - self.loop.time()
+        self.drops: Counter[str] = new_drops()
+        self.tx_errors: Counter[str] = Counter()
+        self.raw = RawSender(cfg.mark, self.tx_errors)
+        self.keyring = Keyring.from_secret(cfg.key)
+        self.timing = timing_of(cfg)
+        self.started = time.time()
+        self.mtu = cfg.mtu or 1500
+        self.max_datagram = 0
+        self.app_rx = self.app_tx = self.app_rx_bytes = self.app_tx_bytes = 0
+        self._senders: dict[int, Sender] = {}  # id(connection) -> raw sender path
+        self._sockets: list[socket.socket] = []
+        self._readers: list[int] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self._buf = bytearray(BUF)
+        self._view = memoryview(self._buf)
+        self._limit = RateLimit(10.0)
+        self._oversize_warned = False
+        self.interfaces: tuple[str, ...] = ()
+        self.closing = False
+        self.on_change: Callable[[], None] | None = None  # connections came up or went down
+
+    # -- set-up helpers -------------------------------------------------------------------------
+
+    def _watch(self, sock: socket.socket, callback: Callable[..., None], *args: Any) -> None:
+        self.loop.add_reader(sock.fileno(), callback, *args)
+        self._readers.append(sock.fileno())
+
+    def _unwatch(self, sock: socket.socket) -> None:
+        fd = sock.fileno()
+        if fd in self._readers:
+            self.loop.remove_reader(fd)
+            self._readers.remove(fd)
+
+    def add_packet_receivers(self, socks: list[socket.socket]) -> None:
+        """Packet sockets of a capture backend: whole IP packets, checksum unverified."""
+        for s in socks:
+            self._watch(s, self._on_packets, s)
+
+    def remove_packet_receivers(self, socks: list[socket.socket]) -> None:
+        for s in socks:
+            self._unwatch(s)
+
+    # -- sending --------------------------------------------------------------------------------
+
+    def _sender(self, conn: Connection) -> Sender:
+        s = self._senders.get(id(conn))
+        if s is None:
+            if conn.transport == "udp":
+                sock = self._udp_socket(conn.local)
+                dst = (socket.inet_ntop(socket.AF_INET if len(conn.remote[0]) == 4 else socket.AF_INET6,
+                                        conn.remote[0]), conn.remote[1])
+                sendto = sock.sendto
+
+                def s(payload: bytes) -> None:
+                    try:
+                        sendto(payload, dst)
+                    except OSError as e:
+                        self.tx_errors[errno.errorcode.get(e.errno or 0, "error").lower()] += 1
+            else:
+                s = self.raw.path(conn.local[0], conn.remote[0])
+            self._senders[id(conn)] = s
+        return s
+
+    def _udp_socket(self, local: tuple[bytes, int]) -> socket.socket:
+        raise NotImplementedError
+
+    def _flush(self, conn: Connection) -> None:
+        """Send what ``conn`` produced and handle its events."""
+        out = conn.segments_to_send()
+        if out:
+            send = self._sender(conn)
+            for seg in out:
+                send(seg)
+        while (ev := conn.next_event()) is not None:
+            self._event(conn, ev)
+        t = conn.get_timer()
+        if t is not None and t < self._timer_at:
+            self._arm(t)
+
+    def _event(self, conn: Connection, ev: Any) -> None:
+        raise NotImplementedError
+
+    def _changed(self) -> None:
+        if self.on_change is not None and not self.closing:
+            self.on_change()
+
+    # -- timers ---------------------------------------------------------------------------------
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        now = self.loop.time()
+        nxt = math.inf
+        for conn in self.connections():
+            t = conn.get_timer()
+            if t is not None and t <= now:
+                conn.handle_timer(now)
+                self._flush(conn)
+                t = conn.get_timer()
+            if t is not None and t < nxt:
+                nxt = t
+        if nxt < self._timer_at:
+            self._arm(max(nxt, now + 0.001))
+
+    def connections(self) -> list[Connection]:
+        raise NotImplementedError
+
+    # -- receiving ------------------------------------------------------------------------------
+
+    def _on_packets(self, sock: socket.socket) -> None:
+        """Read IP packets from a capture socket (nft backend): parse, verify, dispatch."""
+        buf, view = self._buf, self._view
+        now = self.loop.time()
+        for _ in range(BATCH):
+            try:
+                n = sock.recv_into(buf)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                self.tx_errors["rx_" + errno.errorcode.get(e.errno or 0, "error").lower()] += 1
+                break
+            try:
+                ip, l4 = parse_ip(view[:n])
+                if ip.proto != PROTO_TCP or ip.fragment:
+                    self.drops["malformed"] += 1
+                    continue
+                if not transport_checksum_ok(pseudo_sum(ip.src, ip.dst), l4):
+                    self.drops["bad_checksum"] += 1
+                    continue
+                hdr, payload = parse_tcp(l4)
+            except PacketError:
+                self.drops["malformed"] += 1
+                continue
+            self._segment((ip.dst, hdr.dport), (ip.src, hdr.sport), hdr, payload, now)
+        self._after_batch()
+
+    def _after_batch(self) -> None:
+        """Called after each batch of received segments (the server flushes its RSTs)."""
+
+    def _tunnel_datagram(self, data: memoryview, local: tuple[bytes, int], remote: tuple[bytes, int],
+                         now: float) -> None:
+        """One datagram from a tunnel UDP socket: a steered segment or a udp-transport datagram."""
+        if not data:
+            self.drops["malformed"] += 1
+            return
+        b0 = data[0]
+        if b0 >= 0x50:
+            try:
+                hdr, payload = parse_meta(data)
+            except PacketError:
+                self.drops["malformed"] += 1
+                return
+            hdr.sport, hdr.dport = remote[1], local[1]
+            self._segment(local, remote, hdr, payload, now)
+        elif b0 == framing.UDP_MARKER:
+            self._datagram(local, remote, data, now)
+        else:
+            self.drops["malformed"] += 1
+
+    def _segment(self, local: tuple[bytes, int], remote: tuple[bytes, int], hdr: TcpHeader,
+                 payload: memoryview, now: float) -> None:
+        raise NotImplementedError
+
+    def _datagram(self, local: tuple[bytes, int], remote: tuple[bytes, int], data: memoryview, now: float) -> None:
+        raise NotImplementedError
+
+    def _oversize(self, size: int) -> None:
+        self.drops["oversized"] += 1
+        if not self._oversize_warned:
+            self._oversize_warned = True
+            LOG.warning("dropped a %d-byte datagram: the tunnel carries at most %d bytes per datagram "
+                        "(path MTU %d); set the application's MTU to %d or less (WireGuard: MTU = %d)",
+                        size, self.max_datagram, self.mtu, self.max_datagram, self.max_datagram - 32)
+
+    # -- shutdown -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Tell every peer we are going (CLOSE + FIN/RST), then release the sockets."""
+        self.closing = True
+        now = self.loop.time()
+        for conn in self.connections():
+            if conn.state != State.CLOSED:
+                conn.close(now, CloseReason.SHUTDOWN)
+            self._flush(conn)
+        if self._timer is not None:
+            self._timer.cancel()
+        for fd in list(self._readers):
+            self.loop.remove_reader(fd)
+        self._readers.clear()
+        for s in self._sockets:
+            s.close()
+        self._sockets.clear()
+        self.raw.close()
+
+    # -- status ---------------------------------------------------------------------------------
+
+    def conn_info(self, conn: Connection, now: float) -> dict[str, Any]:
+        fam = socket.AF_INET if len(conn.remote[0]) == 4 else socket.AF_INET6
+        return {
+            "transport": conn.transport,
+            "index": conn.conn_index,
+            "state": conn.state.name.lower(),
+            "local_port": conn.local[1],
+            "peer": f"{socket.inet_ntop(fam, conn.remote[0])}:{conn.remote[1]}" if fam == socket.AF_INET
+            else f"[{socket.inet_ntop(fam, conn.remote[0])}]:{conn.remote[1]}",
+            "seq": conn.snd_nxt,
+            "ack": conn.rcv_nxt,
+            "rx_packets": conn.rx_packets,
+            "rx_bytes": conn.rx_bytes,
+            "tx_packets": conn.tx_packets,
+            "tx_bytes": conn.tx_bytes,
+            "last_rx_ago": round(now - conn.last_rx, 3) if conn.last_rx else None,
+            "reconnects": conn.reconnects,
+            "close_reason": conn.close_reason,
+        }
+
+
+def _pktinfo_dst(anc: list[tuple[int, int, bytes]]) -> bytes | None:
+    for level, kind, data in anc:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+            return data[8:12]  # struct in_pktinfo: ifindex, spec_dst, addr (the header's destination)
+        if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 16:
+            return data[:16]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Server
+
+
+class ServerRelay(Relay):
+    """Accepts connections on the tunnel ports and relays each flow to ``target``."""
+
+    role = "server"
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        assert cfg.target is not None
+        host = resolve(cfg.target[0])
+        self.target = (host, cfg.target[1])
+        self.target_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.acceptor = Acceptor(keyring=self.keyring, timing=self.timing, backlog=cfg.backlog,
+                                 kernel_checksum_v6=True, clock_offset=self.clock_offset, drops=self.drops)
+        self.sessions: SessionTable[socket.socket] = SessionTable(
+            max_sessions=cfg.max_sessions, max_flows=cfg.max_flows, max_conns_per_client=cfg.max_conns_per_client,
+            hello_skew=cfg.hello_skew, idle=cfg.duration, drops=self.drops)
+        self._tunnel: dict[tuple[int, int], socket.socket] = {}  # (family, port) -> UDP socket
+        self._housekeeping: asyncio.TimerHandle | None = None
+
+    def bind(self, interfaces: tuple[str, ...]) -> None:
+        """Reserve every tunnel port (TCP, bound, not listening) and bind its UDP socket."""
+        self.interfaces = interfaces
+        self.mtu = self.cfg.mtu or min((interface_mtu(i) for i in interfaces), default=1500)
+        families = [socket.AF_INET, socket.AF_INET6]
+        if self.cfg.local_ip:
+            families = [socket.AF_INET6 if ":" in self.cfg.local_ip else socket.AF_INET]
+        elif not socket.has_ipv6:
+            families = [socket.AF_INET]
+        v6 = socket.AF_INET6 in families
+        self.max_datagram = max_datagram(self.mtu, v6, self.cfg.transports)
+        self.acceptor.mss = self.mtu - (60 if v6 else 40)
+        for port in self.cfg.ports:
+            for fam in families:
+                host = self.cfg.local_ip or ("::" if fam == socket.AF_INET6 else "0.0.0.0")
+                try:
+                    tcp = _bind(fam, socket.SOCK_STREAM, (host, port), "server")
+                except RsockdError:
+                    if fam == socket.AF_INET6 and not self.cfg.local_ip and not self._ipv6_usable():
+                        families = [socket.AF_INET]
+                        continue
+                    raise
+                self._sockets.append(tcp)
+                udp = _bind(fam, socket.SOCK_DGRAM, (host, port), "server")
+                _bufsize(udp)
+                if fam == socket.AF_INET:
+                    udp.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+                else:
+                    udp.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+                self._sockets.append(udp)
+                self._tunnel[(fam, port)] = udp
+                self._watch(udp, self._on_tunnel, udp, fam, port)
+        self._housekeeping = self.loop.call_later(1.0, self._housekeep)
+
+    @staticmethod
+    def _ipv6_usable() -> bool:
+        try:
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+                s.bind(("::1", 0))
+            return True
+        except OSError:
+            return False
+
+    def _udp_socket(self, local: tuple[bytes, int]) -> socket.socket:
+        return self._tunnel[(socket.AF_INET if len(local[0]) == 4 else socket.AF_INET6, local[1])]
+
+    def connections(self) -> list[Connection]:
+        return self.acceptor.all()
+
+    def _on_tunnel(self, sock: socket.socket, family: int, port: int) -> None:
+        buf, view = self._buf, self._view
+        now = self.loop.time()
+        recvmsg_into = sock.recvmsg_into
+        fallback = pack_address(self.cfg.local_ip) if self.cfg.local_ip else None
+        for _ in range(BATCH):
+            try:
+                n, anc, _flags, addr = recvmsg_into((buf,), ANC)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:  # e.g. ECONNREFUSED from an earlier ICMP: not about this read
+                self.tx_errors["rx_" + errno.errorcode.get(e.errno or 0, "error").lower()] += 1
+                continue
+            dst = _pktinfo_dst(anc) or fallback
+            if dst is None:
+                self.drops["malformed"] += 1
+                continue
+            remote = (socket.inet_pton(family, addr[0].split("%")[0]), addr[1])
+            self._tunnel_datagram(view[:n], (dst, port), remote, now)
+        self._after_batch()
+
+    def _segment(self, local: tuple[bytes, int], remote: tuple[bytes, int], hdr: TcpHeader,
+                 payload: memoryview, now: float) -> None:
+        conn, data = self.acceptor.segment(local, remote, hdr, payload, now)
+        if conn is not None:
+            if data:
+                self._deliver(conn, data, now)
+            self._flush(conn)
+
+    def _datagram(self, local: tuple[bytes, int], remote: tuple[bytes, int], data: memoryview, now: float) -> None:
+        if "udp" not in self.cfg.transports:
+            self.drops["unexpected"] += 1
+            return
+        conn, frames = self.acceptor.datagram(local, remote, data, now)
+        if conn is not None:
+            if frames:
+                self._deliver(conn, frames, now)
+            self._flush(conn)
+
+    def _after_batch(self) -> None:
+        for local, remote, seg in self.acceptor.segments_to_send():
+            self.raw.path(local[0], remote[0])(seg)
+
+    def _deliver(self, conn: Connection, data: list[tuple[int, memoryview]], now: float) -> None:
+        session = self.sessions.session_of(conn)
+        if session is None:
+            self.drops["unexpected"] += len(data)
+            return
+        for flow_id, dgram in data:
+            flow, created = self.sessions.flow(session, flow_id, now)
+            if flow is None:
+                continue
+            if created:
+                try:
+                    flow.handle = self._open_flow(session, flow)
+                except OSError as e:
+                    LOG.warning("cannot open a socket towards %s:%d: %s", *self.target, e.strerror)
+                    session.flows.pop(flow_id, None)
+                    self.drops["limit"] += 1
+                    continue
+            flow.conn = conn
+            flow.rx += 1
+            self.app_tx += 1
+            self.app_tx_bytes += len(dgram)
+            try:
+                flow.handle.send(dgram)  # type: ignore[union-attr]
+            except OSError as e:
+                self.tx_errors["target_" + errno.errorcode.get(e.errno or 0, "error").lower()] += 1
+
+    def _open_flow(self, session: Session[socket.socket], flow: ServerFlow[socket.socket]) -> socket.socket:
+        s = socket.socket(self.target_family, socket.SOCK_DGRAM)
+        s.setblocking(False)
+        _bufsize(s)
+        s.connect(self.target)
+        self._watch(s, self._on_target, session, flow, s)
+        return s
+
+    def _close_flow(self, flow: ServerFlow[socket.socket]) -> None:
+        if flow.handle is not None:
+            self._unwatch(flow.handle)
+            flow.handle.close()
+            flow.handle = None
+
+    def _on_target(self, session: Session[socket.socket], flow: ServerFlow[socket.socket], sock: socket.socket) -> None:
+        buf, view = self._buf, self._view
+        now = self.loop.time()
+        flow.last_active = now
+        session.last_active = now
+        for _ in range(BATCH):
+            try:
+                n = sock.recv_into(buf)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:  # ICMP port unreachable from the target: it is down, keep the flow
+                self.tx_errors["target_" + errno.errorcode.get(e.errno or 0, "error").lower()] += 1
+                continue
+            if n > self.max_datagram:
+                self._oversize(n)
+                continue
+            conn = session.route(flow)
+            if conn is None:
+                self.drops["no_route"] += 1
+                continue
+            seg = conn.send_datagram(flow.flow_id, view[:n], now)
+            if seg is None:
+                self.drops["no_route"] += 1
+                continue
+            flow.tx += 1
+            self.app_rx += 1
+            self.app_rx_bytes += n
+            self._sender(conn)(seg)
+
+    def _event(self, conn: Connection, ev: Any) -> None:
+        now = self.loop.time()
+        if isinstance(ev, HelloReceived):
+            adm = self.sessions.admit(ev.hello, conn, now, now + self.clock_offset)
+            if not adm.ok:
+                if self._limit.allow("refused"):
+                    LOG.warning("refused a hello from %s: %s", _peer(conn), adm.reason)
+                conn.refuse(now, CloseReason.REFUSED)
+                self._flush(conn)
+                return
+            conn.accept(now)
+            old = self.acceptor.promote(conn)
+            for stale in (old, adm.replaced):
+                if stale is not None and stale is not conn:
+                    self._retire(stale)
+            LOG.info("connection %s (%s, index %d) established, client %s", _peer(conn), conn.transport,
+                     conn.conn_index, ev.hello.client_id.hex())
+            self._changed()
+        elif isinstance(ev, ConnectionClosed):
+            if conn.hello is not None and self.sessions.session_of(conn) is not None:
+                LOG.info("connection %s (%s) closed: %s", _peer(conn), conn.transport, ev.reason)
+            self.acceptor.forget(conn)
+            self.sessions.remove_connection(conn)
+            self._senders.pop(id(conn), None)
+            self._changed()
+        elif isinstance(ev, FlowClosed):
+            session = self.sessions.session_of(conn)
+            flow = session.flows.pop(ev.flow_id, None) if session else None
+            if flow is not None:
+                self._close_flow(flow)
+
+    def _retire(self, conn: Connection) -> None:
+        """Forget a connection replaced by a newer one on the same tuple/index, silently."""
+        self.acceptor.forget(conn)
+        self.sessions.remove_connection(conn)
+        self._senders.pop(id(conn), None)
+        conn.state = State.CLOSED
+
+    def _housekeep(self) -> None:
+        now = self.loop.time()
+        flows, _sessions = self.sessions.expire(now, now + self.clock_offset)
+        for flow in flows:
+            self._close_flow(flow)
+        if not self.closing:
+            self._housekeeping = self.loop.call_later(1.0, self._housekeep)
+
+    def close(self) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        for session in self.sessions.sessions.values():
+            for flow in session.flows.values():
+                self._close_flow(flow)
+        super().close()
+
+    def status(self) -> dict[str, Any]:
+        now = self.loop.time()
+        conns = self.acceptor.all()
+        return {
+            "sessions": len(self.sessions.sessions),
+            "flows": sum(len(s.flows) for s in self.sessions.sessions.values()),
+            "connections": [self.conn_info(c, now) for c in conns],
+            "half_open": len(self.acceptor.pending),
+            "target": f"{self.target[0]}:{self.target[1]}",
+            "peers": sorted({_peer(c).rsplit(":", 1)[0] for c in self.acceptor.connections.values()}),
+        }
+
+
+def _peer(conn: Connection) -> str:
+    fam = socket.AF_INET if len(conn.remote[0]) == 4 else socket.AF_INET6
+    a = socket.inet_ntop(fam, conn.remote[0])
+    return f"{a}:{conn.remote[1]}" if fam == socket.AF_INET else f"[{a}]:{conn.remote[1]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Client
+
+
+class ClientRelay(Relay):
+    """Listens on ``listen`` and carries each application flow over the server connections."""
+
+    role = "client"
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        assert cfg.server is not None and cfg.listen is not None
+        self.server_ip = resolve(cfg.server)
+        self.server_packed = pack_address(self.server_ip)
+        self.flows = FlowTable(max_flows=cfg.max_flows, idle=cfg.duration, drops=self.drops)
+        self.conns: list[Connection] = []
+        self._by_port: dict[tuple[str, int, int], Connection] = {}  # transport, local port, server port
+        self._tunnel: dict[int, socket.socket] = {}  # local port -> UDP socket
+        self.local_ports: list[int] = []
+        self.client_id = os.urandom(8)
+        self.app: socket.socket | None = None
+        self._housekeeping: asyncio.TimerHandle | None = None
+
+    def route(self) -> Route:
+        return route_to(self.server_ip)
+
+    def bind(self, route: Route) -> None:
+        """Reserve one local port per server port (TCP bound + UDP bound) and the app socket."""
+        cfg = self.cfg
+        self.interfaces = (route.interface,)
+        src = cfg.local_ip or route.source
+        if src is None:
+            raise RsockdError(f"no source address towards {self.server_ip}: set local_ip")
+        fam = socket.AF_INET6 if ":" in src else socket.AF_INET
+        if (fam == socket.AF_INET6) != (len(self.server_packed) == 16):
+            raise RsockdError(f"local_ip {src} and server {self.server_ip} are of different address families")
+        self.mtu = cfg.mtu or route.mtu
+        self.max_datagram = max_datagram(self.mtu, fam == socket.AF_INET6, cfg.transports)
+        mss = self.mtu - (60 if fam == socket.AF_INET6 else 40)
+        local = pack_address(src)
+        n = len(cfg.ports)
+        count = n * len(cfg.transports)
+        for i, port in enumerate(cfg.ports):
+            lport, udp = self._reserve(fam, src)
+            self._tunnel[lport] = udp
+            self.local_ports.append(lport)
+            self._watch(udp, self._on_tunnel, udp, fam, lport)
+            for t, transport in enumerate(cfg.transports):
+                conn = Connection(role="client", transport=transport, local=(local, lport),  # type: ignore[arg-type]
+                                  remote=(self.server_packed, port), keyring=self.keyring, timing=self.timing,
+                                  client_id=self.client_id, conn_index=t * n + i, conn_count=count, mss=mss,
+                                  kernel_checksum=fam == socket.AF_INET6, clock_offset=self.clock_offset,
+                                  drops=self.drops)
+                self.conns.append(conn)
+                self._by_port[(transport, lport, port)] = conn
+        assert cfg.listen is not None
+        lhost, lport = cfg.listen
+        lfam = socket.AF_INET6 if ":" in lhost else socket.AF_INET
+        self.app = _bind(lfam, socket.SOCK_DGRAM, (lhost, lport), "listen")
+        _bufsize(self.app)
+        self._sockets.append(self.app)
+        self._watch(self.app, self._on_app)
+        self._housekeeping = self.loop.call_later(1.0, self._housekeep)
+
+    def _reserve(self, fam: int, src: str) -> tuple[int, socket.socket]:
+        """A local port free for both TCP and UDP; keeps both bound (the TCP one never listens)."""
+        for _ in range(64):
+            udp = _bind(fam, socket.SOCK_DGRAM, (src, 0), "client")
+            port = udp.getsockname()[1]
+            try:
+                tcp = _bind(fam, socket.SOCK_STREAM, (src, port), "client")
+            except RsockdError:
+                udp.close()
+                continue
+            _bufsize(udp)
+            self._sockets += [tcp, udp]
+            return port, udp
+        raise RsockdError(f"no local port free for both TCP and UDP on {src}")
+
+    def start(self) -> None:
+        now = self.loop.time()
+        for conn in self.conns:
+            conn.connect(now)
+            self._flush(conn)
+
+    def _udp_socket(self, local: tuple[bytes, int]) -> socket.socket:
+        return self._tunnel[local[1]]
+
+    def connections(self) -> list[Connection]:
+        return self.conns
+
+    def _on_tunnel(self, sock: socket.socket, family: int, lport: int) -> None:
+        buf, view = self._buf, self._view
+        now = self.loop.time()
+        server = self.server_packed
+        for _ in range(BATCH):
+            try:
+                n, addr = sock.recvfrom_into(buf)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                self.tx_errors["rx_" + errno.errorcode.get(e.errno or 0, "error").lower()] += 1
+                continue
+            remote = socket.inet_pton(family, addr[0].split("%")[0])
+            if remote != server:
+                self.drops["no_connection"] += 1
+                continue
+            self._tunnel_datagram(view[:n], (b"", lport), (remote, addr[1]), now)
+
+    def _segment(self, local: tuple[bytes, int], remote: tuple[bytes, int], hdr: TcpHeader,
+                 payload: memoryview, now: float) -> None:
+        conn = self._by_port.get(("tcp", local[1], remote[1]))
+        if conn is None or remote[0] != self.server_packed:
+            self.drops["no_connection"] += 1
+            return
+        data = conn.receive(hdr, payload, now)
+        if data:
+            self._deliver(data)
+        self._flush(conn)
+
+    def _datagram(self, local: tuple[bytes, int], remote: tuple[bytes, int], data: memoryview, now: float) -> None:
+        conn = self._by_port.get(("udp", local[1], remote[1]))
+        if conn is None:
+            self.drops["no_connection"] += 1
+            return
+        frames = conn.receive_datagram(data, now)
+        if frames:
+            self._deliver(frames)
+        self._flush(conn)
+
+    def _deliver(self, data: list[tuple[int, memoryview]]) -> None:
+        app = self.app
+        assert app is not None
+        for flow_id, dgram in data:
+            flow = self.flows.by_id.get(flow_id)
+            if flow is None:
+                self.drops["unexpected"] += 1
+                continue
+            flow.rx += 1
+            self.app_tx += 1
+            self.app_tx_bytes += len(dgram)
+            try:
+                app.sendto(dgram, flow.addr)
+            except OSError as e:
+                self.tx_errors["app_" + errno.errorcode.get(e.errno or 0, "error").lower()] += 1
+
+    def _on_app(self) -> None:
+        app = self.app
+        assert app is not None
+        buf, view = self._buf, self._view
+        now = self.loop.time()
+        flows, conns, limit = self.flows, self.conns, self.max_datagram
+        for _ in range(BATCH):
+            try:
+                n, addr = app.recvfrom_into(buf)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                self.tx_errors["app_" + errno.errorcode.get(e.errno or 0, "error").lower()] += 1
+                continue
+            self.app_rx += 1
+            self.app_rx_bytes += n
+            if n > limit:
+                self._oversize(n)
+                continue
+            flow = flows.lookup(addr, now)
+            if flow is None:
+                continue
+            conn = flows.route(flow, conns)
+            if conn is None:
+                self.drops["no_route"] += 1
+                continue
+            seg = conn.send_datagram(flow.flow_id, view[:n], now)
+            if seg is None:
+                self.drops["no_route"] += 1
+                continue
+            flow.tx += 1
+            self._sender(conn)(seg)
+
+    def _event(self, conn: Connection, ev: Any) -> None:
+        if isinstance(ev, Connected):
+            LOG.info("connection to %s (%s, local port %d) established", _peer(conn), conn.transport, conn.local[1])
+            self.flows.rebalance()
+            self._changed()
+        elif isinstance(ev, ConnectionClosed):
+            self._changed()
+            if not self.closing:
+                LOG.info("connection to %s (%s) closed: %s; reconnecting in %.1f s", _peer(conn), conn.transport,
+                         ev.reason, (ev.reconnect_at or self.loop.time()) - self.loop.time())
+        elif isinstance(ev, FlowClosed):
+            pass  # the server forgot the flow; ours expires on its own or is recreated by traffic
+
+    def _housekeep(self) -> None:
+        now = self.loop.time()
+        gone: list[ClientFlow] = self.flows.expire(now)
+        for flow in gone:
+            if flow.conn is not None:
+                flow.conn.close_flow(flow.flow_id, now)
+                self._flush(flow.conn)
+        if not self.closing:
+            self._housekeeping = self.loop.call_later(1.0, self._housekeep)
+
+    def close(self) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        super().close()
+
+    def status(self) -> dict[str, Any]:
+        now = self.loop.time()
+        return {
+            "flows": len(self.flows.by_id),
+            "connections": [self.conn_info(c, now) for c in self.conns],
+            "server": self.server_ip,
+            "listen": f"{self.cfg.listen[0]}:{self.cfg.listen[1]}" if self.cfg.listen else None,
+            "local_ports": self.local_ports,
+            "peers": [self.server_ip],
+        }
+
