@@ -9,12 +9,17 @@ Names carry a random tag so concurrent runs never clash; ``close()`` deletes bot
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import secrets
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
 
 
 def sh(argv: Sequence[str], check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -90,17 +95,18 @@ class NetnsPair:
     def popen(self, side: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[str]:
         return subprocess.Popen(self.argv(side, argv), text=True, **kw)
 
-    def enter(self, side: str) -> int:
-        """setns() the calling thread into a namespace; returns an fd to come back with ``leave``."""
+    @contextmanager
+    def inside(self, side: str) -> Iterator[None]:
+        """Run the block in a namespace; sockets made there stay there.  (``os.setns`` is 3.12+.)"""
         back = os.open("/proc/self/ns/net", os.O_RDONLY)
         fd = os.open(f"/run/netns/{self.ns[side]}", os.O_RDONLY)
         try:
-            os.setns(fd, os.CLONE_NEWNET)
+            if _libc.setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
         finally:
             os.close(fd)
-        return back
-
-    @staticmethod
-    def leave(back: int) -> None:
-        os.setns(back, os.CLONE_NEWNET)
-        os.close(back)
+        try:
+            yield
+        finally:
+            _libc.setns(back, CLONE_NEWNET)
+            os.close(back)

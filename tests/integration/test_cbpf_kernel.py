@@ -9,14 +9,11 @@ both run, for both roles.
 
 from __future__ import annotations
 
-import ctypes
-import os
 import select
 import socket
 import struct
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -32,25 +29,6 @@ LOCAL = 40000
 ETH_P_ALL = 3
 SOL_PACKET, PACKET_IGNORE_OUTGOING = 263, 23
 
-_libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET = 0x40000000
-
-
-@contextmanager
-def inside(net: NetnsPair, side: str) -> Iterator[None]:
-    """Run the block in a namespace (sockets made there stay there).  ``os.setns`` is 3.12+."""
-    back = os.open("/proc/self/ns/net", os.O_RDONLY)
-    fd = os.open(f"/run/netns/{net.ns[side]}", os.O_RDONLY)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns")
-    finally:
-        os.close(fd)
-    try:
-        yield
-    finally:
-        _libc.setns(back, CLONE_NEWNET)
-        os.close(back)
 
 
 def packed(addr: str) -> bytes:
@@ -170,9 +148,9 @@ def test_filter_in_kernel_receives_exactly_tunnel_segments(net: NetnsPair, role:
     else:
         kind, prog = socket.SOCK_RAW, cbpf.tunnel_filter(
             role, PORTS, {LOCAL}, peers, l3_offset=14, link="en10mb")  # type: ignore[arg-type]
-    with inside(net, "s"):
+    with net.inside("s"):
         rx = socket.socket(socket.AF_PACKET, kind, 0)
-    with inside(net, "c"):
+    with net.inside("c"):
         tx = Sender()
     try:
         cbpf.attach_filter(rx, prog)
@@ -212,10 +190,10 @@ def test_filter_in_kernel_receives_exactly_tunnel_segments(net: NetnsPair, role:
 def test_drop_all_and_detach(net: NetnsPair) -> None:
     """``drop_all`` queues nothing; ``detach_filter`` then lets everything through.  A second
     socket with the tunnel filter shows when a packet has passed the taps."""
-    with inside(net, "s"):
+    with net.inside("s"):
         rx = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
         witness = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
-    with inside(net, "c"):
+    with net.inside("c"):
         tx = Sender()
 
     def wait_for(sock: socket.socket, tag: bytes, never: bytes = b"-") -> None:

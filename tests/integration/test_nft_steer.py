@@ -22,7 +22,7 @@ from rsockd.errors import PacketError, SteerError
 from rsockd.packet import ACK, PSH, RST, SYN, parse_ip, parse_tcp
 from rsockd.steer import SteerPlan
 from rsockd.steer.nft import NftSteering, cleanup_stale, load_notrack, nft_available, ruleset, table_name, unload
-from tests.integration.test_cbpf_kernel import Sender, inside, segment, wrong_peers
+from tests.integration.test_cbpf_kernel import Sender, segment, wrong_peers
 from tests.netns import NetnsPair
 
 PORTS = frozenset({443, *range(10001, 10011)})
@@ -53,7 +53,7 @@ class Client:
 
     def __init__(self, net: NetnsPair) -> None:
         self.net = net
-        with inside(net, "c"):
+        with net.inside("c"):
             self.tx = Sender()
             self.cap = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)
         self.cap.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
@@ -135,12 +135,12 @@ def plan(net: NetnsPair, request: pytest.FixtureRequest) -> SteerPlan:
 def attached(net: NetnsPair, plan: SteerPlan) -> Iterator[NftSteering]:
     """An attached ``NftSteering`` in the server namespace, always detached afterwards."""
     steering = NftSteering(plan)
-    with inside(net, "s"):
+    with net.inside("s"):
         steering.attach()
     try:
         yield steering
     finally:
-        with inside(net, "s"):
+        with net.inside("s"):
             steering.detach()
 
 
@@ -193,7 +193,7 @@ def test_server_keeps_tunnel_segments_from_the_kernel(net: NetnsPair, client: Cl
         assert steering.describe() == [{"interface": net.dev["s"], "mode": "nft"}]
 
         # update(): new ports in the table and in the receive filter, old ones released.
-        with inside(net, "s"):
+        with net.inside("s"):
             steering.update(dataclasses.replace(plan, tunnel_ports=frozenset({20001})))
         probes: list[tuple[Probe, int]] = [((c4, s4, 40001, 20001), SYN), ((c6, s6, 40001, 10001), SYN)]
         assert client.probe(probes) == {probes[1][0]}
@@ -203,7 +203,7 @@ def test_server_keeps_tunnel_segments_from_the_kernel(net: NetnsPair, client: Cl
 
     assert table_name(plan.instance) not in tables(net)
     assert all(s.fileno() == -1 for s in socks)
-    with inside(net, "s"):
+    with net.inside("s"):
         steering.detach()  # again: nothing left, no error
     assert client.probe(tunnel[:1]) == {tunnel[0][0]}
 
@@ -232,7 +232,7 @@ def test_stale_table_is_replaced(net: NetnsPair, plan: SteerPlan) -> None:
     name = table_name(plan.instance)
     stale = f"add table inet {name}; add chain inet {name} stale; add set inet {name} peers4 {{ type ipv4_addr; }}"
     net.run("s", ["nft", stale])
-    with inside(net, "s"):
+    with net.inside("s"):
         assert cleanup_stale(plan.instance) is True
         assert cleanup_stale(plan.instance) is False
     assert name not in tables(net)
@@ -246,14 +246,14 @@ def test_stale_table_is_replaced(net: NetnsPair, plan: SteerPlan) -> None:
 @pytest.mark.root
 def test_missing_interface_is_one_line_and_leaves_nothing(net: NetnsPair, plan: SteerPlan) -> None:
     steering = NftSteering(dataclasses.replace(plan, interfaces=("nosuch0",)))
-    with inside(net, "s"), pytest.raises(SteerError, match=r"^nft: interface nosuch0: No such device$"):
+    with net.inside("s"), pytest.raises(SteerError, match=r"^nft: interface nosuch0: No such device$"):
         steering.attach()
     assert table_name(plan.instance) not in tables(net)
 
 
 @pytest.mark.root
 def test_guard_drops_unmarked_rst_and_ack(net: NetnsPair, client: Client, plan: SteerPlan) -> None:
-    with inside(net, "s"):
+    with net.inside("s"):
         unmarked, marked = Sender(), Sender()
     for sock in (marked.s4, marked.s6):
         sock.setsockopt(socket.SOL_SOCKET, SO_MARK, MARK)
@@ -292,7 +292,7 @@ def test_marked_sends_are_not_tracked(net: NetnsPair, plan: SteerPlan, how: str)
                   f"add chain inet {probe} out {{ type filter hook output priority 0; }}; "
                   f"add rule inet {probe} out tcp dport {LOCAL} ct state new counter name new; "
                   f"add rule inet {probe} out tcp dport {LOCAL} ct state untracked counter name untracked"])
-    with inside(net, "s"):
+    with net.inside("s"):
         unmarked, marked = Sender(), Sender()
     for sock in (marked.s4, marked.s6):
         sock.setsockopt(socket.SOL_SOCKET, SO_MARK, MARK)
@@ -301,7 +301,7 @@ def test_marked_sends_are_not_tracked(net: NetnsPair, plan: SteerPlan, how: str)
         # Control: with conntrack active and no table of ours, a marked send is tracked.
         marked.send(segment(net.srv4, net.cli4, 10001, LOCAL, b"", SYN))
         assert ct_counters(net, probe) == {"new": 1, "untracked": 0}
-        with inside(net, "s"):
+        with net.inside("s"):
             if how == "notrack-only":
                 load_notrack(plan.instance, MARK)
             else:
@@ -314,7 +314,7 @@ def test_marked_sends_are_not_tracked(net: NetnsPair, plan: SteerPlan, how: str)
     finally:
         unmarked.close()
         marked.close()
-        with inside(net, "s"):
+        with net.inside("s"):
             steering.detach()
             unload(plan.instance)
         net.run("s", ["nft", "delete", "table", "inet", probe])
