@@ -21,6 +21,9 @@ class Notifier:
                 import sdnotify
 
                 self._n = sdnotify.SystemdNotifier()
+                if self._n.socket is not None:
+                    # Never block the event loop on a slow reader: a lost STATUS is harmless.
+                    self._n.socket.setblocking(False)
             except ImportError:
                 LOG.warning("NOTIFY_SOCKET is set but the sdnotify module is missing")
         usec = env.get("WATCHDOG_USEC")

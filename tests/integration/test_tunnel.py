@@ -1,0 +1,84 @@
+"""Real daemons in namespaces: UDP through the tunnel, and proof the kernel stayed silent."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from scapy.layers.inet import TCP
+from scapy.utils import rdpcap
+
+from rsockd.packet import SYN, TcpHeader, ipv4_header, pack_address, pseudo_sum
+from tests.integration.rig import Rig, nstat
+
+pytestmark = pytest.mark.root
+
+MATRIX = [(b, t, f) for b in ("xdp", "nft") for t in ("tcp", "udp", "all") for f in (4, 6)]
+
+
+@pytest.mark.parametrize("backend, transport, family", MATRIX, ids=[f"{b}-{t}-v{f}" for b, t, f in MATRIX])
+def test_echo_through_the_tunnel(tmp_path: Path, backend: str, transport: str, family: int) -> None:
+    with Rig(tmp_path, backend=backend, transport=transport, family=family) as rig:
+        res = rig.echo_run(50, size=200)
+        assert res.received == 50, rig.client.log()[-2000:]
+        big = rig.echo_run(5, size=1300)
+        assert big.received == 5
+        st = rig.server.status()  # type: ignore[union-attr]
+        assert st["backend"]["name"] == (backend if transport != "udp" else None)
+        assert st["sessions"] == 1 and st["flows"] >= 1
+        cst = rig.client.status()
+        assert cst["connections"]["by_state"] == {"established": rig.conns_per_client()}
+        assert cst["traffic"]["from_app_packets"] >= 55 and cst["traffic"]["to_app_packets"] >= 55
+        bad = {k: v for k, v in cst["drops"].items() if v} | {k: v for k, v in st["drops"].items() if v}
+        assert not bad, bad
+
+
+def capture_first_rst(rig: Rig, side: str, pcap: Path) -> subprocess.Popen[str]:
+    """tcpdump that stops at the first TCP RST crossing ``side``'s veth; returns once listening."""
+    argv = ["tcpdump", "--immediate-mode", "-U", "-n", "-c", "1", "-i", rig.net.dev[side], "-w", str(pcap),
+            "(tcp[tcpflags] & tcp-rst != 0) or (ip6[6] == 6 and ip6[40+13] & 4 != 0)"]
+    p = rig.net.popen(side, argv, stderr=subprocess.PIPE)
+    assert p.stderr is not None
+    line = p.stderr.readline()
+    assert "listening on" in line, line
+    return p
+
+
+def marker_rst(rig: Rig) -> None:
+    """A SYN from the client to a port nothing steers: the server's kernel answers with an RST."""
+    net = rig.net
+    with net.inside("c"):
+        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    src, dst = pack_address(net.cli4), pack_address(net.srv4)
+    syn = TcpHeader(MARK_SPORT, MARK_DPORT, 1, 0, SYN, 64240).pack(b"", pseudo_sum(src, dst))
+    raw.sendto(ipv4_header(src, dst, len(syn)) + syn, (net.srv4, 0))
+    raw.close()
+
+
+MARK_SPORT, MARK_DPORT = 40404, 10999
+
+
+@pytest.mark.parametrize("backend", ["xdp", "nft"])
+def test_the_kernel_sends_no_rst_or_ack_for_tunnel_ports(tmp_path: Path, backend: str) -> None:
+    with Rig(tmp_path, backend=backend) as rig:
+        net = rig.net
+        base = {s: nstat(net, s, "TcpOutRsts", "TcpOutSegs") for s in "cs"}
+        caps = {s: capture_first_rst(rig, s, tmp_path / f"rst-{s}.pcap") for s in "cs"}
+        res = rig.echo_run(300, size=500, timeout=0.5)
+        assert res.received == 300
+        after = {s: nstat(net, s, "TcpOutRsts", "TcpOutSegs") for s in "cs"}
+        # Raw-socket sends do not count as TcpOutSegs: any growth would be a kernel-made segment.
+        assert after == base, (base, after)
+        assert rig.server.status()["steering"]["guard_dropped"] == 0  # type: ignore[union-attr]
+        assert rig.client.status()["steering"]["guard_dropped"] == 0
+        # The control case ends both captures: a kernel RST for a port that is not steered.  Had the
+        # kernel sent any RST during the traffic, that would have been each capture's one packet.
+        marker_rst(rig)
+        for side, p in caps.items():
+            assert p.wait(timeout=10) == 0
+            pkts = rdpcap(str(tmp_path / f"rst-{side}.pcap"))
+            assert len(pkts) == 1 and pkts[0][TCP].sport == MARK_DPORT and pkts[0][TCP].dport == MARK_SPORT, (
+                side, pkts[0].summary())
+        assert nstat(net, "s", "TcpOutRsts")["TcpOutRsts"] == base["s"]["TcpOutRsts"] + 1
