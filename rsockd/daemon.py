@@ -62,6 +62,7 @@ def choose_steering(cfg: Config, plan: SteerPlan) -> Steering:
             steering = xdp.XdpSteering(plan)
             try:
                 steering.attach()
+                _load_notrack(plan)
                 return steering
             except SteerError as e:
                 if cfg.backend == "xdp":
@@ -76,6 +77,28 @@ def choose_steering(cfg: Config, plan: SteerPlan) -> Steering:
     n = nft.NftSteering(plan)
     n.attach()
     return n
+
+
+def _load_notrack(plan: SteerPlan) -> None:
+    """Exempt our marked raw sends from the host's conntrack (docs/design.md, Marks and conntrack)."""
+    from .steer import nft
+
+    why = nft.nft_available()
+    if why is not None:
+        LOG.warning("no notrack rule for our packets (%s): a firewall dropping INVALID in output would drop them", why)
+        return
+    try:
+        nft.load_notrack(plan.instance, plan.mark)
+    except SteerError as e:
+        LOG.warning("no notrack rule for our packets: %s", e)
+
+
+def _unload_notrack(instance: str) -> None:
+    from .steer import nft
+
+    with contextlib.suppress(SteerError, OSError, ImportError):
+        if nft.nft_available() is None:
+            nft.unload(instance)
 
 
 class Daemon:
@@ -188,11 +211,10 @@ class Daemon:
         if self.relay is not None:
             with contextlib.suppress(Exception):
                 self.relay.close()
-        if self.steering is not None:
-            try:
-                self.steering.detach()
-            except Exception as e:  # keep going: the control socket must still be removed
-                LOG.error("detaching steering failed: %s", e)
+        try:
+            self._detach()
+        except Exception as e:  # keep going: the control socket must still be removed
+            LOG.error("detaching steering failed: %s", e)
             self.steering = None
         if self.control is not None:
             await self.control.close()
@@ -266,9 +288,7 @@ class Daemon:
         if self.relay is not None:
             self.relay.close()
             self.relay = None
-        if self.steering is not None:
-            self.steering.detach()
-            self.steering = None
+        self._detach()
         self.cfg = new
         try:
             await self._bring_up()
@@ -277,11 +297,16 @@ class Daemon:
             if self.relay is not None:
                 self.relay.close()
                 self.relay = None
-            if self.steering is not None:
-                self.steering.detach()
-                self.steering = None
+            self._detach()
             self.cfg = old_cfg
             await self._bring_up()
+
+    def _detach(self) -> None:
+        steering, self.steering = self.steering, None
+        if steering is not None:
+            steering.detach()
+            if steering.name == "xdp":
+                _unload_notrack(self.cfg.instance)
 
     # -- watchdog and status --------------------------------------------------------------------
 

@@ -641,6 +641,11 @@ class Connection:
             return None
         return self._emit(ACK | PSH, self._seal(frames, now), now)
 
+    def probe(self, now: float) -> None:
+        """Send a keepalive now: a peer that lost our state answers with an RST at once."""
+        if self.state == State.ESTABLISHED:
+            self._send_record(framing.keepalive_frame(), now)
+
     def close_flow(self, flow_id: int, now: float) -> None:
         if self.state == State.ESTABLISHED:
             self._send_record(framing.flow_close_frame(flow_id), now)

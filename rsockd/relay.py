@@ -790,6 +790,14 @@ class ClientRelay(Relay):
             if not self.closing:
                 LOG.info("connection to %s (%s) closed: %s; reconnecting in %.1f s", _peer(conn), conn.transport,
                          ev.reason, (ev.reconnect_at or self.loop.time()) - self.loop.time())
+                if ev.reason in ("reset", "peer closed"):
+                    # The server may have restarted: make every other connection find out now, not at
+                    # its next keepalive, so no flow is hashed onto a connection the server forgot.
+                    now = self.loop.time()
+                    for other in self.conns:
+                        if other is not conn and other.established and now - other.last_rx > 0.05:
+                            other.probe(now)
+                            self._flush(other)
         elif isinstance(ev, FlowClosed):
             pass  # the server forgot the flow; ours expires on its own or is recreated by traffic
 

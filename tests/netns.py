@@ -82,6 +82,30 @@ class NetnsPair:
         out = sh(["ip", "-n", self.ns[side], "-j", "link", "show", self.dev[side]]).stdout
         return str(json.loads(out)[0]["address"])
 
+    def add_host(self, side: str) -> tuple[str, str]:
+        """Another client host ``side`` (e.g. "c2") with its own veth to the server namespace.
+
+        Returns its IPv4 and IPv6 addresses; the server's end is ``dev["s" + side[1:]]``.
+        """
+        n = len(self.ns)
+        ns, dev, sdev = self.tag + side, self.tag + side + "0", self.tag + "s" + side[1:]
+        self.ns[side] = ns
+        self.dev[side], self.dev["s" + side[1:]] = dev, sdev
+        sh(["ip", "netns", "add", ns])
+        sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+        sh(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0"])
+        sh(["ip", "link", "add", dev, "netns", ns, "type", "veth", "peer", "name", sdev, "netns", self.ns["s"]])
+        base4, base6 = self.cli4.rsplit(".", 2)[0], self.cli6.split(":")[0]
+        a4 = (f"{base4}.{200 + n}.1", f"{base4}.{200 + n}.2")
+        a6 = (f"{base6}:{200 + n:x}::1", f"{base6}:{200 + n:x}::2")
+        for name, d, mine in ((side, dev, 0), ("s", sdev, 1)):
+            sh(["ip", "-n", self.ns[name], "addr", "add", f"{a4[mine]}/24", "dev", d])
+            sh(["ip", "-n", self.ns[name], "addr", "add", f"{a6[mine]}/64", "dev", d, "nodad"])
+            sh(["ip", "-n", self.ns[name], "link", "set", d, "up"])
+            if not self.offload:
+                sh(["ip", "netns", "exec", self.ns[name], "ethtool", "-K", d, "tx", "off"])
+        return a4[0], a6[0]
+
     def close(self) -> None:
         for ns in self.ns.values():
             sh(["ip", "netns", "del", ns], check=False)

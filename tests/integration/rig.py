@@ -49,9 +49,15 @@ class Notify:
         self.times.append(time.monotonic())
         return True
 
-    def wait(self, pred: Callable[[dict[str, str]], bool], timeout: float, what: str = "") -> dict[str, str]:
-        """The first message (already received or new) matching ``pred``."""
-        seen = 0
+    def mark(self) -> int:
+        """A position: ``wait(..., since=mark)`` then looks only at later messages."""
+        self.drain()
+        return len(self.messages)
+
+    def wait(self, pred: Callable[[dict[str, str]], bool], timeout: float, what: str = "",
+             since: int = 0) -> dict[str, str]:
+        """The first message after ``since`` (already received or new) matching ``pred``."""
+        seen = since
         end = time.monotonic() + timeout
         while True:
             for m in self.messages[seen:]:
@@ -75,10 +81,11 @@ class Rsockd:
     """One rsockd process in a namespace."""
 
     def __init__(self, net: NetnsPair, side: str, args: Sequence[str], tmp: Path, name: str,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, instance: str | None = None) -> None:
         self.net, self.side, self.name = net, side, name
-        self.instance = f"{net.tag}{name}"
+        self.instance = instance or f"{net.tag}{name}"
         self.runtime = tmp / "run"
+        self.user_args = list(args)
         self.args = ["--instance", self.instance, "--runtime-dir", str(self.runtime), *args]
         self.logpath = tmp / f"{name}.log"
         self.notify = Notify(tmp / f"{name}.notify")
@@ -97,16 +104,17 @@ class Rsockd:
         log.close()
         return self
 
-    def wait_ready(self, timeout: float = 40) -> None:
+    def wait_ready(self, timeout: float = 40, since: int = 0) -> None:
         try:
-            self.notify.wait(lambda m: m.get("READY") == "1", timeout, "READY=1")
+            self.notify.wait(lambda m: m.get("READY") == "1", timeout, "READY=1", since)
         except TimeoutError:
             raise TimeoutError(f"{self.name} not ready: rc={self.proc and self.proc.poll()}\n{self.log()}") from None
 
-    def wait_status(self, pattern: str, timeout: float = 20) -> str:
+    def wait_status(self, pattern: str, timeout: float = 20, since: int = 0) -> str:
         rx = re.compile(pattern)
         try:
-            return self.notify.wait(lambda m: bool(rx.search(m.get("STATUS", ""))), timeout, pattern)["STATUS"]
+            return self.notify.wait(lambda m: bool(rx.search(m.get("STATUS", ""))), timeout, pattern,
+                                    since)["STATUS"]
         except TimeoutError:
             raise TimeoutError(f"{self.name}: no STATUS matching {pattern!r}\n{self.log()[-3000:]}") from None
 
@@ -218,13 +226,14 @@ class Rig:
 
     def __init__(self, tmp: Path, *, backend: str = "xdp", transport: str = "tcp", family: int = 4,
                  ports: str = "10001-10004", server_args: Sequence[str] = (), client_args: Sequence[str] = (),
-                 offload: bool = False) -> None:
+                 offload: bool = False, hosts: int = 1) -> None:
         self.tmp = tmp
         self.backend, self.transport, self.family, self.ports = backend, transport, family, ports
         self.server_args, self.client_args = list(server_args), list(client_args)
         self.nports = len(range(int(ports.split("-")[0]), int(ports.split("-")[-1]) + 1)) if "," not in ports \
             else len(ports.split(","))
         self.net = NetnsPair(offload=offload)
+        self.hosts = hosts  # client hosts; the first is the pair's "c", others get their own veth
         self.echo: EchoServer | None = None
         self.server: Rsockd | None = None
         self.clients: list[Rsockd] = []
@@ -237,6 +246,15 @@ class Rig:
     def server_addr(self) -> str:
         return self.net.srv6 if self.family == 6 else self.net.srv4
 
+    def server_for(self, host: str) -> str:
+        """The server's address on the link of client host ``host``."""
+        if host == "c":
+            return self.server_addr
+        out = self.net.run("s", ["ip", "-j", "addr", "show", "dev", self.net.dev["s" + host[1:]]]).stdout
+        infos = json.loads(out)[0]["addr_info"]
+        fam = "inet6" if self.family == 6 else "inet"
+        return str(next(a["local"] for a in infos if a["family"] == fam and not a["local"].startswith("fe80")))
+
     def common(self) -> list[str]:
         return ["--backend", self.backend, "--type", self.transport, "--ports", self.ports]
 
@@ -244,11 +262,16 @@ class Rig:
         try:
             self.net.setup()
             self.net.run("s", ["ip", "route", "add", "default", "dev", self.net.dev["s"]])
+            devs = [self.net.dev["s"]]
+            for k in range(2, self.hosts + 1):
+                self.net.add_host(f"c{k}")
+                devs.append(self.net.dev[f"s{k}"])
             self.echo = EchoServer(self.net)
             self.server = Rsockd(self.net, "s", ["--role", "server", "-t", f"127.0.0.1:{ECHO_PORT}",
-                                                 "--dev", self.net.dev["s"], *self.common(), *self.server_args],
-                                 self.tmp, "server").start()
-            self.add_client()
+                                                 *(a for d in devs for a in ("--dev", d)), *self.common(),
+                                                 *self.server_args], self.tmp, "server").start()
+            for k in range(1, self.hosts + 1):
+                self.add_client(host=f"c{k}" if k > 1 else "c", name=f"client{k}" if k > 1 else "client")
             self.server.wait_ready()
             for c in self.clients:
                 self.wait_up(c)
@@ -257,19 +280,31 @@ class Rig:
             raise
         return self
 
-    def add_client(self, listen_port: int = LISTEN_PORT, name: str = "client", extra: Sequence[str] = ()) -> Rsockd:
-        c = Rsockd(self.net, "c", ["--role", "client", "-t", self.server_addr, "-l", f"127.0.0.1:{listen_port}",
-                                   *self.common(), *self.client_args, *extra], self.tmp, name).start()
+    def add_client(self, listen_port: int = LISTEN_PORT, name: str = "client", extra: Sequence[str] = (),
+                   host: str = "c") -> Rsockd:
+        c = Rsockd(self.net, host, ["--role", "client", "-t", self.server_for(host), "-l",
+                                    f"127.0.0.1:{listen_port}", *self.common(), *self.client_args, *extra],
+                   self.tmp, name).start()
         self.clients.append(c)
         return c
 
     def conns_per_client(self) -> int:
         return self.nports * (2 if self.transport == "all" else 1)
 
-    def wait_up(self, client: Rsockd, timeout: float = 40) -> None:
-        client.wait_ready(timeout)
+    def wait_up(self, client: Rsockd, timeout: float = 40, since: int = 0) -> None:
+        client.wait_ready(timeout, since)
         n = self.conns_per_client()
-        client.wait_status(rf" {n}/{n} connections up", timeout)
+        client.wait_status(rf" {n}/{n} connections up", timeout, since)
+
+    def restart_server(self, extra: Sequence[str] = ()) -> Rsockd:
+        """Stop the server (cleanly) and start a new one of the same instance."""
+        old = self.server
+        assert old is not None
+        assert old.stop() == 0, old.log()[-2000:]
+        old.close()
+        new = Rsockd(self.net, "s", [*old.user_args, *extra], self.tmp, old.name + "2", instance=old.instance)
+        self.server = new.start()
+        return new
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -292,16 +327,16 @@ class Rig:
         if errors and not sys.exc_info()[0]:
             raise AssertionError("\n".join(errors))
 
-    def app_socket(self, family: int = socket.AF_INET) -> socket.socket:
-        with self.net.inside("c"):
+    def app_socket(self, family: int = socket.AF_INET, host: str = "c") -> socket.socket:
+        with self.net.inside(host):
             s = socket.socket(family, socket.SOCK_DGRAM)
             s.bind(("127.0.0.1", 0))
         return s
 
     def echo_run(self, count: int, size: int = 64, timeout: float = 1.0, sock: socket.socket | None = None,
-                 port: int = LISTEN_PORT) -> EchoResult:
+                 port: int = LISTEN_PORT, host: str = "c") -> EchoResult:
         """Ping-pong ``count`` datagrams through the tunnel; a lost one costs ``timeout``."""
-        s = sock or self.app_socket()
+        s = sock or self.app_socket(host=host)
         s.settimeout(timeout)
         res = EchoResult(count, 0)
         try:

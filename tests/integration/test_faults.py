@@ -1,0 +1,158 @@
+"""Restarts, resets, several clients, idle expiry, crashes: the tunnel recovers by itself."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from rsockd.config import DEFAULT_MARK
+from rsockd.packet import ACK, RST, TcpHeader, ipv4_header, pack_address, pseudo_sum
+from rsockd.rawsock import SO_MARK
+from tests.integration.rig import Rig, Rsockd
+from tests.netns import NetnsPair
+
+pytestmark = pytest.mark.root
+
+
+def test_server_restart_mid_traffic_client_reconnects_and_flows_resume(tmp_path: Path) -> None:
+    with Rig(tmp_path, backend="xdp") as rig:
+        app = rig.app_socket()
+        assert rig.echo_run(20, sock=app).received == 20
+        flows_before = rig.client.status()["flows"]
+        mark = rig.client.notify.mark()
+        t0 = time.monotonic()
+        rig.restart_server()
+        rig.client.wait_status(r" [0-3]/4 connections up", 10, since=mark)  # it noticed
+        rig.server.wait_ready()  # type: ignore[union-attr]
+        rig.client.wait_status(r" 4/4 connections up", 30, since=mark)
+        recovered = time.monotonic() - t0
+        res = rig.echo_run(20, sock=app)  # the same application socket: the same flow id
+        assert res.received == 20
+        assert rig.client.status()["flows"] == flows_before
+        conns = rig.client.status("ports")["connections"]
+        assert all(c["reconnects"] >= 1 for c in conns)
+        assert recovered < 20, recovered
+        print(f"recovered {recovered:.1f} s after the restart began")
+
+
+def inject_rst(rig: Rig, conn: dict[str, object]) -> None:
+    """An RST from the server's address and port with exactly the client's expected sequence number.
+
+    Sent from the server's namespace with the daemon's mark, as if from the path: unmarked, the
+    server's own egress guard would drop it (that is its job).
+    """
+    net = rig.net
+    with net.inside("s"):
+        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    raw.setsockopt(socket.SOL_SOCKET, SO_MARK, DEFAULT_MARK)
+    src, dst = pack_address(net.srv4), pack_address(net.cli4)
+    sport = int(str(conn["peer"]).rsplit(":", 1)[1])
+    rst = TcpHeader(sport, int(conn["local_port"]), int(conn["ack"]), 0, RST | ACK, 0)  # type: ignore[call-overload]
+    seg = rst.pack(b"", pseudo_sum(src, dst))
+    raw.sendto(ipv4_header(src, dst, len(seg)) + seg, (net.cli4, 0))
+    raw.close()
+
+
+def test_injected_rst_resets_one_connection_only(tmp_path: Path) -> None:
+    with Rig(tmp_path, backend="xdp") as rig:
+        app = rig.app_socket()
+        assert rig.echo_run(10, sock=app).received == 10
+        before = rig.client.status("ports")["connections"]
+        victim = before[1]
+        mark = rig.client.notify.mark()
+        inject_rst(rig, victim)
+        rig.client.wait_status(r" 3/4 connections up", 10, since=mark)
+        rig.client.wait_status(r" 4/4 connections up", 10, since=mark)
+        conns = rig.client.status("ports")["connections"]
+        assert [c["reconnects"] - b["reconnects"] for c, b in zip(conns, before, strict=True)] == [0, 1, 0, 0]
+        assert rig.echo_run(20, sock=app).received == 20
+        assert "reset" in rig.client.log()
+
+
+def test_blind_rst_with_a_wrong_sequence_is_ignored(tmp_path: Path) -> None:
+    with Rig(tmp_path, backend="nft") as rig:
+        conn = rig.client.status("ports")["connections"][0]
+        inject_rst(rig, {**conn, "ack": (int(conn["ack"]) + 5_000_000) & 0xFFFFFFFF})
+        assert rig.echo_run(5).received == 5
+        st = rig.client.status()
+        assert st["drops"]["rst_ignored"] >= 1 and st["connections"]["by_state"] == {"established": 4}
+
+
+def test_two_client_hosts_at_once(tmp_path: Path) -> None:
+    """Two client hosts on two links of one server (the server attaches to both interfaces)."""
+    with Rig(tmp_path, backend="xdp", hosts=2) as rig:
+        a = rig.echo_run(30, host="c")
+        b = rig.echo_run(30, host="c2")
+        assert (a.received, b.received) == (30, 30)
+        assert {d["interface"] for d in rig.server.status()["backend"]["interfaces"]} == {  # type: ignore[union-attr]
+            rig.net.dev["s"], rig.net.dev["s2"]}
+        st = rig.server.status()  # type: ignore[union-attr]
+        assert st["sessions"] == 2 and st["connections"]["by_state"] == {"established": 8}
+
+
+def test_idle_flows_expire_on_both_sides(tmp_path: Path) -> None:
+    with Rig(tmp_path, backend="nft", server_args=["--duration", "2"], client_args=["--duration", "2"]) as rig:
+        socks = [rig.app_socket() for _ in range(3)]
+        for s in socks:
+            assert rig.echo_run(2, sock=s).received == 2
+        assert rig.client.status()["flows"] == 3 and rig.server.status()["flows"] == 3  # type: ignore[union-attr]
+        t0 = time.monotonic()
+        smark, cmark = rig.server.notify.mark(), rig.client.notify.mark()  # type: ignore[union-attr]
+        rig.server.wait_status(r", 0 flows", 10, since=smark)  # type: ignore[union-attr]
+        rig.client.wait_status(r", 0 flows", 10, since=cmark)
+        assert 1.5 < time.monotonic() - t0 < 6
+        assert rig.echo_run(2, sock=socks[0]).received == 2  # a new flow for the same address
+
+
+def attached(net: NetnsPair, side: str) -> dict[str, object]:
+    dev = net.dev[side]
+    link = json.loads(net.run(side, ["ip", "-j", "-d", "link", "show", dev]).stdout)[0]
+    tc = net.run(side, ["tc", "filter", "show", "dev", dev, "egress"]).stdout
+    tables = net.run(side, ["nft", "list", "tables"]).stdout
+    return {"xdp": "xdp" in link, "tc": "rsockd" in tc, "nft": "rsockd" in tables}
+
+
+@pytest.mark.parametrize("backend", ["xdp", "nft"])
+def test_sigkill_leaves_state_that_the_next_start_removes(tmp_path: Path, backend: str) -> None:
+    with Rig(tmp_path, backend=backend) as rig:
+        net = rig.net
+        assert attached(net, "s") == {"xdp": backend == "xdp", "tc": backend == "xdp", "nft": True}
+        server = rig.server
+        assert server is not None and server.proc is not None
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait()
+        assert attached(net, "s") == {"xdp": backend == "xdp", "tc": backend == "xdp", "nft": True}
+        # The control socket of the dead daemon is still on disk; the next start replaces it.
+        assert Path(server.control).exists()
+        new = Rsockd(net, "s", server.user_args, tmp_path, "server2", instance=server.instance)
+        rig.server = new.start()
+        new.wait_ready()
+        assert "removed stale state" in new.log()
+        # The client learns of the crash when it next sends: the new server answers with RSTs.
+        mark = rig.client.notify.mark()
+        rig.echo_run(2, timeout=0.3)
+        rig.client.wait_status(r" [0-3]/4 connections up", 10, since=mark)
+        rig.client.wait_status(r" 4/4 connections up", 10, since=mark)
+        assert rig.echo_run(10).received == 10
+        assert new.stop() == 0
+        assert attached(net, "s") == {"xdp": False, "tc": False, "nft": False}
+        assert not Path(new.control).exists()
+        rig.server = None
+
+
+def test_normal_stop_leaves_nothing_attached(tmp_path: Path) -> None:
+    with Rig(tmp_path, backend="xdp") as rig:
+        assert attached(rig.net, "c") == {"xdp": True, "tc": True, "nft": True}
+        for d in [*rig.clients, rig.server]:
+            assert d is not None and d.stop() == 0
+        for side in "cs":
+            assert attached(rig.net, side) == {"xdp": False, "tc": False, "nft": False}
+            assert rig.net.run(side, ["tc", "qdisc", "show", "dev", rig.net.dev[side]]).stdout.count("clsact") == 0
+        assert not list((tmp_path / "run").glob("*/control.sock"))
+        bpffs = Path("/sys/fs/bpf/rsockd")
+        assert not any(p.name.startswith(rig.net.tag) for p in bpffs.iterdir()) if bpffs.exists() else True
