@@ -1,0 +1,262 @@
+/* ingress.c - XDP: rewrite tunnel TCP segments in place into UDP datagrams.
+ *
+ * A matching segment's 20-byte TCP header becomes an 8-byte UDP header followed by 12 bytes of
+ * metadata, exactly as rsockd.packet.steer_rewrite() states it (docs/design.md, "Steered segment
+ * layout"):
+ *
+ *   TCP  sport dport seq(4)       ack(4)       offflags window csum urgent | options payload
+ *   UDP  sport dport len  csum    offflags window seq(4)      ack(4)       | options payload
+ *
+ * The packet length does not change; the kernel then delivers the datagram to the daemon's UDP
+ * socket on the same port, so TCP never sees it and never answers.  Every word keeps its 16-bit
+ * alignment, so moving seq/ack/offflags/window leaves the one's-complement sum unchanged: the UDP
+ * checksum follows from the TCP checksum by RFC 1624 (pseudo-header protocol 6 -> 17, words
+ * {checksum, urgent} -> {length, checksum}), and is valid exactly when the TCP checksum was.
+ *
+ * Match (docs/design.md): server  ports[dport] & PORT_SERVER;
+ *                        client  ports[dport] & PORT_LOCAL, ports[sport] & PORT_PEER, source in peers.
+ * Matching segments the program will not rewrite go to the kernel unchanged and are counted:
+ * IPv4 options / IPv6 extension headers, first fragments, a data offset below 5 or past the end.
+ * Non-first fragments carry no ports and pass uncounted.  Ethernet links only.
+ */
+#include <uapi/linux/bpf.h>
+#include <linux/in.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+
+#include "rsockd.h"
+
+#define RSOCKD_IP_MF 0x2000
+#define RSOCKD_IP_OFFSET 0x1fff
+#define RSOCKD_IP6_OFFSET 0xfff8
+#define RSOCKD_IP6_EXT_MAX 6  /* extension headers walked before giving up (passes uncounted) */
+
+struct rsockd_ip6_ext {   /* hop-by-hop, routing, destination options, AH: the first two bytes */
+	__u8 nexthdr;
+	__u8 hdrlen;
+};
+
+struct rsockd_ip6_frag {  /* RFC 8200 §4.5 */
+	__u8 nexthdr;
+	__u8 reserved;
+	__be16 frag_off;
+	__be32 identification;
+};
+
+enum rsockd_match { MATCH_NONE, MATCH_SERVER, MATCH_CLIENT };
+
+/* The port half of the rule; MATCH_CLIENT still needs the source address checked. */
+static __always_inline enum rsockd_match rsockd_match_ports(struct tcphdr *th)
+{
+	__u32 dflags = rsockd_port_flags(th->dest);
+
+	if (dflags & RSOCKD_PORT_SERVER)
+		return MATCH_SERVER;
+	if ((dflags & RSOCKD_PORT_LOCAL) && (rsockd_port_flags(th->source) & RSOCKD_PORT_PEER))
+		return MATCH_CLIENT;
+	return MATCH_NONE;
+}
+
+static __always_inline int rsockd_match4(struct tcphdr *th, __be32 saddr)
+{
+	enum rsockd_match m = rsockd_match_ports(th);
+
+	if (m == MATCH_CLIENT)
+		return peers4.lookup(&saddr) != 0;
+	return m == MATCH_SERVER;
+}
+
+static __always_inline int rsockd_match6(struct tcphdr *th, struct in6_addr *saddr)
+{
+	enum rsockd_match m = rsockd_match_ports(th);
+	struct rsockd_addr6 key;
+
+	if (m == MATCH_CLIENT) {
+		__builtin_memcpy(&key, saddr, sizeof(key));
+		return peers6.lookup(&key) != 0;
+	}
+	return m == MATCH_SERVER;
+}
+
+/* Checks common to both families; returns the stat to count for a segment left to the kernel,
+ * or -1 when the segment may be rewritten.  l4len is the L4 length the IP header states. */
+static __always_inline int rsockd_check_tcp(struct tcphdr *th, void *end, __u32 l4len)
+{
+	__u32 hlen;
+
+	if ((void *)(th + 1) > end || l4len < sizeof(*th) || (void *)th + l4len > end)
+		return RSOCKD_STAT_PASSED_MALFORMED;
+	hlen = th->doff * 4;
+	if (hlen < sizeof(*th) || hlen > l4len)
+		return RSOCKD_STAT_PASSED_MALFORMED;
+	return -1;
+}
+
+/* The rewrite itself.  The caller has checked that the 20 header bytes are in the packet. */
+static __always_inline void rsockd_tcp_to_udp(struct tcphdr *th, __u32 l4len)
+{
+	__u16 *w = (__u16 *)th;
+	__u32 seq = th->seq;
+	__u32 ack = th->ack_seq;
+	__u16 offflags = w[6];
+	__u16 window = th->window;
+	__u16 tcsum = th->check;
+	__u16 urgent = th->urg_ptr;
+	__u16 ulen = bpf_htons((__u16)l4len);
+	__u16 ucsum;
+
+	/* RFC 1624: add the complement of what leaves the sum and what enters.  The sum of raw
+	 * (network order) words is the byte swap of the sum of their values, so no swaps needed. */
+	ucsum = rsockd_fold((__u32)tcsum + urgent + bpf_htons(IPPROTO_TCP) +
+			    (__u16)~bpf_htons(IPPROTO_UDP) + (__u16)~ulen);
+	if (!ucsum)
+		ucsum = 0xffff;  /* 0 means "no checksum" in UDP (RFC 768); cannot occur, kept for safety */
+	w[2] = ulen;
+	w[3] = ucsum;
+	w[4] = offflags;
+	w[5] = window;
+	*(__u32 *)(w + 6) = seq;
+	*(__u32 *)(w + 8) = ack;
+}
+
+static __always_inline int rsockd_ipv4(struct iphdr *ip, void *end)
+{
+	struct tcphdr *th;
+	__u32 ihl, l4len, tot;
+	int stat;
+
+	if ((void *)(ip + 1) > end || ip->version != 4 || ip->protocol != IPPROTO_TCP)
+		return XDP_PASS;
+	if (ip->frag_off & bpf_htons(RSOCKD_IP_OFFSET))
+		return XDP_PASS;  /* not the first fragment: no ports to match */
+	ihl = ip->ihl * 4;
+	if (ihl < sizeof(*ip))
+		return XDP_PASS;
+	th = (void *)ip + ihl;
+	if ((void *)th + 4 > end)
+		return XDP_PASS;  /* not even the ports */
+	if (!rsockd_match4(th, ip->saddr))
+		return XDP_PASS;
+
+	if (ihl != sizeof(*ip)) {
+		rsockd_count(RSOCKD_STAT_PASSED_IP_OPTIONS);
+		return XDP_PASS;
+	}
+	if (ip->frag_off & bpf_htons(RSOCKD_IP_MF)) {
+		rsockd_count(RSOCKD_STAT_PASSED_FRAGMENT);
+		return XDP_PASS;
+	}
+	tot = bpf_ntohs(ip->tot_len);
+	l4len = tot > sizeof(*ip) ? tot - sizeof(*ip) : 0;
+	stat = rsockd_check_tcp(th, end, l4len);
+	if (stat >= 0) {
+		rsockd_count(stat);
+		return XDP_PASS;
+	}
+
+	rsockd_tcp_to_udp(th, l4len);
+	/* RFC 1624 eqn. 3 on the header checksum: the word [ttl, protocol] changes 6 -> 17. */
+	ip->check = ~rsockd_fold((__u32)(__u16)~ip->check + (__u16)~bpf_htons(IPPROTO_TCP) +
+				 bpf_htons(IPPROTO_UDP));
+	ip->protocol = IPPROTO_UDP;
+	rsockd_count(RSOCKD_STAT_STEERED_V4);
+	return XDP_PASS;
+}
+
+static __always_inline int rsockd_ipv6(struct ipv6hdr *ip6, void *end)
+{
+	struct tcphdr *th;
+	__u32 off = sizeof(*ip6);
+	__u8 nexthdr;
+	int fragment = 0, extension = 0, stat;
+
+	if ((void *)(ip6 + 1) > end || ip6->version != 6)
+		return XDP_PASS;
+	nexthdr = ip6->nexthdr;
+
+	/* Walk extension headers only to find the ports: a tunnel segment behind them is left to
+	 * the kernel, but counted. */
+#pragma unroll
+	for (int i = 0; i < RSOCKD_IP6_EXT_MAX; i++) {
+		if (nexthdr == IPPROTO_TCP)
+			break;
+		if (nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_ROUTING ||
+		    nexthdr == IPPROTO_DSTOPTS || nexthdr == IPPROTO_AH) {
+			struct rsockd_ip6_ext *ext = (void *)ip6 + off;
+
+			if ((void *)(ext + 1) > end)
+				return XDP_PASS;
+			/* length: RFC 8200 §4.3, 8-octet units not counting the first 8;
+			 * AH (RFC 4302 §2.2), 4-octet units minus 2 */
+			if (nexthdr == IPPROTO_AH)
+				off += ((__u32)ext->hdrlen + 2) * 4;
+			else
+				off += ((__u32)ext->hdrlen + 1) * 8;
+			nexthdr = ext->nexthdr;
+			extension = 1;
+		} else if (nexthdr == IPPROTO_FRAGMENT) {
+			struct rsockd_ip6_frag *frag = (void *)ip6 + off;
+
+			if ((void *)(frag + 1) > end)
+				return XDP_PASS;
+			if (frag->frag_off & bpf_htons(RSOCKD_IP6_OFFSET))
+				return XDP_PASS;  /* not the first fragment */
+			nexthdr = frag->nexthdr;
+			off += sizeof(*frag);
+			fragment = 1;
+		} else {
+			return XDP_PASS;
+		}
+	}
+	if (nexthdr != IPPROTO_TCP)
+		return XDP_PASS;
+
+	th = (void *)ip6 + off;
+	if ((void *)th + 4 > end)
+		return XDP_PASS;
+	if (!rsockd_match6(th, &ip6->saddr))
+		return XDP_PASS;
+	if (fragment) {
+		rsockd_count(RSOCKD_STAT_PASSED_FRAGMENT);
+		return XDP_PASS;
+	}
+	if (extension) {
+		rsockd_count(RSOCKD_STAT_PASSED_IP_OPTIONS);
+		return XDP_PASS;
+	}
+	/* payload_len 0 is a jumbogram (RFC 2675): left to the kernel as malformed */
+	stat = rsockd_check_tcp(th, end, bpf_ntohs(ip6->payload_len));
+	if (stat >= 0) {
+		rsockd_count(stat);
+		return XDP_PASS;
+	}
+
+	rsockd_tcp_to_udp(th, bpf_ntohs(ip6->payload_len));
+	ip6->nexthdr = IPPROTO_UDP;  /* IPv6 has no header checksum */
+	rsockd_count(RSOCKD_STAT_STEERED_V6);
+	return XDP_PASS;
+}
+
+int rsockd_xdp(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct rsockd_config *cfg;
+	int zero = 0;
+
+	/* Not configured yet: do nothing.  The lookup also makes `config` one of this program's
+	 * maps, which is how rsockd finds the owner of an attached program (docs/design.md). */
+	cfg = config.lookup(&zero);
+	if (!cfg || !cfg->instance_tag)
+		return XDP_PASS;
+	if ((void *)(eth + 1) > end)
+		return XDP_PASS;
+	if (eth->h_proto == bpf_htons(ETH_P_IP))
+		return rsockd_ipv4((void *)(eth + 1), end);
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return rsockd_ipv6((void *)(eth + 1), end);
+	return XDP_PASS;
+}

@@ -1,0 +1,85 @@
+/* rsockd.h - the single definition of everything shared by the BPF programs and Python.
+ *
+ * bcc compiles this header, ingress.c and egress.c as ONE text, in that order
+ * (rsockd/steer/bcc_loader.py), so the two programs share the maps below.  It has to be one
+ * text, not #includes: bcc rewrites map accesses (`stats.lookup()`) only in its main text, and
+ * loads only functions defined there.  ingress.c and egress.c still #include this file, which
+ * is then a no-op, so each reads on its own.
+ *
+ * In userspace the layout test compiles it with plain gcc and checks the Python mirror in
+ * rsockd/steer/bpfsys.py against it.  The part under __KERNEL__ (bcc defines it) is BPF only.
+ *
+ * Maps and match rules: docs/design.md, "Data plane decisions".
+ */
+#ifndef RSOCKD_H
+#define RSOCKD_H
+
+#include <linux/types.h>
+
+/* config[0]: what the programs need to know about the instance that loaded them. */
+struct rsockd_config {
+	__u32 mark;          /* SO_MARK of our raw sends: the guard lets these through */
+	__u32 flags;         /* reserved, 0 */
+	__u64 instance_tag;  /* first 8 bytes of BLAKE2s(instance name), big-endian, as a u64 */
+};
+
+/* peers6 key: an IPv6 address as it appears on the wire. */
+struct rsockd_addr6 {
+	__u8 addr[16];
+};
+
+/* ports[port]: bit set. */
+#define RSOCKD_PORT_SERVER 1U  /* server: a tunnel port we serve (match on dport) */
+#define RSOCKD_PORT_LOCAL  2U  /* client: one of our local ports (match on dport) */
+#define RSOCKD_PORT_PEER   4U  /* client: a server tunnel port (match on sport) */
+
+/* stats[index]: names and order are STEER_COUNTERS in rsockd/steer/__init__.py. */
+enum rsockd_stat {
+	RSOCKD_STAT_STEERED_V4 = 0,
+	RSOCKD_STAT_STEERED_V6 = 1,
+	RSOCKD_STAT_PASSED_MALFORMED = 2,
+	RSOCKD_STAT_PASSED_FRAGMENT = 3,
+	RSOCKD_STAT_PASSED_IP_OPTIONS = 4,
+	RSOCKD_STAT_GUARD_DROPPED = 5,
+	RSOCKD_STAT_COUNT = 6,
+};
+
+#define RSOCKD_PORTS_MAX 65536  /* ports: one entry per port number */
+#define RSOCKD_PEERS_MAX 256    /* peers4, peers6 */
+
+#ifdef __KERNEL__
+/* ---- BPF side (bcc) ----------------------------------------------------------------- */
+
+BPF_ARRAY(config, struct rsockd_config, 1);
+BPF_ARRAY(ports, __u32, RSOCKD_PORTS_MAX);
+BPF_HASH(peers4, __u32, __u32, RSOCKD_PEERS_MAX);  /* IPv4 address, network order -> 1 */
+BPF_HASH(peers6, struct rsockd_addr6, __u32, RSOCKD_PEERS_MAX);
+BPF_PERCPU_ARRAY(stats, __u64, RSOCKD_STAT_COUNT);
+
+static __always_inline void rsockd_count(int index)
+{
+	__u64 *v = stats.lookup(&index);
+
+	/* per-CPU slot: a plain increment is enough (and bcc 0.26 has no XADD return value) */
+	if (v)
+		*v += 1;
+}
+
+/* ports[] bits of a port in network byte order (0 when out of range: cannot happen). */
+static __always_inline __u32 rsockd_port_flags(__be16 port)
+{
+	int key = bpf_ntohs(port);
+	__u32 *v = ports.lookup(&key);
+
+	return v ? *v : 0;
+}
+
+static __always_inline __u16 rsockd_fold(__u32 s)
+{
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)s;
+}
+
+#endif /* __KERNEL__ */
+#endif /* RSOCKD_H */

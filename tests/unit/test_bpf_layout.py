@@ -1,0 +1,111 @@
+"""bpf/rsockd.h and its Python mirror (rsockd/steer/bpfsys.py) agree: gcc compiles the header
+and prints every size, offset and constant; the test compares them with the ctypes side.
+
+The same check covers the kernel uapi structs bpfsys declares by hand (bpf_prog_info,
+bpf_map_info), against the system's <linux/bpf.h>.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from rsockd.steer import STEER_COUNTERS, bpfsys
+
+BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+
+pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc is not installed")
+
+
+def run_c(tmp_path: Path, includes: list[str], body: list[str]) -> dict[str, int]:
+    """Compile and run a C program whose body prints ``name value`` lines; return them."""
+    src = tmp_path / "layout.c"
+    src.write_text(
+        "#include <stdio.h>\n#include <stddef.h>\n"
+        + "".join(f"#include {inc}\n" for inc in includes)
+        + "int main(void) {\n"
+        + "".join(f"    {line}\n" for line in body)
+        + "    return 0;\n}\n"
+    )
+    exe = tmp_path / "layout"
+    cc = subprocess.run(["gcc", "-Wall", "-Werror", f"-I{BPF_DIR}", "-o", str(exe), str(src)],
+                        capture_output=True, text=True, check=False)
+    assert cc.returncode == 0, cc.stderr
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+    return {name: int(value) for name, value in (line.split() for line in out.splitlines())}
+
+
+def pr(name: str, expr: str) -> str:
+    return f'printf("%s %lld\\n", "{name}", (long long)({expr}));'
+
+
+def struct_lines(c_name: str, py: type[ctypes.Structure]) -> list[str]:
+    lines = [pr(f"sizeof.{c_name}", f"sizeof(struct {c_name})")]
+    for field, *_ in py._fields_:
+        lines.append(pr(f"offsetof.{c_name}.{field}", f"offsetof(struct {c_name}, {field})"))
+        lines.append(pr(f"sizeof.{c_name}.{field}", f"sizeof(((struct {c_name} *)0)->{field})"))
+    return lines
+
+
+def struct_expect(c_name: str, py: type[ctypes.Structure]) -> dict[str, int]:
+    out = {f"sizeof.{c_name}": ctypes.sizeof(py)}
+    for field, *_ in py._fields_:
+        desc = getattr(py, field)
+        out[f"offsetof.{c_name}.{field}"] = desc.offset
+        out[f"sizeof.{c_name}.{field}"] = desc.size
+    return out
+
+
+def test_rsockd_h_matches_python(tmp_path: Path) -> None:
+    body = struct_lines("rsockd_config", bpfsys.RsockdConfig) + struct_lines("rsockd_addr6", bpfsys.RsockdAddr6)
+    body += [
+        pr("PORT_SERVER", "RSOCKD_PORT_SERVER"),
+        pr("PORT_LOCAL", "RSOCKD_PORT_LOCAL"),
+        pr("PORT_PEER", "RSOCKD_PORT_PEER"),
+        pr("PORTS_MAX", "RSOCKD_PORTS_MAX"),
+        pr("PEERS_MAX", "RSOCKD_PEERS_MAX"),
+        pr("STAT_COUNT", "RSOCKD_STAT_COUNT"),
+    ]
+    # Every counter name must exist in the enum, at its STEER_COUNTERS position.
+    body += [pr(f"stat.{name}", f"RSOCKD_STAT_{name.upper()}") for name in STEER_COUNTERS]
+    got = run_c(tmp_path, ['"rsockd.h"'], body)
+
+    want = struct_expect("rsockd_config", bpfsys.RsockdConfig) | struct_expect("rsockd_addr6", bpfsys.RsockdAddr6)
+    want |= {
+        "PORT_SERVER": bpfsys.PORT_SERVER,
+        "PORT_LOCAL": bpfsys.PORT_LOCAL,
+        "PORT_PEER": bpfsys.PORT_PEER,
+        "PORTS_MAX": bpfsys.PORTS_MAX,
+        "PEERS_MAX": bpfsys.PEERS_MAX,
+        "STAT_COUNT": bpfsys.STAT_COUNT,
+    }
+    want |= {f"stat.{name}": bpfsys.STAT_INDEX[name] for name in STEER_COUNTERS}
+    assert got == want
+    assert list(bpfsys.STAT_INDEX) == list(STEER_COUNTERS)
+    assert sorted(bpfsys.STAT_INDEX.values()) == list(range(len(STEER_COUNTERS)))
+
+
+def test_rsockd_h_map_sizes_match_python(tmp_path: Path) -> None:
+    """PinnedMaps.check's expectations are the header's key/value types."""
+    got = run_c(tmp_path, ["<linux/types.h>", '"rsockd.h"'], [
+        pr("config", "sizeof(struct rsockd_config)"),
+        pr("peers6", "sizeof(struct rsockd_addr6)"),
+        pr("u32", "sizeof(__u32)"),
+        pr("u64", "sizeof(__u64)"),
+    ])
+    assert got == {"config": 16, "peers6": 16, "u32": 4, "u64": 8}
+
+
+@pytest.mark.skipif(not Path("/usr/include/linux/bpf.h").exists(), reason="no <linux/bpf.h> (linux-libc-dev)")
+def test_uapi_info_structs_match_bpfsys(tmp_path: Path) -> None:
+    body = struct_lines("bpf_prog_info", bpfsys.BpfProgInfoC) + struct_lines("bpf_map_info", bpfsys.BpfMapInfoC)
+    got = run_c(tmp_path, ["<linux/bpf.h>"], body)
+    want = struct_expect("bpf_prog_info", bpfsys.BpfProgInfoC) | struct_expect("bpf_map_info", bpfsys.BpfMapInfoC)
+    # bpfsys declares only the head of each struct: compare the fields, not the whole size
+    want = {k: v for k, v in want.items() if k.count(".") == 2}
+    got = {k: v for k, v in got.items() if k in want}
+    assert got == want

@@ -1,0 +1,79 @@
+"""The pure parts of the XDP backend: plan -> map contents, instance tags, the loader's request
+parsing, netlink attribute coding.  The kernel side is tests/integration/test_xdp_steer.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+
+from rsockd.steer import SteerPlan, bpfsys, rtnl
+from rsockd.steer.bcc_loader import LoaderError, Request
+from rsockd.steer.xdp import guard_handle, instance_tag, plan_ports
+
+
+def test_daemon_side_does_not_import_bcc() -> None:
+    code = ("import json, sys, rsockd.steer.xdp\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('bcc', 'pyroute2'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []
+
+
+def test_instance_tag_is_blake2s_prefix_big_endian() -> None:
+    assert instance_tag("rsockd") == int.from_bytes(hashlib.blake2s(b"rsockd").digest()[:8], "big")
+    assert instance_tag("a") != instance_tag("b")
+    assert 0 < guard_handle(instance_tag("rsockd")) <= 0xFFFFFFFF
+    assert guard_handle(1 << 32) == 1  # never the "pick one for me" handle 0
+
+
+def test_plan_ports() -> None:
+    server = SteerPlan("t", "server", ("eth0",), frozenset({10001, 10002}))
+    assert plan_ports(server) == {10001: bpfsys.PORT_SERVER, 10002: bpfsys.PORT_SERVER}
+    client = SteerPlan("t", "client", ("eth0",), frozenset({10001}), local_ports=frozenset({40000, 10001}),
+                       peers=frozenset({"192.0.2.1"}))
+    assert plan_ports(client) == {10001: bpfsys.PORT_PEER | bpfsys.PORT_LOCAL, 40000: bpfsys.PORT_LOCAL}
+
+
+def test_cpu_list() -> None:
+    assert bpfsys._parse_cpu_list("0-1\n") == 2
+    assert bpfsys._parse_cpu_list("0,2-3,7") == 4
+    assert bpfsys._parse_cpu_list("0") == 1
+
+
+GOOD = {"instance": "t", "pin_dir": "/sys/fs/bpf/rsockd/t", "interfaces": ["eth0"], "xdp_mode": "auto",
+        "mark": 1, "instance_tag": 2, "ports": {"10001": 1}, "peers": [], "guard": True}
+
+
+def test_request_parse() -> None:
+    req = Request.parse(json.dumps(GOOD))
+    assert req.ports == {10001: 1} and req.interfaces == ("eth0",) and req.guard
+
+
+@pytest.mark.parametrize("change", [
+    {"interfaces": []},
+    {"xdp_mode": "fast"},
+    {"mark": "x"},
+    {"mark": True},
+    {"ports": {"x": 1}},
+    {"peers": [1]},
+])
+def test_request_parse_rejects(change: dict[str, object]) -> None:
+    with pytest.raises(LoaderError) as err:
+        Request.parse(json.dumps(GOOD | change))
+    assert "\n" not in str(err.value)
+
+
+def test_request_not_json() -> None:
+    with pytest.raises(LoaderError, match="not JSON"):
+        Request.parse("{")
+
+
+def test_netlink_attributes_round_trip() -> None:
+    data = rtnl._attr(3, b"eth0\0") + rtnl._attr(43 | rtnl.NLA_F_NESTED, rtnl._attr(4, (7).to_bytes(4, sys.byteorder)))
+    attrs = list(rtnl._attrs(data))
+    assert attrs[0] == (3, b"eth0\0")
+    assert attrs[1][0] == 43
+    assert list(rtnl._attrs(attrs[1][1])) == [(4, (7).to_bytes(4, sys.byteorder))]
