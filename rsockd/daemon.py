@@ -160,7 +160,7 @@ class Daemon:
         self.plan = plan
         if "tcp" in cfg.transports:
             self.steering = await self._attach(plan)
-            relay.add_packet_receivers(self.steering.receivers())
+            relay.add_receivers(self.steering.receivers())
             LOG.info("steering: %s on %s", self.steering.name,
                      ", ".join(f"{d['interface']} ({d['mode']})" for d in self.steering.describe()))
         if isinstance(relay, ClientRelay):

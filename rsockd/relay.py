@@ -53,6 +53,7 @@ from .packet import (
 )
 from .rawsock import RawSender, Sender
 from .session import ClientFlow, FlowTable, ServerFlow, Session, SessionTable
+from .steer import Receiver
 
 LOG = logging.getLogger(__name__)
 
@@ -145,14 +146,11 @@ class Relay:
             self.loop.remove_reader(fd)
             self._readers.remove(fd)
 
-    def add_packet_receivers(self, socks: list[socket.socket]) -> None:
-        """Packet sockets of a capture backend: whole IP packets, checksum unverified."""
-        for s in socks:
-            self._watch(s, self._on_packets, s)
-
-    def remove_packet_receivers(self, socks: list[socket.socket]) -> None:
-        for s in socks:
-            self._unwatch(s)
+    def add_receivers(self, receivers: list[Receiver]) -> None:
+        """Capture sources of a capture backend: whole IP packets, checksum unverified."""
+        for rx in receivers:
+            self.loop.add_reader(rx.fileno(), self._on_packets, rx)
+            self._readers.append(rx.fileno())
 
     # -- sending --------------------------------------------------------------------------------
 
@@ -227,32 +225,30 @@ class Relay:
 
     # -- receiving ------------------------------------------------------------------------------
 
-    def _on_packets(self, sock: socket.socket) -> None:
-        """Read IP packets from a capture socket (nft backend): parse, verify, dispatch."""
-        buf, view = self._buf, self._view
+    def _on_packets(self, rx: Receiver) -> None:
+        """Read IP packets from a capture source (nft/bpfdev backends): parse, verify, dispatch."""
         now = self.loop.time()
-        for _ in range(BATCH):
-            try:
-                n = sock.recv_into(buf)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as e:
-                self.tx_errors["rx_" + errno.errorcode.get(e.errno or 0, "error").lower()] += 1
-                break
-            try:
-                ip, l4 = parse_ip(view[:n])
-                if ip.proto != PROTO_TCP or ip.fragment:
-                    self.drops["malformed"] += 1
-                    continue
-                if not transport_checksum_ok(pseudo_sum(ip.src, ip.dst), l4):
-                    self.drops["bad_checksum"] += 1
-                    continue
-                hdr, payload = parse_tcp(l4)
-            except PacketError:
-                self.drops["malformed"] += 1
-                continue
-            self._segment((ip.dst, hdr.dport), (ip.src, hdr.sport), hdr, payload, now)
+        try:
+            for pkt in rx.packets(self._buf):
+                self._packet(pkt, now)
+        except OSError as e:
+            self.tx_errors["rx_" + errno.errorcode.get(e.errno or 0, "error").lower()] += 1
         self._after_batch()
+
+    def _packet(self, pkt: memoryview, now: float) -> None:
+        try:
+            ip, l4 = parse_ip(pkt)
+            if ip.proto != PROTO_TCP or ip.fragment:
+                self.drops["malformed"] += 1
+                return
+            if not transport_checksum_ok(pseudo_sum(ip.src, ip.dst), l4):
+                self.drops["bad_checksum"] += 1
+                return
+            hdr, payload = parse_tcp(l4)
+        except PacketError:
+            self.drops["malformed"] += 1
+            return
+        self._segment((ip.dst, hdr.dport), (ip.src, hdr.sport), hdr, payload, now)
 
     def _after_batch(self) -> None:
         """Called after each batch of received segments (the server flushes its RSTs)."""
@@ -320,6 +316,7 @@ class Relay:
             "transport": conn.transport,
             "index": conn.conn_index,
             "state": conn.state.name.lower(),
+            "port": conn.local[1] if self.role == "server" else conn.remote[1],
             "local_port": conn.local[1],
             "peer": f"{socket.inet_ntop(fam, conn.remote[0])}:{conn.remote[1]}" if fam == socket.AF_INET
             else f"[{socket.inet_ntop(fam, conn.remote[0])}]:{conn.remote[1]}",

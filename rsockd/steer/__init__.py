@@ -17,6 +17,7 @@ only owns what it attaches and, for capture backends, its packet sockets.
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -53,6 +54,38 @@ class SteerPlan:
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
 
+class Receiver(Protocol):
+    """A capture source: a readable file descriptor that yields whole L3 packets."""
+
+    def fileno(self) -> int: ...
+
+    def packets(self, buf: bytearray) -> Iterator[memoryview]:
+        """Read what is ready (non-blocking, bounded) into ``buf``; yield each packet, IP header
+        first.  A yielded view is valid until the next item is requested."""
+        ...
+
+
+class PacketSocketReceiver:
+    """A Linux ``AF_PACKET``/``SOCK_DGRAM`` socket: one packet per read, already L3."""
+
+    def __init__(self, sock: socket.socket, batch: int = 256) -> None:
+        self.sock = sock
+        self.batch = batch
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def packets(self, buf: bytearray) -> Iterator[memoryview]:
+        view = memoryview(buf)
+        recv_into = self.sock.recv_into
+        for _ in range(self.batch):
+            try:
+                n = recv_into(buf)
+            except (BlockingIOError, InterruptedError):
+                return
+            yield view[:n]
+
+
 class Steering(Protocol):
     """A steering backend.  Every method is synchronous and quick except ``attach``."""
 
@@ -67,8 +100,8 @@ class Steering(Protocol):
     def update(self, plan: SteerPlan) -> None:
         """Apply a changed plan (ports, peers, local ports) to what is attached."""
 
-    def receivers(self) -> list[socket.socket]:
-        """Packet sockets that deliver whole L3 packets (IP header first); [] for xdp."""
+    def receivers(self) -> list[Receiver]:
+        """Capture sources delivering whole L3 packets (IP header first); [] for xdp."""
 
     def counters(self) -> dict[str, int]:
         """Counters named as in ``STEER_COUNTERS`` (and backend extras)."""

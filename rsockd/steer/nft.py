@@ -42,7 +42,7 @@ from typing import Any
 
 from .. import cbpf
 from ..errors import SteerError
-from . import SteerPlan
+from . import PacketSocketReceiver, Receiver, SteerPlan
 
 LOG = logging.getLogger(__name__)
 
@@ -413,8 +413,8 @@ class NftSteering:
         self._socks.update(added)
         self.plan = plan
 
-    def receivers(self) -> list[socket.socket]:
-        return list(self._socks.values())
+    def receivers(self) -> list[Receiver]:
+        return [PacketSocketReceiver(s) for s in self._socks.values()]
 
     def counters(self) -> dict[str, int]:
         """``steered_v4``/``steered_v6``: segments the table kept from the kernel (and the
