@@ -681,12 +681,19 @@ def _parse_cli(argv: Sequence[str]) -> dict[str, object]:
 
 
 class _Values:
-    """Raw values with their sources; ``get`` converts one, naming its source in errors."""
+    """Raw values with their sources; ``get`` converts one, naming its source in errors.
+
+    A value overridden by a later source (the file's, by a flag) is still checked: a broken file
+    is reported even while the command line happens to override the broken key.
+    """
 
     def __init__(self) -> None:
         self.raw: dict[str, tuple[object, str]] = {}
+        self.overridden: dict[str, list[tuple[object, str]]] = {}
 
     def set(self, key: str, value: object, source: str) -> None:
+        if key in self.raw:
+            self.overridden.setdefault(key, []).append(self.raw[key])
         self.raw[key] = (value, source)
 
     def source(self, key: str) -> str | None:
@@ -695,6 +702,8 @@ class _Values:
     def get(self, key: str, parse: Callable[[object, str, str], _T], default: _T) -> _T:
         if key not in self.raw:
             return default
+        for old, old_source in self.overridden.get(key, ()):
+            parse(old, old_source, key)
         value, source = self.raw[key]
         return parse(value, source, key)
 

@@ -101,6 +101,11 @@ def _unload_notrack(instance: str) -> None:
             nft.unload(instance)
 
 
+def _stall() -> dict[str, Any]:
+    time.sleep(2.0)
+    return {"stalled": 2.0}
+
+
 class Daemon:
     def __init__(self, cfg: Config, argv: Sequence[str] = (), notifier: Notifier | None = None) -> None:
         self.cfg = cfg
@@ -126,7 +131,11 @@ class Daemon:
         self._start_watchdog()
         try:
             await self._bring_up()
-            self.control = ControlServer(self.cfg.control_socket_path, {"status": self.status, "ports": self.ports})
+            commands = {"status": self.status, "ports": self.ports}
+            if os.environ.get("RSOCKD_TEST_HOOKS") == "1":
+                # Tests prove the watchdog runs on the event loop by blocking the loop (never in production).
+                commands["debug-stall"] = _stall
+            self.control = ControlServer(self.cfg.control_socket_path, commands)
             await self.control.start()
             self.notifier.ready(self.status_line())
             LOG.info("ready: %s", self.status_line())

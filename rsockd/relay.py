@@ -96,9 +96,11 @@ def _bind(family: int, kind: int, addr: tuple[Any, ...], what: str) -> socket.so
     except OSError as e:
         s.close()
         proto = "udp" if kind == socket.SOCK_DGRAM else "tcp"
+        where = "" if addr[0] in ("", "0.0.0.0", "::") else f" on {addr[0]}"
         if e.errno == errno.EADDRINUSE:
-            raise RsockdError(f"{what}: port {addr[1]}/{proto} on {addr[0] or '*'} is already in use") from None
-        raise RsockdError(f"{what}: cannot bind {addr[0] or '*'}:{addr[1]}/{proto}: {e.strerror}") from None
+            raise RsockdError(f"{what}: port {addr[1]}/{proto}{where} is already in use "
+                              "(by another program or rsockd instance)") from None
+        raise RsockdError(f"{what}: cannot bind port {addr[1]}/{proto}{where}: {e.strerror}") from None
     s.setblocking(False)
     return s
 

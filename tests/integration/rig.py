@@ -226,7 +226,7 @@ class Rig:
 
     def __init__(self, tmp: Path, *, backend: str = "xdp", transport: str = "tcp", family: int = 4,
                  ports: str = "10001-10004", server_args: Sequence[str] = (), client_args: Sequence[str] = (),
-                 offload: bool = False, hosts: int = 1) -> None:
+                 offload: bool = False, hosts: int = 1, cli_ports: bool = True) -> None:
         self.tmp = tmp
         self.backend, self.transport, self.family, self.ports = backend, transport, family, ports
         self.server_args, self.client_args = list(server_args), list(client_args)
@@ -234,6 +234,7 @@ class Rig:
             else len(ports.split(","))
         self.net = NetnsPair(offload=offload)
         self.hosts = hosts  # client hosts; the first is the pair's "c", others get their own veth
+        self.cli_ports = cli_ports  # False: the ports come from the daemons' config files
         self.echo: EchoServer | None = None
         self.server: Rsockd | None = None
         self.clients: list[Rsockd] = []
@@ -256,7 +257,8 @@ class Rig:
         return str(next(a["local"] for a in infos if a["family"] == fam and not a["local"].startswith("fe80")))
 
     def common(self) -> list[str]:
-        return ["--backend", self.backend, "--type", self.transport, "--ports", self.ports]
+        ports = ["--ports", self.ports] if self.cli_ports else []
+        return ["--backend", self.backend, "--type", self.transport, *ports]
 
     def __enter__(self) -> Rig:
         try:

@@ -747,3 +747,11 @@ def test_packaged_example_settings_are_valid(tmp_path: Path) -> None:
 def test_example_toml_rejects_unknown_role() -> None:
     with pytest.raises(ValueError):
         example_toml("relay")  # type: ignore[arg-type]
+
+
+def test_a_bad_file_value_is_reported_even_when_a_flag_overrides_it(tmp_path: Path) -> None:
+    conf = tmp_path / "rsockd.toml"
+    conf.write_text('role = "server"\ntarget = "127.0.0.1:9"\nports = "10010-10001"\n')
+    with pytest.raises(ConfigError) as info:
+        load(["-f", str(conf), "--ports", "10001"])
+    assert str(info.value) == f'{conf}: ports: "10010-10001" is an empty range'
