@@ -226,7 +226,7 @@ class Rig:
 
     def __init__(self, tmp: Path, *, backend: str = "xdp", transport: str = "tcp", family: int = 4,
                  ports: str = "10001-10004", server_args: Sequence[str] = (), client_args: Sequence[str] = (),
-                 offload: bool = False, hosts: int = 1, cli_ports: bool = True) -> None:
+                 offload: bool = False, hosts: int = 1, cli_ports: bool = True, wait: bool = True) -> None:
         self.tmp = tmp
         self.backend, self.transport, self.family, self.ports = backend, transport, family, ports
         self.server_args, self.client_args = list(server_args), list(client_args)
@@ -235,6 +235,7 @@ class Rig:
         self.net = NetnsPair(offload=offload)
         self.hosts = hosts  # client hosts; the first is the pair's "c", others get their own veth
         self.cli_ports = cli_ports  # False: the ports come from the daemons' config files
+        self.wait = wait  # False: only wait for READY, not for the connections to come up
         self.echo: EchoServer | None = None
         self.server: Rsockd | None = None
         self.clients: list[Rsockd] = []
@@ -276,7 +277,10 @@ class Rig:
                 self.add_client(host=f"c{k}" if k > 1 else "c", name=f"client{k}" if k > 1 else "client")
             self.server.wait_ready()
             for c in self.clients:
-                self.wait_up(c)
+                if self.wait:
+                    self.wait_up(c)
+                else:
+                    c.wait_ready()
         except BaseException:
             self.close()
             raise
