@@ -147,9 +147,17 @@ class Daemon:
             await self._tear_down()
         return 0
 
-    async def _bring_up(self) -> None:
+    async def _bring_up(self, keep: Relay | None = None) -> None:
+        """Bind, attach, start.  ``keep``: a client relay whose identity (client id, flows) to carry
+        over, so the server keeps the session and its flows."""
         cfg = self.cfg
-        relay: Relay = ServerRelay(cfg) if cfg.role == "server" else ClientRelay(cfg)
+        relay: Relay
+        if cfg.role == "server":
+            relay = ServerRelay(cfg)
+        elif isinstance(keep, ClientRelay):
+            relay = ClientRelay(cfg, keep.client_id, keep.flows)
+        else:
+            relay = ClientRelay(cfg)
         self.relay = relay
         relay.on_change = self._refresh_status
         if isinstance(relay, ServerRelay):
@@ -173,7 +181,25 @@ class Daemon:
             LOG.info("steering: %s on %s", self.steering.name,
                      ", ".join(f"{d['interface']} ({d['mode']})" for d in self.steering.describe()))
         if isinstance(relay, ClientRelay):
+            relay.on_rebind = self._local_ports_changed
+            relay.on_path_change = self._route_moved
             relay.start()
+
+    def _local_ports_changed(self) -> None:
+        """The client rebound to a new address: steer its new local ports (no recompile)."""
+        relay, plan = self.relay, self.plan
+        assert isinstance(relay, ClientRelay) and plan is not None
+        self.plan = dataclasses.replace(plan, local_ports=frozenset(relay.local_ports))
+        if self.steering is not None:
+            try:
+                self.steering.update(self.plan)
+            except SteerError as e:
+                LOG.error("steering the new local ports failed: %s; re-attaching", e)
+                asyncio.get_running_loop().create_task(self._rebuild(self.cfg))
+
+    def _route_moved(self) -> None:
+        """The route to the server moved to another interface: attach there, keep the session."""
+        asyncio.get_running_loop().create_task(self._rebuild(self.cfg))
 
     def _server_interfaces(self) -> tuple[str, ...]:
         from .netinfo import default_interfaces, interface_exists, interface_of
@@ -294,13 +320,14 @@ class Daemon:
 
     async def _rebuild(self, new: Config) -> None:
         old_cfg = self.cfg
-        if self.relay is not None:
-            self.relay.close()
+        old = self.relay
+        if old is not None:
+            old.close()
             self.relay = None
         self._detach()
         self.cfg = new
         try:
-            await self._bring_up()
+            await self._bring_up(keep=old)
         except RsockdError as e:
             LOG.error("reload: %s; going back to the previous configuration", e)
             if self.relay is not None:
@@ -308,7 +335,7 @@ class Daemon:
                 self.relay = None
             self._detach()
             self.cfg = old_cfg
-            await self._bring_up()
+            await self._bring_up(keep=old)
 
     def _detach(self) -> None:
         steering, self.steering = self.steering, None

@@ -779,7 +779,8 @@ class Acceptor:
     def _new(self, transport: Transport, local: Endpoint, remote: Endpoint) -> Connection:
         return Connection(
             role="server", transport=transport, local=local, remote=remote, keyring=self.keyring,
-            timing=self.timing, mss=self.mss, kernel_checksum=self.kernel_checksum_v6 and len(local[0]) == 16,
+            timing=self.timing, mss=self.mss - (20 if len(local[0]) == 16 else 0),  # self.mss is IPv4's
+            kernel_checksum=self.kernel_checksum_v6 and len(local[0]) == 16,
             rng=self.rng, clock_offset=self.clock_offset, drops=self.drops,
         )
 

@@ -365,6 +365,8 @@ class ServerRelay(Relay):
             hello_skew=cfg.hello_skew, idle=cfg.duration, drops=self.drops)
         self._tunnel: dict[tuple[int, int], socket.socket] = {}  # (family, port) -> UDP socket
         self._housekeeping: asyncio.TimerHandle | None = None
+        self.max_datagram_v6 = 0
+        self._v6_only = False
 
     def bind(self, interfaces: tuple[str, ...]) -> None:
         """Reserve every tunnel port (TCP, bound, not listening) and bind its UDP socket."""
@@ -375,9 +377,10 @@ class ServerRelay(Relay):
             families = [socket.AF_INET6 if ":" in self.cfg.local_ip else socket.AF_INET]
         elif not socket.has_ipv6:
             families = [socket.AF_INET]
-        v6 = socket.AF_INET6 in families
-        self.max_datagram = max_datagram(self.mtu, v6, self.cfg.transports)
-        self.acceptor.mss = self.mtu - (60 if v6 else 40)
+        # Each connection's limit follows its family; the IPv4 figure is the one reported when both are served.
+        self._v6_only = families == [socket.AF_INET6]
+        self._set_limits(self.mtu)
+        self.acceptor.mss = self.mtu - 40
         for port in self.cfg.ports:
             for fam in families:
                 host = self.cfg.local_ip or ("::" if fam == socket.AF_INET6 else "0.0.0.0")
@@ -511,12 +514,12 @@ class ServerRelay(Relay):
             except OSError as e:  # ICMP port unreachable from the target: it is down, keep the flow
                 self.tx_errors["target_" + errno.errorcode.get(e.errno or 0, "error").lower()] += 1
                 continue
-            if n > self.max_datagram:
-                self._oversize(n)
-                continue
             conn = session.route(flow)
             if conn is None:
                 self.drops["no_route"] += 1
+                continue
+            if n > (self.max_datagram_v6 if len(conn.remote[0]) == 16 else self.max_datagram):
+                self._oversize(n)
                 continue
             seg = conn.send_datagram(flow.flow_id, view[:n], now)
             if seg is None:
@@ -565,8 +568,30 @@ class ServerRelay(Relay):
         self._senders.pop(id(conn), None)
         conn.state = State.CLOSED
 
+    def _follow_mtu(self) -> None:
+        """An interface MTU lowered (or raised) at run time changes what one segment can carry."""
+        if self.cfg.mtu:
+            return
+        try:
+            mtu = min(interface_mtu(i) for i in self.interfaces)
+        except RsockdError:
+            return  # an interface went away; steering reports that
+        if mtu != self.mtu:
+            old = self.mtu
+            self._set_limits(mtu)
+            self.acceptor.mss = mtu - 40
+            LOG.warning("interface MTU changed from %d to %d: the tunnel now carries datagrams of up to %d bytes",
+                        old, mtu, self.max_datagram)
+            self._oversize_warned = False
+
+    def _set_limits(self, mtu: int) -> None:
+        self.mtu = mtu
+        self.max_datagram = max_datagram(mtu, self._v6_only, self.cfg.transports)
+        self.max_datagram_v6 = max_datagram(mtu, True, self.cfg.transports)
+
     def _housekeep(self) -> None:
         now = self.loop.time()
+        self._follow_mtu()
         flows, _sessions = self.sessions.expire(now, now + self.clock_offset)
         for flow in flows:
             self._close_flow(flow)
@@ -609,7 +634,7 @@ class ClientRelay(Relay):
 
     role = "client"
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, client_id: bytes | None = None, flows: FlowTable | None = None) -> None:
         super().__init__(cfg)
         assert cfg.server is not None and cfg.listen is not None
         self.server_ip = resolve(cfg.server)
@@ -619,8 +644,16 @@ class ClientRelay(Relay):
         self._by_port: dict[tuple[str, int, int], Connection] = {}  # transport, local port, server port
         self._tunnel: dict[int, socket.socket] = {}  # local port -> UDP socket
         self.local_ports: list[int] = []
-        self.client_id = os.urandom(8)
+        self.client_id = client_id or os.urandom(8)
+        if flows is not None:
+            self.flows = flows
+            flows.drops = self.drops
         self.app: socket.socket | None = None
+        self.src = ""
+        self.route_interface = ""
+        self._tunnel_socks: list[socket.socket] = []
+        self.on_rebind: Callable[[], None] | None = None  # local ports changed: update steering
+        self.on_path_change: Callable[[], None] | None = None  # the route moved to another interface
         self._housekeeping: asyncio.TimerHandle | None = None
 
     def route(self) -> Route:
@@ -629,15 +662,29 @@ class ClientRelay(Relay):
     def bind(self, route: Route) -> None:
         """Reserve one local port per server port (TCP bound + UDP bound) and the app socket."""
         cfg = self.cfg
-        self.interfaces = (route.interface,)
+        self._bind_tunnel(route)
+        assert cfg.listen is not None
+        lhost, lport = cfg.listen
+        lfam = socket.AF_INET6 if ":" in lhost else socket.AF_INET
+        self.app = _bind(lfam, socket.SOCK_DGRAM, (lhost, lport), "listen")
+        _bufsize(self.app)
+        self._sockets.append(self.app)
+        self._watch(self.app, self._on_app)
+        self._housekeeping = self.loop.call_later(1.0, self._housekeep)
+
+    def _bind_tunnel(self, route: Route) -> None:
+        """The local side of the tunnel on ``route``: ports, UDP sockets, connections."""
+        cfg = self.cfg
+        self.interfaces = cfg.dev or (route.interface,)
+        self.route_interface = route.interface
         src = cfg.local_ip or route.source
         if src is None:
             raise RsockdError(f"no source address towards {self.server_ip}: set local_ip")
         fam = socket.AF_INET6 if ":" in src else socket.AF_INET
         if (fam == socket.AF_INET6) != (len(self.server_packed) == 16):
             raise RsockdError(f"local_ip {src} and server {self.server_ip} are of different address families")
-        self.mtu = cfg.mtu or route.mtu
-        self.max_datagram = max_datagram(self.mtu, fam == socket.AF_INET6, cfg.transports)
+        self.src = src
+        self._set_mtu(cfg.mtu or route.mtu)
         mss = self.mtu - (60 if fam == socket.AF_INET6 else 40)
         local = pack_address(src)
         n = len(cfg.ports)
@@ -655,14 +702,60 @@ class ClientRelay(Relay):
                                   drops=self.drops)
                 self.conns.append(conn)
                 self._by_port[(transport, lport, port)] = conn
-        assert cfg.listen is not None
-        lhost, lport = cfg.listen
-        lfam = socket.AF_INET6 if ":" in lhost else socket.AF_INET
-        self.app = _bind(lfam, socket.SOCK_DGRAM, (lhost, lport), "listen")
-        _bufsize(self.app)
-        self._sockets.append(self.app)
-        self._watch(self.app, self._on_app)
-        self._housekeeping = self.loop.call_later(1.0, self._housekeep)
+
+    def _set_mtu(self, mtu: int) -> None:
+        v6 = len(self.server_packed) == 16
+        if self.max_datagram and mtu != self.mtu:
+            LOG.warning("path MTU changed from %d to %d: the tunnel now carries datagrams of up to %d bytes",
+                        self.mtu, mtu, max_datagram(mtu, v6, self.cfg.transports))
+            self._oversize_warned = False  # say it again, with the new figure, at the next oversized datagram
+        self.mtu = mtu
+        self.max_datagram = max_datagram(mtu, v6, self.cfg.transports)
+
+    def rebind(self, route: Route) -> None:
+        """Our address changed: the same tunnel from new local ports on the new address.
+
+        The client id and the flows stay, so the server keeps the session and its flows.
+        """
+        now = self.loop.time()
+        LOG.warning("local address changed from %s to %s: reconnecting from the new address", self.src,
+                    route.source)
+        for conn in self.conns:
+            if conn.state != State.CLOSED:
+                conn.close(now)
+                self._flush(conn)  # best effort: the old address may be gone already
+        for sock in self._tunnel_socks:
+            self._unwatch(sock)
+            sock.close()
+            self._sockets.remove(sock)
+        self._tunnel_socks.clear()
+        self._senders.clear()
+        self._by_port.clear()
+        self._tunnel.clear()
+        self.local_ports = []
+        self.conns = []
+        self._bind_tunnel(route)
+        self.flows.rebalance()
+        if self.on_rebind is not None:
+            self.on_rebind()
+        self.start()
+
+    def check_path(self) -> None:
+        """Follow the route to the server: address, interface and MTU changes (every second)."""
+        cfg = self.cfg
+        try:
+            route = route_to(self.server_ip)
+        except RsockdError:
+            return  # no route right now (link down): keep everything until it is back
+        if not cfg.dev and route.interface != self.route_interface:
+            LOG.warning("the route to %s moved from %s to %s", self.server_ip, self.route_interface, route.interface)
+            if self.on_path_change is not None:
+                self.on_path_change()
+            return
+        if not cfg.local_ip and route.source and route.source != self.src:
+            self.rebind(route)
+        elif not cfg.mtu and route.mtu != self.mtu:
+            self._set_mtu(route.mtu)
 
     def _reserve(self, fam: int, src: str) -> tuple[int, socket.socket]:
         """A local port free for both TCP and UDP; keeps both bound (the TCP one never listens)."""
@@ -676,6 +769,7 @@ class ClientRelay(Relay):
                 continue
             _bufsize(udp)
             self._sockets += [tcp, udp]
+            self._tunnel_socks += [tcp, udp]
             return port, udp
         raise RsockdError(f"no local port free for both TCP and UDP on {src}")
 
@@ -802,6 +896,7 @@ class ClientRelay(Relay):
 
     def _housekeep(self) -> None:
         now = self.loop.time()
+        self.check_path()
         gone: list[ClientFlow] = self.flows.expire(now)
         for flow in gone:
             if flow.conn is not None:
