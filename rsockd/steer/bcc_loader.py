@@ -23,11 +23,13 @@ compiler and verifier messages go to stderr, which the daemon logs.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import importlib.resources
 import json
 import os
 import resource
+import signal
 import sys
 import tempfile
 import time
@@ -297,7 +299,23 @@ def _reply_channel() -> TextIO:
     return out
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent() -> None:
+    """Die with the daemon that started us.  A loader left compiling after its daemon was
+    SIGKILLed would attach later, behind the back of the next start's clean-up."""
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the daemon died before prctl() took effect
+        os._exit(1)
+
+
 def main() -> int:
+    _die_with_parent()
     out = _reply_channel()
     try:
         reply = load(Request.parse(sys.stdin.read()))
