@@ -439,9 +439,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .check import run_checks
 
         return run_checks(cfg)
-    if sys.platform == "linux" and os.geteuid() != 0:
-        print("rsockd: must run as root (raw sockets, XDP/nftables need CAP_NET_RAW, CAP_NET_ADMIN, CAP_BPF)",
-              file=sys.stderr)
+    if os.geteuid() != 0:
+        need = ("raw sockets, XDP/nftables need CAP_NET_RAW, CAP_NET_ADMIN, CAP_BPF" if sys.platform == "linux"
+                else "raw sockets, /dev/bpf and pf need root")
+        print(f"rsockd: must run as root ({need})", file=sys.stderr)
         return 4
     LOG.info("rsockd %s starting: instance %s, %s", __version__, cfg.instance, cfg.role)
     try:
