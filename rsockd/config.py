@@ -65,7 +65,7 @@ else:  # pragma: no cover
 
 Transport = Literal["tcp", "udp"]
 TransportType = Literal["tcp", "udp", "all"]
-Backend = Literal["auto", "xdp", "nft"]
+Backend = Literal["auto", "xdp", "nft", "bpfdev"]
 XdpMode = Literal["auto", "native", "skb"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 HostPort = tuple[str, int]
@@ -78,12 +78,14 @@ DEFAULT_PORTS: tuple[int, ...] = tuple(range(10001, 10011))
 DEFAULT_LISTEN: HostPort = ("127.0.0.1", 30000)
 DEFAULT_MARK = 0x72736B64  # "rskd"
 DEFAULT_INSTANCE = "rsockd"
+#: macOS has no /run (and its system volume is read-only).
+DEFAULT_RUNTIME_DIR = "/var/run/rsockd" if sys.platform == "darwin" else "/run/rsockd"
 
 _T = TypeVar("_T")
 
 _ROLES: tuple[Role, ...] = ("server", "client")
 _TYPES: tuple[TransportType, ...] = ("tcp", "udp", "all")
-_BACKENDS: tuple[Backend, ...] = ("auto", "xdp", "nft")
+_BACKENDS: tuple[Backend, ...] = ("auto", "xdp", "nft", "bpfdev")
 _XDP_MODES: tuple[XdpMode, ...] = ("auto", "native", "skb")
 _LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
 
@@ -138,7 +140,7 @@ class Config:
     hello_skew: float = 120.0
     mark: int = DEFAULT_MARK
     mtu: int | None = None
-    runtime_dir: str = "/run/rsockd"
+    runtime_dir: str = DEFAULT_RUNTIME_DIR
     config_path: str | None = None
     workers: int = 1
 
@@ -193,7 +195,8 @@ _KEY_TABLE: tuple[_Key, ...] = (
          "visible in ps: prefer the file)", ("--hash",), "SECRET", example='"a long random secret"'),
     _Key("type", "transports: tcp, udp or all; default tcp", metavar="TYPE"),
     _Key("duration", "idle flow expiry, seconds; default 30", metavar="SECONDS"),
-    _Key("backend", "steering backend: auto, xdp or nft; default auto", metavar="BACKEND"),
+    _Key("backend", "steering backend: auto, xdp, nft (Linux) or bpfdev (macOS); default auto",
+         metavar="BACKEND"),
     _Key("xdp_mode", "XDP attach mode: auto, native or skb; default auto", metavar="MODE"),
     _Key("instance", "instance name (runtime dir, pins, nft table); default: the config file's "
          "stem, else rsockd", metavar="NAME", example='"east"'),
@@ -217,7 +220,7 @@ _KEY_TABLE: tuple[_Key, ...] = (
     _Key("mark", "SO_MARK of raw sends (number or 0x...); default 0x72736b64", metavar="MARK"),
     _Key("mtu", "path MTU override; default: the interface MTU", metavar="BYTES", example="1400"),
     _Key("runtime_dir", "control socket at <runtime_dir>/<instance>/control.sock; default "
-         "/run/rsockd", metavar="DIR"),
+         "/run/rsockd (macOS: /var/run/rsockd)", metavar="DIR"),
     _Key("workers", "worker processes; default 1", metavar="N"),
 )
 

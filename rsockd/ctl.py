@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .config import DEFAULT_RUNTIME_DIR
 from .control import request
 from .errors import InputError, RsockdError
 from .packet import TCP_MIN_HEADER, pseudo_sum, transport_checksum_ok
@@ -340,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="rsockctl", description="Inspect a running rsockd; offline tools.")
     p.add_argument("--instance", default=os.environ.get("RSOCKD_INSTANCE", "rsockd"),
                    help="which daemon (default: rsockd, or $RSOCKD_INSTANCE)")
-    p.add_argument("--runtime-dir", default="/run/rsockd", help="where control sockets live (default /run/rsockd)")
+    p.add_argument("--runtime-dir", default=DEFAULT_RUNTIME_DIR,
+                   help=f"where control sockets live (default {DEFAULT_RUNTIME_DIR})")
     p.add_argument("--json", action="store_true", help="print the daemon's versioned JSON")
     p.add_argument("--version", action="version", version=f"rsockctl {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)

@@ -40,6 +40,12 @@ LIVE_KEYS = {"key", "keepalive", "dead_timeout", "syn_timeout", "reconnect_min",
 def cleanup_stale(instance: str) -> list[str]:
     """Remove what a dead daemon of ``instance`` left attached (any backend)."""
     removed: list[str] = []
+    if sys.platform == "darwin":
+        from .steer import bpfdev
+
+        with contextlib.suppress(SteerError, OSError):
+            removed += bpfdev.cleanup_stale(instance)
+        return removed
     if sys.platform != "linux":
         return removed
     from .steer import nft, xdp
@@ -53,7 +59,19 @@ def cleanup_stale(instance: str) -> list[str]:
 
 
 def choose_steering(cfg: Config, plan: SteerPlan) -> Steering:
-    """The backend for ``cfg.backend``, attached.  ``auto`` falls back from xdp to nft, saying why."""
+    """The backend for ``cfg.backend``, attached.  ``auto`` falls back from xdp to nft, saying why;
+    on macOS ``auto`` means bpfdev."""
+    if cfg.backend == "bpfdev" or (cfg.backend == "auto" and sys.platform == "darwin"):
+        from .steer import bpfdev
+
+        why = bpfdev.bpfdev_available()
+        if why is not None:
+            raise SteerError(f"backend {why}")
+        mac = bpfdev.BpfDevSteering(plan)
+        mac.attach()
+        return mac
+    if sys.platform == "darwin":
+        raise SteerError(f"backend {cfg.backend}: Linux only; on macOS use auto or bpfdev")
     from .steer import nft, xdp
 
     if cfg.backend in ("auto", "xdp"):

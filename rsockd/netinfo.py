@@ -1,5 +1,6 @@
 """What the host's network looks like: routes, interfaces, addresses, MTUs (Linux, pyroute2).
 
+On macOS the same functions come from ``rsockd.netinfo_darwin`` (``route``, ``ifconfig``).
 pyroute2 is imported inside the functions so that ``import rsockd`` works anywhere.
 Interface facts come from netlink, not /sys: a daemon placed in a namespace by systemd's
 ``NetworkNamespacePath=`` still sees the host's sysfs.
@@ -9,10 +10,13 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import RsockdError
+
+_DARWIN = sys.platform == "darwin"
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,10 @@ def _ipr() -> Any:
 
 def route_to(dest: str) -> Route:
     """The interface and source address the kernel would use to reach ``dest``."""
+    if _DARWIN:
+        from . import netinfo_darwin
+
+        return netinfo_darwin.route_to(dest)
     fam = socket.AF_INET6 if ipaddress.ip_address(dest).version == 6 else socket.AF_INET
     with _ipr() as ipr:
         try:
@@ -50,6 +58,10 @@ def _mtu(ipr: Any, index: int) -> int:
 
 
 def interface_mtu(name: str) -> int:
+    if _DARWIN:
+        from . import netinfo_darwin
+
+        return netinfo_darwin.interface_mtu(name)
     try:
         index = socket.if_nametoindex(name)
     except OSError:
@@ -68,6 +80,10 @@ def interface_exists(name: str) -> bool:
 
 def interface_addresses(name: str) -> list[str]:
     """Every address on ``name`` (IPv4 and IPv6, link-local included)."""
+    if _DARWIN:
+        from . import netinfo_darwin
+
+        return netinfo_darwin.interface_addresses(name)
     with _ipr() as ipr:
         index = socket.if_nametoindex(name)
         return [str(m.get_attr("IFA_ADDRESS")) for m in ipr.get_addr(index=index)]
@@ -75,6 +91,10 @@ def interface_addresses(name: str) -> list[str]:
 
 def interface_of(address: str) -> str | None:
     """The interface holding ``address``, if any."""
+    if _DARWIN:
+        from . import netinfo_darwin
+
+        return netinfo_darwin.interface_of(address)
     want = ipaddress.ip_address(address)
     with _ipr() as ipr:
         for m in ipr.get_addr():
@@ -86,6 +106,10 @@ def interface_of(address: str) -> str | None:
 
 def default_interfaces() -> list[str]:
     """Interfaces holding a default route (IPv4 first), without duplicates."""
+    if _DARWIN:
+        from . import netinfo_darwin
+
+        return netinfo_darwin.default_interfaces()
     out: list[str] = []
     with _ipr() as ipr:
         for fam in (socket.AF_INET, socket.AF_INET6):

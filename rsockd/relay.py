@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -51,15 +52,22 @@ from .packet import (
     pseudo_sum,
     transport_checksum_ok,
 )
-from .rawsock import RawSender, Sender
+
+if sys.platform == "darwin":
+    from .rawsock_darwin import RawSender, Sender
+else:
+    from .rawsock import RawSender, Sender
 from .session import ClientFlow, FlowTable, ServerFlow, Session, SessionTable
 from .steer import Receiver
 
 LOG = logging.getLogger(__name__)
 
-IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
-IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
-IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+# Fallbacks for a Python built without them: Linux's values, or macOS's (<netinet/in.h>,
+# <netinet6/in6.h> with RFC 3542: they differ).
+_DARWIN = sys.platform == "darwin"
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 26 if _DARWIN else 8)
+IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 61 if _DARWIN else 49)
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 46 if _DARWIN else 50)
 BUF = 65536 + 64
 BATCH = 256  # datagrams read per socket per wake-up before yielding to the loop
 SOCKBUF = 4 << 20

@@ -126,6 +126,7 @@ def test_defaults_client_listen() -> None:
     (["--duration=60"], "duration", 60.0),
     (["--duration", "1.5"], "duration", 1.5),
     (["--backend=nft"], "backend", "nft"),
+    (["--backend=bpfdev"], "backend", "bpfdev"),
     (["--xdp-mode=skb"], "xdp_mode", "skb"),
     (["--instance=east-1"], "instance", "east-1"),
     (["--log-level=debug"], "log_level", "debug"),
