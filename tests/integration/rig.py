@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rsockd.control import request
+from rsockd.relay import SO_RCVBUFFORCE
 from tests.netns import NetnsPair
 
 RSOCKD = str(Path(sys.executable).with_name("rsockd"))
@@ -174,6 +175,7 @@ class EchoServer:
         with net.inside(side):
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             self.sock.bind(("127.0.0.1", port))
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
         self.sock.settimeout(0.2)
         self.received = 0
         self._stop = False
@@ -337,6 +339,7 @@ class Rig:
         with self.net.inside(host):
             s = socket.socket(family, socket.SOCK_DGRAM)
             s.bind(("127.0.0.1", 0))
+        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)  # bursts of replies must not overflow it
         return s
 
     def echo_run(self, count: int, size: int = 64, timeout: float = 1.0, sock: socket.socket | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -82,3 +83,28 @@ def test_the_kernel_sends_no_rst_or_ack_for_tunnel_ports(tmp_path: Path, backend
             assert len(pkts) == 1 and pkts[0][TCP].sport == MARK_DPORT and pkts[0][TCP].dport == MARK_SPORT, (
                 side, pkts[0].summary())
         assert nstat(net, "s", "TcpOutRsts")["TcpOutRsts"] == base["s"]["TcpOutRsts"] + 1
+
+
+@pytest.mark.parametrize("transport", ["tcp", "udp"])
+def test_small_datagrams_queued_together_share_segments(tmp_path: Path, transport: str) -> None:
+    """Datagrams that queue up while the daemon is busy go out as several frames per segment."""
+    with Rig(tmp_path, backend="xdp", transport=transport) as rig:
+        app = rig.app_socket()
+        assert rig.echo_run(1, sock=app).received == 1
+        before = rig.client.status()["traffic"]["tunnel_tx_packets"]
+        assert rig.client.proc is not None
+        rig.client.proc.send_signal(signal.SIGSTOP)  # everything below waits in its socket buffer
+        try:
+            sent = {i.to_bytes(4, "big") + bytes(60) for i in range(300)}
+            for msg in sorted(sent):
+                app.sendto(msg, ("127.0.0.1", 30000))
+        finally:
+            rig.client.proc.send_signal(signal.SIGCONT)
+        app.settimeout(2)
+        got = set()
+        while len(got) < len(sent):
+            got.add(app.recv(100))
+        assert got == sent
+        segments = rig.client.status()["traffic"]["tunnel_tx_packets"] - before
+        # 300 frames of 71 bytes fit about 20 to a 1500-byte packet: expect a few dozen segments.
+        assert segments <= 40, segments
