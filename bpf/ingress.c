@@ -18,6 +18,12 @@
  * Matching segments the program will not rewrite go to the kernel unchanged and are counted:
  * IPv4 options / IPv6 extension headers, first fragments, a data offset below 5 or past the end.
  * Non-first fragments carry no ports and pass uncounted.  Ethernet links only.
+ *
+ * SYN admission (server role): a steered segment with SYN set and ACK clear passes only within
+ * a token bucket of config.syn_rate per second and config.syn_burst deep; the rest are dropped
+ * here and counted syn_limited.  Without it a SYN flood shares the daemon's UDP socket queue
+ * with the established sessions and the daemon spends its time refusing SYNs (backlog_full).
+ * Every other segment is untouched.  docs/design.md, "SYN admission".
  */
 #include <uapi/linux/bpf.h>
 #include <linux/in.h>
@@ -32,6 +38,7 @@
 #define RSOCKD_IP_OFFSET 0x1fff
 #define RSOCKD_IP6_OFFSET 0xfff8
 #define RSOCKD_IP6_EXT_MAX 6  /* extension headers walked before giving up (passes uncounted) */
+#define RSOCKD_NSEC_PER_SEC 1000000000ULL
 
 struct rsockd_ip6_ext {   /* hop-by-hop, routing, destination options, AH: the first two bytes */
 	__u8 nexthdr;
@@ -59,25 +66,81 @@ static __always_inline enum rsockd_match rsockd_match_ports(struct tcphdr *th)
 	return MATCH_NONE;
 }
 
-static __always_inline int rsockd_match4(struct tcphdr *th, __be32 saddr)
+static __always_inline enum rsockd_match rsockd_match4(struct tcphdr *th, __be32 saddr)
 {
 	enum rsockd_match m = rsockd_match_ports(th);
 
-	if (m == MATCH_CLIENT)
-		return peers4.lookup(&saddr) != 0;
-	return m == MATCH_SERVER;
+	if (m == MATCH_CLIENT && !peers4.lookup(&saddr))
+		return MATCH_NONE;
+	return m;
 }
 
-static __always_inline int rsockd_match6(struct tcphdr *th, struct in6_addr *saddr)
+static __always_inline enum rsockd_match rsockd_match6(struct tcphdr *th, struct in6_addr *saddr)
 {
 	enum rsockd_match m = rsockd_match_ports(th);
 	struct rsockd_addr6 key;
 
 	if (m == MATCH_CLIENT) {
 		__builtin_memcpy(&key, saddr, sizeof(key));
-		return peers6.lookup(&key) != 0;
+		if (!peers6.lookup(&key))
+			return MATCH_NONE;
 	}
-	return m == MATCH_SERVER;
+	return m;
+}
+
+/* ---- SYN admission --------------------------------------------------------------------
+ *
+ * One token bucket per CPU, each with rate/cpus and burst/cpus of the configured budget, so
+ * the machine admits at most syn_rate per second plus syn_burst.  Per-CPU, not shared: a shared
+ * bucket would need an atomic fetch-and-add with a return value (bcc 0.26 / LLVM 14 emit none)
+ * or a lock, and would bounce its cache line between CPUs at the flood's rate; a per-CPU one
+ * needs no lock, since XDP runs in softirq, which does not nest on a CPU.  The cost: a flood
+ * landing on one CPU only gets that CPU's share.  docs/design.md, "SYN admission".
+ *
+ * Tokens are nanoseconds of refill time: a SYN costs NSEC * cpus / rate, the bucket holds
+ * NSEC * burst / rate (at least one SYN's worth).  A fresh bucket (last_ns 0) starts full. */
+struct rsockd_syn_bucket {
+	__u64 credit_ns;  /* refill time banked, at most the capacity */
+	__u64 last_ns;    /* bpf_ktime_get_ns() at the last SYN this CPU looked at */
+};
+
+BPF_PERCPU_ARRAY(syn_bucket, struct rsockd_syn_bucket, 1);
+
+/* 1 when a SYN may go on to userspace, 0 when it is over the limit. */
+static __always_inline int rsockd_syn_admit(struct rsockd_config *cfg)
+{
+	struct rsockd_syn_bucket *b;
+	__u64 rate = cfg->syn_rate;
+	__u64 cpus = cfg->syn_cpus ? cfg->syn_cpus : 1;
+	__u64 now, cost, cap, credit;
+	int zero = 0;
+
+	if (!rate)
+		return 1;  /* no limit configured */
+	b = syn_bucket.lookup(&zero);
+	if (!b)
+		return 1;  /* cannot happen: an array always has its entry */
+	cost = RSOCKD_NSEC_PER_SEC * cpus / rate;
+	cap = RSOCKD_NSEC_PER_SEC * cfg->syn_burst / rate;
+	if (cap < cost)
+		cap = cost;
+	now = bpf_ktime_get_ns();
+	credit = b->credit_ns + (now - b->last_ns);
+	if (credit > cap)
+		credit = cap;  /* also when the rate was lowered: the bucket shrinks at once */
+	b->last_ns = now;
+	if (credit < cost) {
+		b->credit_ns = credit;
+		return 0;
+	}
+	b->credit_ns = credit - cost;
+	return 1;
+}
+
+/* A segment opening a connection to us: SYN set, ACK clear (RFC 9293 §3.5). */
+static __always_inline int rsockd_is_syn(struct tcphdr *th)
+{
+	return th->syn && !th->ack;
 }
 
 /* Checks common to both families; returns the stat to count for a segment left to the kernel,
@@ -121,8 +184,9 @@ static __always_inline void rsockd_tcp_to_udp(struct tcphdr *th, __u32 l4len)
 	*(__u32 *)(w + 8) = ack;
 }
 
-static __always_inline int rsockd_ipv4(struct iphdr *ip, void *end)
+static __always_inline int rsockd_ipv4(struct rsockd_config *cfg, struct iphdr *ip, void *end)
 {
+	enum rsockd_match m;
 	struct tcphdr *th;
 	__u32 ihl, l4len, tot;
 	int stat;
@@ -137,7 +201,8 @@ static __always_inline int rsockd_ipv4(struct iphdr *ip, void *end)
 	th = (void *)ip + ihl;
 	if ((void *)th + 4 > end)
 		return XDP_PASS;  /* not even the ports */
-	if (!rsockd_match4(th, ip->saddr))
+	m = rsockd_match4(th, ip->saddr);
+	if (m == MATCH_NONE)
 		return XDP_PASS;
 
 	if (ihl != sizeof(*ip)) {
@@ -155,6 +220,10 @@ static __always_inline int rsockd_ipv4(struct iphdr *ip, void *end)
 		rsockd_count(stat);
 		return XDP_PASS;
 	}
+	if (m == MATCH_SERVER && rsockd_is_syn(th) && !rsockd_syn_admit(cfg)) {
+		rsockd_count(RSOCKD_STAT_SYN_LIMITED);
+		return XDP_DROP;
+	}
 
 	rsockd_tcp_to_udp(th, l4len);
 	/* RFC 1624 eqn. 3 on the header checksum: the word [ttl, protocol] changes 6 -> 17. */
@@ -165,8 +234,9 @@ static __always_inline int rsockd_ipv4(struct iphdr *ip, void *end)
 	return XDP_PASS;
 }
 
-static __always_inline int rsockd_ipv6(struct ipv6hdr *ip6, void *end)
+static __always_inline int rsockd_ipv6(struct rsockd_config *cfg, struct ipv6hdr *ip6, void *end)
 {
+	enum rsockd_match m;
 	struct tcphdr *th;
 	__u32 off = sizeof(*ip6);
 	__u8 nexthdr;
@@ -216,7 +286,8 @@ static __always_inline int rsockd_ipv6(struct ipv6hdr *ip6, void *end)
 	th = (void *)ip6 + off;
 	if ((void *)th + 4 > end)
 		return XDP_PASS;
-	if (!rsockd_match6(th, &ip6->saddr))
+	m = rsockd_match6(th, &ip6->saddr);
+	if (m == MATCH_NONE)
 		return XDP_PASS;
 	if (fragment) {
 		rsockd_count(RSOCKD_STAT_PASSED_FRAGMENT);
@@ -231,6 +302,10 @@ static __always_inline int rsockd_ipv6(struct ipv6hdr *ip6, void *end)
 	if (stat >= 0) {
 		rsockd_count(stat);
 		return XDP_PASS;
+	}
+	if (m == MATCH_SERVER && rsockd_is_syn(th) && !rsockd_syn_admit(cfg)) {
+		rsockd_count(RSOCKD_STAT_SYN_LIMITED);
+		return XDP_DROP;
 	}
 
 	rsockd_tcp_to_udp(th, bpf_ntohs(ip6->payload_len));
@@ -255,8 +330,8 @@ int rsockd_xdp(struct xdp_md *ctx)
 	if ((void *)(eth + 1) > end)
 		return XDP_PASS;
 	if (eth->h_proto == bpf_htons(ETH_P_IP))
-		return rsockd_ipv4((void *)(eth + 1), end);
+		return rsockd_ipv4(cfg, (void *)(eth + 1), end);
 	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
-		return rsockd_ipv6((void *)(eth + 1), end);
+		return rsockd_ipv6(cfg, (void *)(eth + 1), end);
 	return XDP_PASS;
 }

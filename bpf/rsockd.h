@@ -16,11 +16,19 @@
 
 #include <linux/types.h>
 
-/* config[0]: what the programs need to know about the instance that loaded them. */
+/* config[0]: what the programs need to know about the instance that loaded them.
+ * instance_tag stays at offset 8 in every version: rsockd finds the owner of an attached
+ * program by it, even of a program an older rsockd loaded. */
 struct rsockd_config {
 	__u32 mark;          /* SO_MARK of our raw sends: the guard lets these through */
 	__u32 flags;         /* reserved, 0 */
 	__u64 instance_tag;  /* first 8 bytes of BLAKE2s(instance name), big-endian, as a u64 */
+	/* Server SYN admission (ingress.c): SYNs to a tunnel port reach userspace at most at
+	 * syn_rate per second after a burst of syn_burst; the rest are dropped in XDP. */
+	__u32 syn_rate;      /* SYNs per second, all CPUs together; 0: no limit */
+	__u32 syn_burst;     /* SYNs a full bucket holds, all CPUs together */
+	__u32 syn_cpus;      /* CPUs the budget is split across (each gets rate/cpus, burst/cpus) */
+	__u32 reserved;      /* 0; keeps the size a multiple of 8 */
 };
 
 /* peers6 key: an IPv6 address as it appears on the wire. */
@@ -41,7 +49,8 @@ enum rsockd_stat {
 	RSOCKD_STAT_PASSED_FRAGMENT = 3,
 	RSOCKD_STAT_PASSED_IP_OPTIONS = 4,
 	RSOCKD_STAT_GUARD_DROPPED = 5,
-	RSOCKD_STAT_COUNT = 6,
+	RSOCKD_STAT_SYN_LIMITED = 6,
+	RSOCKD_STAT_COUNT = 7,
 };
 
 #define RSOCKD_PORTS_MAX 65536  /* ports: one entry per port number */

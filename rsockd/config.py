@@ -101,6 +101,7 @@ _MAX_FILE_BYTES = 1 << 20
 _MAX_SECONDS = 10_000_000.0  # ~115 days: keeps timer arithmetic finite
 _MAX_COUNT = 2**31 - 1
 _MAX_CONNS = 0xFFFF  # the hello's connection index is a u16 (framing.HELLO)
+_MAX_U32 = 0xFFFFFFFF  # syn_rate, syn_burst: u32 fields of the XDP program's config
 _MAX_WORKERS = 256
 _MAX_SUN_PATH = 103  # sun_path is 104 bytes on macOS, 108 on Linux, NUL included
 
@@ -132,6 +133,8 @@ class Config:
     dead_timeout: float = 20.0
     syn_timeout: float = 5.0
     backlog: int = 256
+    syn_rate: int = 2000
+    syn_burst: int = 200
     reconnect_min: float = 0.5
     reconnect_max: float = 30.0
     max_sessions: int = 1024
@@ -207,6 +210,10 @@ _KEY_TABLE: tuple[_Key, ...] = (
     _Key("syn_timeout", "lifetime of half-open and hello-pending connections, seconds; default 5",
          metavar="SECONDS"),
     _Key("backlog", "bound on half-open plus hello-pending connections; default 256", metavar="N"),
+    _Key("syn_rate", "server: SYNs per second let through to the daemon, the rest dropped in XDP "
+         "(xdp backend only); 0 for no limit; default 2000", metavar="N", roles=("server",)),
+    _Key("syn_burst", "server: SYNs let through at once above syn_rate; default 200", metavar="N",
+         roles=("server",)),
     _Key("reconnect_min", "client: shortest reconnect back-off, seconds; default 0.5",
          metavar="SECONDS", roles=("client",)),
     _Key("reconnect_max", "client: longest reconnect back-off, seconds; default 30",
@@ -818,6 +825,8 @@ def _build(values: _Values, role: Role, path: str | None, home: str) -> Config:
         dead_timeout=values.get("dead_timeout", _seconds, Config.dead_timeout),
         syn_timeout=values.get("syn_timeout", _seconds, Config.syn_timeout),
         backlog=values.get("backlog", _count(1, _MAX_COUNT), Config.backlog),
+        syn_rate=values.get("syn_rate", _count(0, _MAX_U32, ", 0 for no limit"), Config.syn_rate),
+        syn_burst=values.get("syn_burst", _count(1, _MAX_U32), Config.syn_burst),
         reconnect_min=values.get("reconnect_min", _seconds, Config.reconnect_min),
         reconnect_max=values.get("reconnect_max", _seconds, Config.reconnect_max),
         max_sessions=values.get("max_sessions", _count(1, _MAX_COUNT), Config.max_sessions),

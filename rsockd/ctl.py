@@ -261,6 +261,8 @@ def render_status(st: dict[str, Any], style: Style) -> str:
     rows.append(("drops", ", ".join(f"{k} {human_count(v)}" for k, v in sorted(drops.items())) or "none"))
     steer = st.get("steering", {})
     rows.append(("kernel RST/ACK suppressed", str(steer.get("guard_dropped", 0))))
+    if st["role"] == "server" and "syn_limited" in steer:
+        rows.append(("SYNs over the limit", f"{human_count(steer['syn_limited'])} (dropped in XDP)"))
     if steer.get("passed_malformed") or steer.get("passed_fragment") or steer.get("passed_ip_options"):
         rows.append(("left to the kernel", f"{steer.get('passed_malformed', 0)} malformed, "
                                            f"{steer.get('passed_fragment', 0)} fragments, "

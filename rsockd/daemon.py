@@ -34,7 +34,8 @@ LOG = logging.getLogger("rsockd")
 
 #: Keys a reload applies in place; any other change rebuilds the relay and steering.
 LIVE_KEYS = {"key", "keepalive", "dead_timeout", "syn_timeout", "reconnect_min", "reconnect_max", "log_level",
-             "duration", "target", "hello_skew", "max_sessions", "max_flows", "max_conns_per_client", "backlog"}
+             "duration", "target", "hello_skew", "max_sessions", "max_flows", "max_conns_per_client", "backlog",
+             "syn_rate", "syn_burst"}
 
 
 def cleanup_stale(instance: str) -> list[str]:
@@ -92,6 +93,9 @@ def choose_steering(cfg: Config, plan: SteerPlan) -> Steering:
     why = nft.nft_available()
     if why is not None:
         raise SteerError(f"backend nft: {why}")
+    if plan.role == "server" and plan.syn_rate:
+        LOG.warning("the nft backend cannot enforce syn_rate: under a SYN flood established sessions slow down "
+                    "(docs/design.md, SYN admission)")
     n = nft.NftSteering(plan)
     n.attach()
     return n
@@ -181,7 +185,7 @@ class Daemon:
         if isinstance(relay, ServerRelay):
             relay.bind(self._server_interfaces())
             plan = SteerPlan(cfg.instance, "server", relay.interfaces, frozenset(cfg.ports), mark=cfg.mark,
-                             xdp_mode=cfg.xdp_mode)
+                             xdp_mode=cfg.xdp_mode, syn_rate=cfg.syn_rate, syn_burst=cfg.syn_burst)
         else:
             assert isinstance(relay, ClientRelay)
             route = relay.route()
@@ -317,6 +321,9 @@ class Daemon:
             else:
                 for c in relay.connections():
                     c.keyring = relay.keyring
+        if {"syn_rate", "syn_burst"} & changed and self.plan is not None and self.steering is not None:
+            self.plan = dataclasses.replace(self.plan, syn_rate=new.syn_rate, syn_burst=new.syn_burst)
+            self.steering.update(self.plan)
         timing = timing_of(new)
         relay.timing = timing
         for c in relay.connections():

@@ -31,6 +31,7 @@ STEER_COUNTERS = (
     "passed_fragment",  # IP fragments on tunnel ports: left to the kernel
     "passed_ip_options",  # IPv4 options / IPv6 extension headers on tunnel ports: left to the kernel
     "guard_dropped",  # kernel-made RST/ACK from tunnel ports dropped on egress
+    "syn_limited",  # server: SYNs to tunnel ports over syn_rate/syn_burst, dropped before userspace
 )
 
 
@@ -41,6 +42,10 @@ class SteerPlan:
     Server: segments whose destination port is in ``tunnel_ports``.
     Client: segments from an address in ``peers`` whose source port is in ``tunnel_ports`` and
     whose destination port is in ``local_ports``.
+
+    ``syn_rate``/``syn_burst`` (server): SYNs per second, and the burst, that the backend lets
+    through to the daemon; 0 is no limit.  Only the xdp backend can enforce them
+    (docs/design.md, "SYN admission").
     """
 
     instance: str
@@ -51,6 +56,8 @@ class SteerPlan:
     peers: frozenset[str] = frozenset()  # textual IPv4/IPv6 addresses (client role)
     mark: int = 0x72736B64  # SO_MARK of our raw sends; the guard lets these through
     xdp_mode: Literal["auto", "native", "skb"] = "auto"
+    syn_rate: int = 0  # server: SYNs/s passed to userspace, all CPUs together; 0: no limit
+    syn_burst: int = 0  # server: SYNs the bucket holds when full
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
 

@@ -5,7 +5,10 @@ Reads ONE JSON request on stdin::
 
     {"instance": "rsockd", "pin_dir": "/sys/fs/bpf/rsockd/rsockd", "interfaces": ["eth0"],
      "xdp_mode": "auto|native|skb", "mark": 1920166756, "instance_tag": 1234,
-     "ports": {"10001": 1}, "peers": ["192.0.2.1"], "guard": true}
+     "ports": {"10001": 1}, "peers": ["192.0.2.1"], "guard": true,
+     "syn_rate": 2000, "syn_burst": 200}
+
+(``syn_rate``/``syn_burst`` may be left out: 0, no SYN limit.)
 
 and writes ONE JSON line on stdout::
 
@@ -71,6 +74,8 @@ class Request:
     ports: dict[int, int]
     peers: tuple[str, ...]
     guard: bool
+    syn_rate: int = 0
+    syn_burst: int = 0
 
     @classmethod
     def parse(cls, text: str) -> Request:
@@ -100,6 +105,12 @@ class Request:
         peers = get("peers", list)
         if not all(isinstance(p, str) for p in peers):
             raise LoaderError("request: peers must be a list of addresses")
+        syn = {}
+        for key in ("syn_rate", "syn_burst"):
+            value = raw.get(key, 0)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0xFFFFFFFF:
+                raise LoaderError(f"request: {key} must be an integer in 0..4294967295")
+            syn[key] = value
         return cls(
             instance=get("instance", str),
             pin_dir=get("pin_dir", str),
@@ -110,6 +121,8 @@ class Request:
             ports=ports,
             peers=tuple(peers),
             guard=bool(raw.get("guard", True)),
+            syn_rate=syn["syn_rate"],
+            syn_burst=syn["syn_burst"],
         )
 
 
@@ -249,7 +262,8 @@ def _install(rtnl: Rtnl, req: Request, links: list[Link], bpf: Any, xdp_fn: Any,
         except OSError as e:
             raise LoaderError(f"cannot pin the maps in {req.pin_dir}: {e.strerror}") from None
         # fill before attaching: the program never sees an empty config
-        maps.write_config(mark=req.mark, instance_tag=req.instance_tag)
+        maps.write_config(mark=req.mark, instance_tag=req.instance_tag, syn_rate=req.syn_rate,
+                          syn_burst=req.syn_burst)
         maps.write_ports(req.ports)
         maps.write_peers(req.peers)
 

@@ -40,7 +40,16 @@ class RsockdConfig(ctypes.Structure):
         ("mark", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
         ("instance_tag", ctypes.c_uint64),
+        ("syn_rate", ctypes.c_uint32),
+        ("syn_burst", ctypes.c_uint32),
+        ("syn_cpus", ctypes.c_uint32),
+        ("reserved", ctypes.c_uint32),
     ]
+
+
+#: Where ``instance_tag`` ends: every rsockd's config value holds it at the same offset, so the
+#: owner of a program an older rsockd loaded (a shorter config) is still found.
+CONFIG_TAG_END = RsockdConfig.instance_tag.offset + RsockdConfig.instance_tag.size
 
 
 class RsockdAddr6(ctypes.Structure):
@@ -326,6 +335,14 @@ def possible_cpus() -> int:
     return _possible_cpus
 
 
+def online_cpus() -> int:
+    """The CPUs online now: the SYN budget is split across these (``rsockd_config.syn_cpus``)."""
+    try:
+        return max(1, _parse_cpu_list(Path("/sys/devices/system/cpu/online").read_text()))
+    except (OSError, ValueError):
+        return max(1, os.cpu_count() or 1)
+
+
 class BpfMap:
     """An open map fd with its info; keys and values are ``bytes`` of the map's sizes."""
 
@@ -597,8 +614,19 @@ class PinnedMaps:
         raw = self.maps["config"].lookup(_u32(0))
         return RsockdConfig.from_buffer_copy(raw) if raw else RsockdConfig()
 
-    def write_config(self, *, mark: int, instance_tag: int, flags: int = 0) -> None:
-        cfg = RsockdConfig(mark=mark, flags=flags, instance_tag=instance_tag)
+    def write_config(self, *, mark: int, instance_tag: int, syn_rate: int = 0, syn_burst: int = 0,
+                     syn_cpus: int | None = None, flags: int = 0) -> None:
+        """Write ``config[0]`` in one update (the programs never see half of it).
+
+        ``syn_rate``/``syn_burst`` are the whole machine's; ``syn_cpus`` (default: the online
+        CPUs) is how many per-CPU buckets share them.
+        """
+        cpus = online_cpus() if syn_cpus is None else syn_cpus
+        for name, value in (("syn_rate", syn_rate), ("syn_burst", syn_burst), ("syn_cpus", cpus)):
+            if not 0 <= value <= 0xFFFFFFFF:
+                raise SteerError(f"config {name} {value} does not fit in 32 bits")
+        cfg = RsockdConfig(mark=mark, flags=flags, instance_tag=instance_tag, syn_rate=syn_rate,
+                           syn_burst=syn_burst, syn_cpus=cpus)
         self.maps["config"].update(_u32(0), bytes(cfg))
 
     # -- ports and peers

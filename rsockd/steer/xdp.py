@@ -32,7 +32,7 @@ from typing import Any
 
 from ..errors import SteerError
 from . import STEER_COUNTERS, SteerPlan, bpfsys
-from .bpfsys import PORT_LOCAL, PORT_PEER, PORT_SERVER, PROG_PREFIX, BpfMap, PinnedMaps, RsockdConfig
+from .bpfsys import CONFIG_TAG_END, PORT_LOCAL, PORT_PEER, PORT_SERVER, PROG_PREFIX, BpfMap, PinnedMaps, RsockdConfig
 from .rtnl import TC_PARENT_EGRESS, TC_PARENT_INGRESS, XDP_MODE_FLAGS, Rtnl
 
 LOG = logging.getLogger(__name__)
@@ -77,6 +77,12 @@ def plan_ports(plan: SteerPlan) -> dict[int, int]:
 
 def _plan_peers(plan: SteerPlan) -> list[str]:
     return sorted(plan.peers) if plan.role == "client" else []
+
+
+def plan_syn_limit(plan: SteerPlan) -> tuple[int, int]:
+    """``(syn_rate, syn_burst)`` for the config map: a server's limit; a client has none
+    (it never receives a SYN without ACK on a steered port)."""
+    return (plan.syn_rate, plan.syn_burst) if plan.role == "server" else (0, 0)
 
 
 def _check_instance(name: str) -> None:
@@ -146,10 +152,15 @@ def _config_tag(map_ids: tuple[int, ...]) -> int | None:
         except OSError:
             continue
         with m:
-            if m.info.name == "config" and m.info.value_size == ctypes.sizeof(RsockdConfig):
+            # any size that holds the tag: a program an older rsockd loaded has a shorter config
+            if m.info.name == "config" and m.info.key_size == 4 and m.info.value_size >= CONFIG_TAG_END:
                 raw = m.lookup(bytes(4))
-                return RsockdConfig.from_buffer_copy(raw).instance_tag if raw else None
+                return _u64_at(raw, RsockdConfig.instance_tag.offset) if raw else None
     return None
+
+
+def _u64_at(raw: bytes, offset: int) -> int:
+    return ctypes.c_uint64.from_buffer_copy(raw, offset).value
 
 
 def _sweep(rtnl: Rtnl, want: Callable[[_Prog], bool]) -> list[str]:
@@ -260,6 +271,7 @@ class XdpSteering:
     def request(self) -> dict[str, Any]:
         """The loader request for the current plan."""
         plan = self.plan
+        syn_rate, syn_burst = plan_syn_limit(plan)
         return {
             "instance": plan.instance,
             "pin_dir": self.pin_dir,
@@ -270,6 +282,8 @@ class XdpSteering:
             "ports": {str(p): f for p, f in sorted(plan_ports(plan).items())},
             "peers": _plan_peers(plan),
             "guard": True,
+            "syn_rate": syn_rate,
+            "syn_burst": syn_burst,
         }
 
     def attach(self) -> None:
@@ -342,8 +356,8 @@ class XdpSteering:
     # -- running
 
     def update(self, plan: SteerPlan) -> None:
-        """Apply a changed plan.  Ports and peers change in place; interfaces, mode or instance
-        changes re-attach."""
+        """Apply a changed plan.  Ports, peers, mark and SYN limit change in place; interfaces,
+        mode or instance changes re-attach."""
         old = self.plan
         if (plan.instance, plan.interfaces, plan.xdp_mode) != (old.instance, old.interfaces, old.xdp_mode):
             attached = self._maps is not None
@@ -360,10 +374,15 @@ class XdpSteering:
             self._maps.write_ports(ports, previous=self._ports)
             self._ports = ports
             self._maps.write_peers(_plan_peers(plan))
-            if plan.mark != old.mark:
-                self._maps.write_config(mark=plan.mark, instance_tag=self.tag)
+            if (plan.mark, plan_syn_limit(plan)) != (old.mark, plan_syn_limit(old)):
+                self._write_config()
         except OSError as e:
             raise SteerError(f"updating the BPF maps of instance {plan.instance}: {bpfsys.os_error_text(e)}") from None
+
+    def _write_config(self) -> None:
+        assert self._maps is not None
+        syn_rate, syn_burst = plan_syn_limit(self.plan)
+        self._maps.write_config(mark=self.plan.mark, instance_tag=self.tag, syn_rate=syn_rate, syn_burst=syn_burst)
 
     def receivers(self) -> list[Any]:
         return []  # steered segments arrive on the daemon's UDP sockets

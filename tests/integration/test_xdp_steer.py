@@ -45,6 +45,7 @@ from rsockd.packet import (
     pseudo_sum,
     steer_rewrite,
 )
+from rsockd.steer import bpfsys
 from rsockd.steer.xdp import bcc_available
 from tests.netns import NetnsPair
 
@@ -448,6 +449,46 @@ def test_server_update_changes_ports_in_place(server: Env) -> None:
     server.send.v4(net.cli4, net.srv4, segment(net.cli4, net.srv4, 40601, P2, flags=ACK))
     server.cap.wait(lambda s: s.sport == P2 and s.dport == 40601 and bool(s.flags & RST))  # P2: plain TCP now
     assert_nothing_queued(server.socks[(4, P2)])
+
+
+def test_server_syn_admission_limits_syns_and_nothing_else(server: Env) -> None:
+    """rate 1/s, burst 4 per CPU: from a full bucket exactly 4 SYNs pass, on both families (one
+    bucket per CPU, not per family); SYN+ACK, ACK and data segments are never limited."""
+    net = server.net
+    cpus = bpfsys.online_cpus()
+    server.helper.call("update", plan=server.plan | {"tunnel_ports": [P1, P3], "syn_rate": 1, "syn_burst": 4 * cpus})
+    cfg = server.helper.call("config")
+    assert (cfg["syn_rate"], cfg["syn_burst"], cfg["syn_cpus"], cfg["mark"]) == (1, 4 * cpus, cpus, MARK)
+
+    before = server.counters()
+    sock4, sock6 = server.socks[(4, P1)], server.socks[(6, P1)]
+    # every segment leaves this (pinned) CPU, and veth runs XDP on the sender's CPU: one bucket
+    syns = [segment(net.cli4, net.srv4, 41000 + i, P1, flags=SYN, seq=i) for i in range(12)]
+    others = [segment(net.cli4, net.srv4, 41100, P1, flags=SYN | ACK),
+              segment(net.cli4, net.srv4, 41101, P1, flags=ACK),
+              segment(net.cli4, net.srv4, 41102, P1, flags=ACK | PSH, payload=b"data")]
+    for seg in syns + others:
+        server.send.v4(net.cli4, net.srv4, seg)
+    for i in range(3):
+        server.send.v6(net.cli6, net.srv6, segment(net.cli6, net.srv6, 41200 + i, P1, flags=SYN))
+    marker6 = segment(net.cli6, net.srv6, 41299, P1, flags=ACK, payload=b"v6 marker")
+    server.send.v6(net.cli6, net.srv6, marker6)
+
+    got = recv_all(sock4, 4 + len(others))
+    assert sorted(got) == sorted((steer_rewrite(seg)[8:], (norm(net.cli4), parse_tcp(seg)[0].sport))
+                                 for seg in syns[:4] + others)
+    assert recv_all(sock6, 1)[0][0] == steer_rewrite(marker6)[8:]  # the bucket is empty: no v6 SYN
+    assert_nothing_queued(sock4)
+    assert_nothing_queued(sock6)
+    assert delta(before, server.counters()) == {"steered_v4": 4 + len(others), "steered_v6": 1,
+                                                "syn_limited": len(syns) - 4 + 3}
+
+    # 0: no limit, in place
+    server.helper.call("update", plan=server.plan | {"tunnel_ports": [P1, P3], "syn_rate": 0})
+    assert server.helper.call("config")["syn_rate"] == 0
+    late = segment(net.cli6, net.srv6, 41300, P1, flags=SYN)
+    server.send.v6(net.cli6, net.srv6, late)
+    assert recv_all(sock6, 1)[0][0] == steer_rewrite(late)[8:]
 
 
 def test_server_detach_leaves_nothing(server: Env) -> None:

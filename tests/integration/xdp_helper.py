@@ -5,7 +5,7 @@ private mount namespace (bpffs is mounted there and vanishes with it).  One JSON
 line in, one JSON reply per line out::
 
     {"op": "attach", "plan": {...}}    -> {"ok": true, "describe": [...], "report": {...}, "rss_mb": ..}
-    {"op": "update", "plan": {...}} | {"op": "counters"} | {"op": "detach"}
+    {"op": "update", "plan": {...}} | {"op": "counters"} | {"op": "config"} | {"op": "detach"}
     {"op": "cleanup_stale", "instance": "x"} | {"op": "pins", "instance": "x"}
     errors -> {"ok": false, "type": "SteerError", "error": "..."}
 """
@@ -32,6 +32,8 @@ def make_plan(raw: dict[str, Any]) -> SteerPlan:
         peers=frozenset(raw.get("peers", ())),
         mark=raw.get("mark", 0x72736B64),
         xdp_mode=raw.get("xdp_mode", "auto"),
+        syn_rate=raw.get("syn_rate", 0),
+        syn_burst=raw.get("syn_burst", 0),
     )
 
 
@@ -62,6 +64,11 @@ def main() -> None:
             elif op == "counters":
                 assert steering is not None
                 result = steering.counters()
+            elif op == "config":
+                assert steering is not None
+                with bpfsys.PinnedMaps.open(steering.pin_dir) as maps:
+                    cfg = maps.read_config()
+                result = {name: getattr(cfg, name) for name, *_ in cfg._fields_}
             elif op == "detach":
                 assert steering is not None
                 steering.detach()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,7 +98,34 @@ def test_rsockd_h_map_sizes_match_python(tmp_path: Path) -> None:
         pr("u32", "sizeof(__u32)"),
         pr("u64", "sizeof(__u64)"),
     ])
-    assert got == {"config": 16, "peers6": 16, "u32": 4, "u64": 8}
+    assert got == {"config": 32, "peers6": 16, "u32": 4, "u64": 8}
+
+
+def test_counter_indices_only_grow_at_the_end() -> None:
+    """A stats index keeps its meaning across versions: new counters are appended."""
+    assert STEER_COUNTERS[:7] == ("steered_v4", "steered_v6", "passed_malformed", "passed_fragment",
+                                  "passed_ip_options", "guard_dropped", "syn_limited")
+
+
+def test_instance_tag_stays_where_older_versions_put_it(tmp_path: Path) -> None:
+    """The owner of a program is read from its config map at a fixed offset, whatever the
+    config's size (cleanup_stale must recognise a program an older rsockd attached)."""
+    got = run_c(tmp_path, ['"rsockd.h"'], [
+        pr("tag_offset", "offsetof(struct rsockd_config, instance_tag)"),
+        pr("syn_rate_offset", "offsetof(struct rsockd_config, syn_rate)"),
+    ])
+    assert got == {"tag_offset": 8, "syn_rate_offset": 16}
+    assert bpfsys.CONFIG_TAG_END == 16
+
+
+def test_config_bytes_round_trip() -> None:
+    cfg = bpfsys.RsockdConfig(mark=0x72736B64, instance_tag=0x0102030405060708, syn_rate=2000, syn_burst=200,
+                              syn_cpus=2)
+    raw = bytes(cfg)
+    back = bpfsys.RsockdConfig.from_buffer_copy(raw)
+    assert (back.mark, back.instance_tag, back.syn_rate, back.syn_burst, back.syn_cpus, back.reserved) == (
+        0x72736B64, 0x0102030405060708, 2000, 200, 2, 0)
+    assert int.from_bytes(raw[8:16], sys.byteorder) == 0x0102030405060708
 
 
 @pytest.mark.skipif(not Path("/usr/include/linux/bpf.h").exists(), reason="no <linux/bpf.h> (linux-libc-dev)")

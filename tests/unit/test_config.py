@@ -91,6 +91,7 @@ def test_defaults_server() -> None:
     assert (c.type, c.duration, c.backend, c.xdp_mode) == ("tcp", 30.0, "auto", "auto")
     assert (c.instance, c.log_level, c.runtime_dir, c.config_path) == ("rsockd", "info", "/run/rsockd", None)
     assert (c.keepalive, c.dead_timeout, c.syn_timeout, c.backlog) == (5.0, 20.0, 5.0, 256)
+    assert (c.syn_rate, c.syn_burst) == (2000, 200)
     assert (c.reconnect_min, c.reconnect_max) == (0.5, 30.0)
     assert (c.max_sessions, c.max_flows, c.max_conns_per_client) == (1024, 4096, 64)
     assert (c.hello_skew, c.mark, c.mtu, c.workers) == (120.0, 0x72736B64, None, 1)
@@ -134,6 +135,10 @@ def test_defaults_client_listen() -> None:
     (["--dead-timeout=9"], "dead_timeout", 9.0),
     (["--syn-timeout=3"], "syn_timeout", 3.0),
     (["--backlog=10"], "backlog", 10),
+    (["--syn-rate=500"], "syn_rate", 500),
+    (["--syn-rate", "0"], "syn_rate", 0),
+    (["--syn-burst=1"], "syn_burst", 1),
+    (["--syn-burst", "4294967295"], "syn_burst", 0xFFFFFFFF),
     (["--max-sessions=7"], "max_sessions", 7),
     (["--max-flows=8"], "max_flows", 8),
     (["--max-conns-per-client=9"], "max_conns_per_client", 9),
@@ -338,6 +343,10 @@ def test_default_file_only_when_present(tmp_path: Path, monkeypatch: pytest.Monk
     ([*SERVER, "--max-conns-per-client=0"], "max_conns_per_client", "out of range"),
     ([*SERVER, "--max-conns-per-client=70000"], "max_conns_per_client", "16 bits"),
     ([*SERVER, "--workers=0"], "workers", "out of range"),
+    ([*SERVER, "--syn-rate=-1"], "syn_rate", "out of range (0..4294967295, 0 for no limit)"),
+    ([*SERVER, "--syn-rate=4294967296"], "syn_rate", "out of range"),
+    ([*SERVER, "--syn-rate=fast"], "syn_rate", "expected an integer"),
+    ([*SERVER, "--syn-burst=0"], "syn_burst", "out of range (1..4294967295)"),
     ([*SERVER, "--mark=0"], "mark", "non-zero"),
     ([*SERVER, "--mark=-1"], "mark", "expected an integer or 0x"),
     ([*SERVER, "--mark=0x100000000"], "mark", "out of range"),
@@ -422,6 +431,8 @@ def test_errors_stay_one_line_for_hostile_values() -> None:
     ("dev = []", "dev", "empty list"),
     ("backlog = 2.5", "backlog", "expected an integer, got 2.5"),
     ("backlog = true", "backlog", "expected an integer, got true"),
+    ("syn_rate = 1.5e3", "syn_rate", "expected an integer, got 1500.0"),
+    ("syn_burst = -3", "syn_burst", "out of range"),
     ('mark = "0x"', "mark", "expected an integer or 0x"),
     ("mark = 0", "mark", "non-zero"),
     ("mark = 1979-05-27", "mark", "got a date/time"),

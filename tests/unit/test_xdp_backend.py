@@ -12,7 +12,7 @@ import pytest
 
 from rsockd.steer import SteerPlan, bpfsys, rtnl
 from rsockd.steer.bcc_loader import LoaderError, Request
-from rsockd.steer.xdp import guard_handle, instance_tag, plan_ports
+from rsockd.steer.xdp import XdpSteering, guard_handle, instance_tag, plan_ports, plan_syn_limit
 
 
 def test_daemon_side_does_not_import_bcc() -> None:
@@ -37,6 +37,26 @@ def test_plan_ports() -> None:
     assert plan_ports(client) == {10001: bpfsys.PORT_PEER | bpfsys.PORT_LOCAL, 40000: bpfsys.PORT_LOCAL}
 
 
+def test_syn_limit_is_a_server_setting() -> None:
+    server = SteerPlan("t", "server", ("eth0",), frozenset({10001}), syn_rate=2000, syn_burst=200)
+    assert plan_syn_limit(server) == (2000, 200)
+    assert plan_syn_limit(SteerPlan("t", "server", ("eth0",), frozenset({10001}))) == (0, 0)  # default: none
+    client = SteerPlan("t", "client", ("eth0",), frozenset({10001}), syn_rate=2000, syn_burst=200)
+    assert plan_syn_limit(client) == (0, 0)
+
+
+def test_loader_request_carries_the_syn_limit() -> None:
+    plan = SteerPlan("t", "server", ("eth0",), frozenset({10001}), syn_rate=1500, syn_burst=30)
+    raw = XdpSteering(plan).request()
+    assert (raw["syn_rate"], raw["syn_burst"]) == (1500, 30)
+    req = Request.parse(json.dumps(raw))
+    assert (req.syn_rate, req.syn_burst) == (1500, 30)
+
+
+def test_online_cpus() -> None:
+    assert 1 <= bpfsys.online_cpus() <= bpfsys.possible_cpus()
+
+
 def test_cpu_list() -> None:
     assert bpfsys._parse_cpu_list("0-1\n") == 2
     assert bpfsys._parse_cpu_list("0,2-3,7") == 4
@@ -50,6 +70,7 @@ GOOD = {"instance": "t", "pin_dir": "/sys/fs/bpf/rsockd/t", "interfaces": ["eth0
 def test_request_parse() -> None:
     req = Request.parse(json.dumps(GOOD))
     assert req.ports == {10001: 1} and req.interfaces == ("eth0",) and req.guard
+    assert (req.syn_rate, req.syn_burst) == (0, 0)  # left out: no SYN limit
 
 
 @pytest.mark.parametrize("change", [
@@ -59,6 +80,11 @@ def test_request_parse() -> None:
     {"mark": True},
     {"ports": {"x": 1}},
     {"peers": [1]},
+    {"syn_rate": -1},
+    {"syn_rate": 1 << 32},
+    {"syn_rate": "2000"},
+    {"syn_burst": True},
+    {"syn_burst": 1.5},
 ])
 def test_request_parse_rejects(change: dict[str, object]) -> None:
     with pytest.raises(LoaderError) as err:
