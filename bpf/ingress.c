@@ -149,6 +149,12 @@ static __always_inline int rsockd_check_tcp(struct tcphdr *th, void *end, __u32 
 {
 	__u32 hlen;
 
+	/* l4len comes from a 16-bit field, but through a byte swap, whose result verifiers before
+	 * Linux 6.3 do not bound: without the mask, "th + l4len" is rejected there (Debian 12's 6.1).
+	 * LLVM knows the mask is a no-op and would drop it; the empty asm (libbpf's barrier_var)
+	 * hides what it knows, so the AND stays in the program for the verifier to see. */
+	asm volatile("" : "+r"(l4len));
+	l4len &= 0xffff;
 	if ((void *)(th + 1) > end || l4len < sizeof(*th) || (void *)th + l4len > end)
 		return RSOCKD_STAT_PASSED_MALFORMED;
 	hlen = th->doff * 4;
