@@ -163,6 +163,26 @@ static __always_inline int rsockd_check_tcp(struct tcphdr *th, void *end, __u32 
 	return -1;
 }
 
+#define RSOCKD_REWRITE (-1)
+
+/* Whether a matching segment is rewritten: RSOCKD_REWRITE, or the verdict for one that is not
+ * (counted under its reason): malformed ones go to the kernel, SYNs over the limit are dropped. */
+static __always_inline int rsockd_admit(struct tcphdr *th, void *end, __u32 l4len, enum rsockd_match m,
+					struct rsockd_config *cfg)
+{
+	int stat = rsockd_check_tcp(th, end, l4len);
+
+	if (stat >= 0) {
+		rsockd_count(stat);
+		return XDP_PASS;
+	}
+	if (m == MATCH_SERVER && rsockd_is_syn(th) && !rsockd_syn_admit(cfg)) {
+		rsockd_count(RSOCKD_STAT_SYN_LIMITED);
+		return XDP_DROP;
+	}
+	return RSOCKD_REWRITE;
+}
+
 /* The rewrite itself.  The caller has checked that the 20 header bytes are in the packet. */
 static __always_inline void rsockd_tcp_to_udp(struct tcphdr *th, __u32 l4len)
 {
@@ -195,7 +215,7 @@ static __always_inline int rsockd_ipv4(struct rsockd_config *cfg, struct iphdr *
 	enum rsockd_match m;
 	struct tcphdr *th;
 	__u32 ihl, l4len, tot;
-	int stat;
+	int verdict;
 
 	if ((void *)(ip + 1) > end || ip->version != 4 || ip->protocol != IPPROTO_TCP)
 		return XDP_PASS;
@@ -221,15 +241,9 @@ static __always_inline int rsockd_ipv4(struct rsockd_config *cfg, struct iphdr *
 	}
 	tot = bpf_ntohs(ip->tot_len);
 	l4len = tot > sizeof(*ip) ? tot - sizeof(*ip) : 0;
-	stat = rsockd_check_tcp(th, end, l4len);
-	if (stat >= 0) {
-		rsockd_count(stat);
-		return XDP_PASS;
-	}
-	if (m == MATCH_SERVER && rsockd_is_syn(th) && !rsockd_syn_admit(cfg)) {
-		rsockd_count(RSOCKD_STAT_SYN_LIMITED);
-		return XDP_DROP;
-	}
+	verdict = rsockd_admit(th, end, l4len, m, cfg);
+	if (verdict != RSOCKD_REWRITE)
+		return verdict;
 
 	rsockd_tcp_to_udp(th, l4len);
 	/* RFC 1624 eqn. 3 on the header checksum: the word [ttl, protocol] changes 6 -> 17. */
@@ -246,7 +260,7 @@ static __always_inline int rsockd_ipv6(struct rsockd_config *cfg, struct ipv6hdr
 	struct tcphdr *th;
 	__u32 off = sizeof(*ip6);
 	__u8 nexthdr;
-	int fragment = 0, extension = 0, stat;
+	int fragment = 0, extension = 0, verdict;
 
 	if ((void *)(ip6 + 1) > end || ip6->version != 6)
 		return XDP_PASS;
@@ -304,15 +318,9 @@ static __always_inline int rsockd_ipv6(struct rsockd_config *cfg, struct ipv6hdr
 		return XDP_PASS;
 	}
 	/* payload_len 0 is a jumbogram (RFC 2675): left to the kernel as malformed */
-	stat = rsockd_check_tcp(th, end, bpf_ntohs(ip6->payload_len));
-	if (stat >= 0) {
-		rsockd_count(stat);
-		return XDP_PASS;
-	}
-	if (m == MATCH_SERVER && rsockd_is_syn(th) && !rsockd_syn_admit(cfg)) {
-		rsockd_count(RSOCKD_STAT_SYN_LIMITED);
-		return XDP_DROP;
-	}
+	verdict = rsockd_admit(th, end, bpf_ntohs(ip6->payload_len), m, cfg);
+	if (verdict != RSOCKD_REWRITE)
+		return verdict;
 
 	rsockd_tcp_to_udp(th, bpf_ntohs(ip6->payload_len));
 	ip6->nexthdr = IPPROTO_UDP;  /* IPv6 has no header checksum */

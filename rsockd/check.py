@@ -15,9 +15,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .caps import CAP_BPF, CAP_NET_ADMIN, CAP_NET_RAW, CAP_SYS_ADMIN, effective_caps
 from .config import Config
-
-CAP_NET_ADMIN, CAP_NET_RAW, CAP_SYS_ADMIN, CAP_BPF = 12, 13, 21, 39
 
 
 @dataclass
@@ -25,14 +24,6 @@ class Result:
     level: str  # ok | warn | FAIL
     what: str
     fix: str = ""
-
-
-def effective_caps() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    return 0
 
 
 def check_python() -> list[Result]:

@@ -28,6 +28,7 @@ SO_MARK = getattr(socket, "SO_MARK", 36)
 IPV6_CHECKSUM = getattr(socket, "IPV6_CHECKSUM", 7)
 IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
 SNDBUF = 4 << 20
+IN6_PKTINFO = struct.Struct("=16sI")  # struct in6_pktinfo {struct in6_addr addr; unsigned int ifindex;}
 
 Sender = Callable[[bytes], None]
 
@@ -41,45 +42,43 @@ class RawSender:
         self._socks: dict[int, socket.socket] = {}
         self._logged: set[int] = set()
 
+    #: What to say when the sockets cannot be opened for want of privilege.
+    NEED_ROOT = "raw sockets need CAP_NET_RAW and SO_MARK needs CAP_NET_ADMIN (run as root)"
+    #: The IPV6_PKTINFO option number; struct in6_pktinfo is the same on Linux and macOS.
+    IPV6_PKTINFO = IPV6_PKTINFO
+
     def _sock(self, family: int) -> socket.socket:
         s = self._socks.get(family)
-        if s is not None:
-            return s
-        try:
-            if family == socket.AF_INET:
-                s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-            else:
-                s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_TCP)
-                cbpf.attach_filter(s, cbpf.drop_all())
-                s.setsockopt(socket.IPPROTO_IPV6, IPV6_CHECKSUM, 16)
-            s.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+        if s is None:
+            try:
+                s = self._open(family)
+            except PermissionError:
+                raise RsockdError(self.NEED_ROOT) from None
             try:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
             except OSError:
-                pass
+                pass  # above the system's maximum: keep the default
             s.setblocking(False)
-        except PermissionError:
-            raise RsockdError("raw sockets need CAP_NET_RAW and SO_MARK needs CAP_NET_ADMIN (run as root)") from None
-        self._socks[family] = s
+            self._socks[family] = s
+        return s
+
+    def _open(self, family: int) -> socket.socket:
+        """A raw socket of ``family`` set up for this platform."""
+        if family == socket.AF_INET:
+            s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        else:
+            s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_TCP)
+            cbpf.attach_filter(s, cbpf.drop_all())
+            s.setsockopt(socket.IPPROTO_IPV6, IPV6_CHECKSUM, 16)
+        s.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
         return s
 
     def path(self, src: bytes, dst: bytes) -> Sender:
         """A function sending one TCP segment from ``src`` to ``dst`` (packed addresses)."""
         if len(dst) == 4:
-            s = self._sock(socket.AF_INET)
-            tmpl = IPV4_HEADER.pack(0x45, 0, 0, 0, 0x4000, 64, PROTO_TCP, 0, src, dst)
-            addr4 = (socket.inet_ntop(socket.AF_INET, dst), 0)
-            sendmsg = s.sendmsg
-
-            def send4(segment: bytes) -> None:
-                try:
-                    sendmsg((tmpl, segment), (), 0, addr4)
-                except OSError as e:
-                    self._failed(e)
-
-            return send4
+            return self._path4(self._sock(socket.AF_INET), src, dst)
         s6 = self._sock(socket.AF_INET6)
-        cmsg = [(socket.IPPROTO_IPV6, IPV6_PKTINFO, src + struct.pack("@I", 0))]
+        cmsg = [(socket.IPPROTO_IPV6, self.IPV6_PKTINFO, IN6_PKTINFO.pack(src, 0))]
         addr6 = (socket.inet_ntop(socket.AF_INET6, dst), 0, 0, 0)
         sendmsg6 = s6.sendmsg
 
@@ -90,6 +89,20 @@ class RawSender:
                 self._failed(e)
 
         return send6
+
+    def _path4(self, sock: socket.socket, src: bytes, dst: bytes) -> Sender:
+        """IPv4: a header template whose length, id and checksum the kernel fills in."""
+        tmpl = IPV4_HEADER.pack(0x45, 0, 0, 0, 0x4000, 64, PROTO_TCP, 0, src, dst)
+        addr4 = (socket.inet_ntop(socket.AF_INET, dst), 0)
+        sendmsg = sock.sendmsg
+
+        def send4(segment: bytes) -> None:
+            try:
+                sendmsg((tmpl, segment), (), 0, addr4)
+            except OSError as e:
+                self._failed(e)
+
+        return send4
 
     def _failed(self, e: OSError) -> None:
         name = errno.errorcode.get(e.errno or 0, "error").lower()

@@ -37,7 +37,6 @@ import socket
 import struct
 
 from . import rawsock
-from .errors import RsockdError
 from .packet import IPV4_HEADER, IPV4_MIN_HEADER, PROTO_TCP
 from .rawsock import Sender
 
@@ -49,9 +48,7 @@ IP_HDRINCL = 2  # <netinet/in.h> (Linux: 3)
 IPV6_CHECKSUM = 26  # <netinet6/in6.h> (Linux: 7)
 IPV6_PKTINFO = 46  # <netinet6/in6.h> IPV6_3542PKTINFO (Linux: 50); struct in6_pktinfo is the same
 IP_DF = 0x4000
-SNDBUF = 4 << 20
 _HOST_U16 = struct.Struct("=H")
-_IN6_PKTINFO = struct.Struct("=16sI")  # struct in6_pktinfo {struct in6_addr ipi6_addr; u_int ipi6_ifindex;}
 
 
 def ipv4_header(src: bytes, dst: bytes, total_length: int = 0, *, ttl: int = 64) -> bytearray:
@@ -65,60 +62,35 @@ def ipv4_header(src: bytes, dst: bytes, total_length: int = 0, *, ttl: int = 64)
 
 
 class RawSender(rawsock.RawSender):
-    """One raw socket per address family, opened on first use; counts send failures.  Only the
-    sockets and the IPv4 header differ from Linux; ``mark`` is kept and unused (no SO_MARK)."""
+    """The Linux sender with macOS's sockets and IPv4 header; ``mark`` is kept and unused."""
 
-    def _sock(self, family: int) -> socket.socket:
-        s = self._socks.get(family)
-        if s is not None:
-            return s
-        try:
-            if family == socket.AF_INET:
-                s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-                s.setsockopt(socket.IPPROTO_IP, IP_HDRINCL, 1)
-            else:
-                s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_TCP)
-                s.setsockopt(socket.IPPROTO_IPV6, IPV6_CHECKSUM, 16)
-            try:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
-            except OSError:
-                pass  # above kern.ipc.maxsockbuf: keep the default
-            s.setblocking(False)
-        except PermissionError:
-            raise RsockdError("raw sockets need root") from None
-        self._socks[family] = s
+    NEED_ROOT = "raw sockets need root"
+    IPV6_PKTINFO = IPV6_PKTINFO
+
+    def _open(self, family: int) -> socket.socket:
+        if family == socket.AF_INET:
+            s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            s.setsockopt(socket.IPPROTO_IP, IP_HDRINCL, 1)
+        else:
+            s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_TCP)
+            s.setsockopt(socket.IPPROTO_IPV6, IPV6_CHECKSUM, 16)
         return s
 
-    def path(self, src: bytes, dst: bytes) -> Sender:
-        """A function sending one TCP segment from ``src`` to ``dst`` (packed addresses)."""
-        if len(dst) == 4:
-            s = self._sock(socket.AF_INET)
-            hdr = ipv4_header(src, dst)
-            set_len = _HOST_U16.pack_into
-            addr4 = (socket.inet_ntop(socket.AF_INET, dst), 0)
-            sendmsg = s.sendmsg
+    def _path4(self, sock: socket.socket, src: bytes, dst: bytes) -> Sender:
+        hdr = ipv4_header(src, dst)
+        set_len = _HOST_U16.pack_into
+        addr4 = (socket.inet_ntop(socket.AF_INET, dst), 0)
+        sendmsg = sock.sendmsg
 
-            def send4(segment: bytes) -> None:
-                total = IPV4_MIN_HEADER + len(segment)
-                if total > 0xFFFF:
-                    self._failed(OSError(errno.EMSGSIZE, "segment too long for IPv4"))
-                    return
-                set_len(hdr, 2, total)  # sendmsg copies it, so one header serves the path
-                try:
-                    sendmsg((hdr, segment), (), 0, addr4)
-                except OSError as e:
-                    self._failed(e)
-
-            return send4
-        s6 = self._sock(socket.AF_INET6)
-        cmsg = [(socket.IPPROTO_IPV6, IPV6_PKTINFO, _IN6_PKTINFO.pack(src, 0))]
-        addr6 = (socket.inet_ntop(socket.AF_INET6, dst), 0, 0, 0)
-        sendmsg6 = s6.sendmsg
-
-        def send6(segment: bytes) -> None:
+        def send4(segment: bytes) -> None:
+            total = IPV4_MIN_HEADER + len(segment)
+            if total > 0xFFFF:
+                self._failed(OSError(errno.EMSGSIZE, "segment too long for IPv4"))
+                return
+            set_len(hdr, 2, total)  # sendmsg copies it, so one header serves the path
             try:
-                sendmsg6((segment,), cmsg, 0, addr6)
+                sendmsg((hdr, segment), (), 0, addr4)
             except OSError as e:
                 self._failed(e)
 
-        return send6
+        return send4

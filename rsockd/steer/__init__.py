@@ -16,8 +16,9 @@ only owns what it attaches and, for capture backends, its packet sockets.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -91,6 +92,25 @@ class PacketSocketReceiver:
             except (BlockingIOError, InterruptedError):
                 return
             yield view[:n]
+
+
+def split_peers(peers: Iterable[str], backend: str) -> tuple[list[ipaddress.IPv4Address],
+                                                             list[ipaddress.IPv6Address]]:
+    """Peers as sorted IPv4 and IPv6 addresses; a one-line ``SteerError`` for one that is not an address."""
+    from ..errors import SteerError
+
+    v4: set[ipaddress.IPv4Address] = set()
+    v6: set[ipaddress.IPv6Address] = set()
+    for p in peers:
+        try:
+            a = ipaddress.ip_address(p)
+        except ValueError:
+            raise SteerError(f"{backend}: peer {p!r} is not an IP address") from None
+        if isinstance(a, ipaddress.IPv4Address):
+            v4.add(a)
+        else:
+            v6.add(a)
+    return sorted(v4), sorted(v6)
 
 
 class Steering(Protocol):

@@ -61,7 +61,6 @@ import ctypes
 import errno
 import fcntl
 import glob
-import ipaddress
 import logging
 import os
 import re
@@ -74,7 +73,7 @@ from typing import Any, TypeAlias
 
 from .. import cbpf
 from ..errors import SteerError
-from . import Receiver, SteerPlan
+from . import Receiver, SteerPlan, split_peers
 
 LOG = logging.getLogger(__name__)
 
@@ -340,21 +339,6 @@ def _pf_ports(ports: Iterable[int]) -> str:
     return _pf_list([str(a) if a == b else f"{a}:{b}" for a, b in ranges]) if ranges else ""
 
 
-def _pf_peers(peers: Iterable[str]) -> tuple[list[str], list[str]]:
-    v4: set[ipaddress.IPv4Address] = set()
-    v6: set[ipaddress.IPv6Address] = set()
-    for p in peers:
-        try:
-            a = ipaddress.ip_address(p)
-        except ValueError:
-            raise SteerError(f"bpfdev: peer {p!r} is not an IP address") from None
-        if isinstance(a, ipaddress.IPv4Address):
-            v4.add(a)
-        else:
-            v6.add(a)
-    return [str(a) for a in sorted(v4)], [str(a) for a in sorted(v6)]
-
-
 def pf_anchor_rules(plan: SteerPlan) -> str:
     """The rules of the instance's anchor (see the module docstring).  Raises ``SteerError`` for
     a plan that cannot be written as pf rules (bad interface name, peer or port)."""
@@ -373,7 +357,7 @@ def pf_anchor_rules(plan: SteerPlan) -> str:
             passes.append(f"pass out quick proto tcp from any port {tunnel} to any no state")
     elif plan.role == "client":
         local = _pf_ports(plan.local_ports)
-        peers4, peers6 = _pf_peers(plan.peers)
+        peers4, peers6 = ([str(a) for a in fam] for fam in split_peers(plan.peers, "bpfdev"))
         for af, peers, label in (("inet", peers4, LABEL_V4), ("inet6", peers6, LABEL_V6)):
             if not (peers and tunnel and local):
                 continue

@@ -32,7 +32,6 @@ backend.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import re
 import socket
@@ -40,9 +39,9 @@ import struct
 from collections.abc import Iterable
 from typing import Any
 
-from .. import cbpf
+from .. import caps, cbpf
 from ..errors import SteerError
-from . import PacketSocketReceiver, Receiver, SteerPlan
+from . import PacketSocketReceiver, Receiver, SteerPlan, split_peers
 
 LOG = logging.getLogger(__name__)
 
@@ -127,7 +126,7 @@ def notrack_ruleset(instance: str, mark: int) -> list[Json]:
 def set_elements(plan: SteerPlan) -> list[Json]:
     """Commands that fill the four sets from ``plan`` (libnftables rejects an empty ``elem``)."""
     name = table_name(plan.instance)
-    peers4, peers6 = split_peers(plan.peers)
+    peers4, peers6 = split_peers(plan.peers, "nft")
     content: dict[str, list[Any]] = {
         "tunnel_ports": _port_elems(plan.tunnel_ports),
         "local_ports": _port_elems(plan.local_ports) if plan.role == "client" else [],
@@ -178,22 +177,6 @@ def _port_elems(ports: Iterable[int]) -> list[Any]:
     return [a if a == b else {"range": [a, b]} for a, b in cbpf.port_ranges(ports)]
 
 
-def split_peers(peers: Iterable[str]) -> tuple[list[ipaddress.IPv4Address], list[ipaddress.IPv6Address]]:
-    """Peers as sorted IPv4 and IPv6 addresses; ``SteerError`` for one that is not an address."""
-    v4: set[ipaddress.IPv4Address] = set()
-    v6: set[ipaddress.IPv6Address] = set()
-    for p in peers:
-        try:
-            a = ipaddress.ip_address(p)
-        except ValueError:
-            raise SteerError(f"nft: peer {p!r} is not an IP address") from None
-        if isinstance(a, ipaddress.IPv4Address):
-            v4.add(a)
-        else:
-            v6.add(a)
-    return sorted(v4), sorted(v6)
-
-
 def _check_mark(mark: int) -> None:
     if not 0 < mark <= 0xFFFFFFFF:
         raise SteerError(f"nft: mark {mark:#x} must be a non-zero 32-bit value")
@@ -209,7 +192,7 @@ def _context() -> Any:
         import nftables
     except ImportError:
         raise SteerError("nft: python3-nftables is not installed") from None
-    if not _has_net_admin():
+    if not caps.has(caps.CAP_NET_ADMIN):
         # Checked first: without it libnftables also prints its own complaint to stderr.
         raise SteerError("nft: no CAP_NET_ADMIN (run as root)")
     try:
@@ -264,15 +247,6 @@ def cleanup_stale(instance: str) -> bool:
     if found:
         LOG.info("removed stale nft table %s %s", FAMILY, table_name(instance))
     return found
-
-
-def _has_net_admin() -> bool:
-    try:
-        with open("/proc/self/status") as f:
-            caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
-    except (OSError, StopIteration, ValueError):
-        return False
-    return bool(caps & (1 << 12))  # CAP_NET_ADMIN
 
 
 def nft_available() -> str | None:
@@ -445,7 +419,7 @@ class NftSteering:
         self._ctx = None
 
     def _program(self, plan: SteerPlan) -> cbpf.Program:
-        split_peers(plan.peers)  # a bad address fails here with a one-line SteerError
+        split_peers(plan.peers, "nft")  # a bad address fails here with a one-line SteerError
         try:
             return receiver_filter(plan)
         except ValueError as err:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..caps import CAP_NET_ADMIN, CAP_SYS_ADMIN, effective_caps
 from ..errors import SteerError
 from . import STEER_COUNTERS, SteerPlan, bpfsys
 from .bpfsys import CONFIG_TAG_END, PORT_LOCAL, PORT_PEER, PORT_SERVER, PROG_PREFIX, BpfMap, PinnedMaps, RsockdConfig
@@ -91,14 +92,6 @@ def _check_instance(name: str) -> None:
         raise SteerError(f"instance name {name!r} must be 1-64 of A-Z a-z 0-9 _ . @ -")
 
 
-def _effective_caps() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    return 0
-
-
 def bcc_available() -> str | None:
     """None when the XDP backend can work here, else a one-line reason (for the nft fallback)."""
     if importlib.util.find_spec("bcc") is None:
@@ -106,8 +99,9 @@ def bcc_available() -> str | None:
     release = os.uname().release
     if not (os.path.isdir(f"/lib/modules/{release}/build") or os.path.exists("/sys/kernel/kheaders.tar.xz")):
         return f"no kernel headers at /lib/modules/{release}/build (Debian: linux-headers-{release})"
-    caps = _effective_caps()
-    missing = [name for name, bit in (("CAP_SYS_ADMIN", 21), ("CAP_NET_ADMIN", 12)) if not caps >> bit & 1]
+    caps = effective_caps()
+    missing = [name for name, bit in (("CAP_SYS_ADMIN", CAP_SYS_ADMIN), ("CAP_NET_ADMIN", CAP_NET_ADMIN))
+               if not caps >> bit & 1]
     if missing:
         return f"loading XDP needs {' and '.join(missing)} (run as root)"
     return None

@@ -58,7 +58,7 @@ def test_the_per_segment_length_write_is_host_order() -> None:
 def test_macos_option_numbers() -> None:
     # <netinet/in.h> IP_HDRINCL 2; <netinet6/in6.h> IPV6_CHECKSUM 26, IPV6_3542PKTINFO 46.
     assert (rawsock_darwin.IP_HDRINCL, rawsock_darwin.IPV6_CHECKSUM, rawsock_darwin.IPV6_PKTINFO) == (2, 26, 46)
-    assert rawsock_darwin._IN6_PKTINFO.size == 20
+    assert rawsock.IN6_PKTINFO.size == 20  # the same struct in6_pktinfo on both
 
 
 def test_same_public_api_as_linux() -> None:
