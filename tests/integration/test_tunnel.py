@@ -67,22 +67,35 @@ def test_the_kernel_sends_no_rst_or_ack_for_tunnel_ports(tmp_path: Path, backend
         net = rig.net
         base = {s: nstat(net, s, "TcpOutRsts", "TcpOutSegs") for s in "cs"}
         caps = {s: capture_first_rst(rig, s, tmp_path / f"rst-{s}.pcap") for s in "cs"}
-        res = rig.echo_run(300, size=500, timeout=0.5)
-        assert res.received == 300
-        after = {s: nstat(net, s, "TcpOutRsts", "TcpOutSegs") for s in "cs"}
-        # Raw-socket sends do not count as TcpOutSegs: any growth would be a kernel-made segment.
-        assert after == base, (base, after)
-        assert rig.server.status()["steering"]["guard_dropped"] == 0  # type: ignore[union-attr]
-        assert rig.client.status()["steering"]["guard_dropped"] == 0
-        # The control case ends both captures: a kernel RST for a port that is not steered.  Had the
-        # kernel sent any RST during the traffic, that would have been each capture's one packet.
-        marker_rst(rig)
-        for side, p in caps.items():
-            assert p.wait(timeout=10) == 0
-            pkts = rdpcap(str(tmp_path / f"rst-{side}.pcap"))
-            assert len(pkts) == 1 and pkts[0][TCP].sport == MARK_DPORT and pkts[0][TCP].dport == MARK_SPORT, (
-                side, pkts[0].summary())
-        assert nstat(net, "s", "TcpOutRsts")["TcpOutRsts"] == base["s"]["TcpOutRsts"] + 1
+        try:
+            _no_rst_during_traffic(rig, base, caps, tmp_path)
+        finally:
+            for p in caps.values():  # never leave a capture waiting for its packet
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+
+
+def _no_rst_during_traffic(rig: Rig, base: dict[str, dict[str, int]], caps: dict[str, subprocess.Popen[str]],
+                           tmp_path: Path) -> None:
+    """Traffic, then the checks: no kernel-made TCP segment, and each capture's one RST is the marker."""
+    net = rig.net
+    res = rig.echo_run(300, size=500, timeout=0.5)
+    assert res.received == 300
+    after = {s: nstat(net, s, "TcpOutRsts", "TcpOutSegs") for s in "cs"}
+    # Raw-socket sends do not count as TcpOutSegs: any growth would be a kernel-made segment.
+    assert after == base, (base, after)
+    assert rig.server.status()["steering"]["guard_dropped"] == 0  # type: ignore[union-attr]
+    assert rig.client.status()["steering"]["guard_dropped"] == 0
+    # The control case ends both captures: a kernel RST for a port that is not steered.  Had the
+    # kernel sent any RST during the traffic, that would have been each capture's one packet.
+    marker_rst(rig)
+    for side, p in caps.items():
+        assert p.wait(timeout=10) == 0
+        pkts = rdpcap(str(tmp_path / f"rst-{side}.pcap"))
+        assert len(pkts) == 1 and pkts[0][TCP].sport == MARK_DPORT and pkts[0][TCP].dport == MARK_SPORT, (
+            side, pkts[0].summary())
+    assert nstat(net, "s", "TcpOutRsts")["TcpOutRsts"] == base["s"]["TcpOutRsts"] + 1
 
 
 @pytest.mark.parametrize("transport", ["tcp", "udp"])
