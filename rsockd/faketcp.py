@@ -41,7 +41,7 @@ import struct
 from collections import Counter, deque
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Literal
+from typing import Any, Literal
 
 from . import framing
 from .counters import new_drops
@@ -216,6 +216,7 @@ class Connection:
         self.reconnects = 0
         self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
         self.last_rx = self.last_tx = 0.0
+        self.io: Any = None  # for the owner: the daemon keeps this connection's send function here
 
         self._psum = pseudo_sum(local[0], remote[0]) if len(local[0]) == len(remote[0]) else 0
         self._iss = 0

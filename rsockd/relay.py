@@ -139,7 +139,6 @@ class Relay:
         self.mtu = cfg.mtu or 1500
         self.max_datagram = 0
         self.app_rx = self.app_tx = self.app_rx_bytes = self.app_tx_bytes = 0
-        self._senders: dict[int, Sender] = {}  # id(connection) -> raw sender path
         self._sockets: list[socket.socket] = []
         self._readers: list[int] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -173,7 +172,7 @@ class Relay:
     # -- sending --------------------------------------------------------------------------------
 
     def _sender(self, conn: Connection) -> Sender:
-        s = self._senders.get(id(conn))
+        s: Sender | None = conn.io
         if s is None:
             if conn.transport == "udp":
                 sock = self._udp_socket(conn.local)
@@ -188,7 +187,7 @@ class Relay:
                         self.tx_errors[errno.errorcode.get(e.errno or 0, "error").lower()] += 1
             else:
                 s = self.raw.path(conn.local[0], conn.remote[0])
-            self._senders[id(conn)] = s
+            conn.io = s
         return s
 
     def _udp_socket(self, local: tuple[bytes, int]) -> socket.socket:
@@ -613,7 +612,6 @@ class ServerRelay(Relay):
                 LOG.info("connection %s (%s) closed: %s", _peer(conn), conn.transport, ev.reason)
             self.acceptor.forget(conn)
             self.sessions.remove_connection(conn)
-            self._senders.pop(id(conn), None)
             self._changed()
         elif isinstance(ev, FlowClosed):
             session = self.sessions.session_of(conn)
@@ -625,7 +623,6 @@ class ServerRelay(Relay):
         """Forget a connection replaced by a newer one on the same tuple/index, silently."""
         self.acceptor.forget(conn)
         self.sessions.remove_connection(conn)
-        self._senders.pop(id(conn), None)
         conn.state = State.CLOSED
 
     def _follow_mtu(self) -> None:
@@ -789,7 +786,6 @@ class ClientRelay(Relay):
             sock.close()
             self._sockets.remove(sock)
         self._tunnel_socks.clear()
-        self._senders.clear()
         self._by_port.clear()
         self._tunnel.clear()
         self.local_ports = []
