@@ -64,6 +64,7 @@ Role = Literal["client", "server"]
 Transport = Literal["tcp", "udp"]
 Endpoint = tuple[bytes, int]  # packed address, port
 
+CHALLENGE_INTERVAL = 0.1  # at most 10 challenge ACKs a second per connection
 WSCALE = 7  # Linux's usual shift; 65535 << 7 ~ 8 MiB advertised
 WINDOW = 0xFFFF
 MASK32 = 0xFFFFFFFF
@@ -216,6 +217,7 @@ class Connection:
         self.reconnects = 0
         self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
         self.last_rx = self.last_tx = 0.0
+        self._challenged = -1e9
         self.io: Any = None  # for the owner: the daemon keeps this connection's send function here
 
         self._psum = pseudo_sum(local[0], remote[0]) if len(local[0]) == len(remote[0]) else 0
@@ -442,19 +444,22 @@ class Connection:
         elif state == State.CLOSED:
             self.drops["unexpected"] += 1
             return []
-        if self._ts_ok:
-            ts = _timestamps(hdr.options)
-            if ts is not None:
-                self._ts_recent = ts[0]
-        end = (hdr.seq + len(payload) + (1 if flags & FIN else 0)) & MASK32
-        in_order = hdr.seq == self.rcv_nxt
-        if seq_after(end, self.rcv_nxt):
-            self.rcv_nxt = end
         self.last_rx = now
+        # Only what authenticates may move rcv_nxt (and the timestamp we echo): a bare ACK carries
+        # no sequence space, and a spoofed one must not shift the number RST/FIN are judged by.
+        in_order = hdr.seq == self.rcv_nxt
         data: list[tuple[int, memoryview]] = []
-        closing = False
+        closing = authed = False
         if payload:
-            data, closing = self._records(memoryview(payload), now)
+            data, closing, authed = self._records(memoryview(payload), now)
+        if authed:
+            end = (hdr.seq + len(payload)) & MASK32
+            if seq_after(end, self.rcv_nxt):
+                self.rcv_nxt = end
+            if self._ts_ok:
+                ts = _timestamps(hdr.options)
+                if ts is not None:
+                    self._ts_recent = ts[0]
             if self.state in (State.HELLO, State.ESTABLISHED, State.FIN_WAIT):
                 self._unacked += 1
                 if self._unacked >= self.timing.ack_every:
@@ -463,6 +468,9 @@ class Connection:
                     self._ack_at = now + self.timing.ack_delay
         if flags & FIN:
             if closing or in_order:
+                fin = (hdr.seq + len(payload) + 1) & MASK32
+                if seq_after(fin, self.rcv_nxt):
+                    self.rcv_nxt = fin
                 self._on_fin(now)
             else:
                 self.drops["rst_ignored"] += 1
@@ -476,7 +484,7 @@ class Connection:
         if self.state == State.CLOSED:
             self.drops["unexpected"] += 1
             return []
-        data, closing = self._records(memoryview(payload)[1:], now)
+        data, closing, _authed = self._records(memoryview(payload)[1:], now)
         if closing:
             self._closed("peer closed", now)
         return data
@@ -511,7 +519,7 @@ class Connection:
                 self.drops["rst_ignored"] += 1
             return
         if payload and self._opener is not None:
-            _data, closing = self._records(memoryview(payload), now)
+            _data, closing, _authed = self._records(memoryview(payload), now)
             if closing and self.state != State.CLOSED:
                 self._closed("reset", now, "rst")
                 return
@@ -521,7 +529,9 @@ class Connection:
             self._closed("reset", now, "rst")
         elif 0 < (hdr.seq - self.rcv_nxt) & MASK32 < (WINDOW << WSCALE):
             self.drops["rst_ignored"] += 1
-            self._send(ACK, b"", now)  # challenge ACK (RFC 5961 §3.2)
+            if now - self._challenged >= CHALLENGE_INTERVAL:  # RFC 5961 §5: rate-limited
+                self._challenged = now
+                self._send(ACK, b"", now)  # challenge ACK (RFC 5961 §3.2)
         else:
             self.drops["rst_ignored"] += 1
 
@@ -536,17 +546,18 @@ class Connection:
 
     # -- records and frames ---------------------------------------------------------------------
 
-    def _records(self, payload: memoryview, now: float) -> tuple[list[tuple[int, memoryview]], bool]:
-        """Open every record of a payload; returns (DATA frames, whether a CLOSE frame came)."""
+    def _records(self, payload: memoryview, now: float) -> tuple[list[tuple[int, memoryview]], bool, bool]:
+        """Open every record of a payload; returns (DATA frames, whether a CLOSE frame came,
+        whether any record authenticated)."""
         data: list[tuple[int, memoryview]] = []
-        closing = False
+        closing = authed = False
         try:
             for counter, tag, frames in framing.split_records(payload):
                 opener = self._opener
                 if opener is None:
                     opener = self._opener_from_hello(frames)
                     if opener is None:
-                        return data, closing
+                        return data, closing, authed
                 if not opener.window.fresh(counter):
                     self.drops["replay"] += 1
                     continue
@@ -558,10 +569,11 @@ class Connection:
                     self._sealer = self.keyring.sealer(self._nonce, framing.DIR_SERVER_TO_CLIENT)
                 opener.window.mark(counter)
                 self._last_auth = now
+                authed = True
                 closing = self._frames(frames, data, now) or closing
         except FrameError:
             self.drops["malformed"] += 1
-        return data, closing
+        return data, closing, authed
 
     def _opener_from_hello(self, frames: memoryview) -> framing.Opener | None:
         """Server: the first record must start with a HELLO, whose nonce keys the connection."""

@@ -205,9 +205,6 @@ def test_an_rst_at_exactly_the_expected_sequence_resets_and_the_tunnel_recovers(
 
 
 @root_slow
-@pytest.mark.xfail(strict=True, reason="bug: Connection.receive advances rcv_nxt on unauthenticated segments, so a "
-                                       "spoofed bare ACK moves RCV.NXT to where a second spoofed RST then resets "
-                                       "(defeats RFC 5961 §3.2)")
 @pytest.mark.parametrize("side", ["client", "server"])
 def test_two_blind_segments_cannot_reset_a_connection(tmp_path: Path, side: str) -> None:
     """A blind attacker who knows the 4-tuple but not the sequence numbers: a bare ACK far ahead
