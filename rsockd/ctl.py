@@ -149,11 +149,15 @@ def ask(path: str, command: str) -> dict[str, Any]:
         if e.errno in (errno.EACCES, errno.EPERM):
             raise NoPermission(f"permission denied on {path}: run with sudo or join the socket's group") from None
         raise RsockdError(f"{path}: {e.strerror or e}") from None
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise RsockdError(f"{path}: the daemon answered something that is not JSON") from None
+    if not isinstance(resp, dict):
+        raise RsockdError(f"{path}: the daemon's answer is not a JSON object")
     if not resp.get("ok"):
         raise RsockdError(f"the daemon refused {command!r}: {resp.get('error')}")
-    data: dict[str, Any] = resp["data"]
+    data = resp.get("data")
+    if not isinstance(data, dict):
+        raise RsockdError(f"{path}: the daemon's answer has no data object")
     return data
 
 

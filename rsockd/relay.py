@@ -194,13 +194,17 @@ class Relay:
         raise NotImplementedError
 
     def _flush(self, conn: Connection) -> None:
-        """Send what ``conn`` produced and handle its events."""
-        out = conn.segments_to_send()
-        if out:
-            send = self._sender(conn)
-            for seg in out:
-                send(seg)
-        while (ev := conn.next_event()) is not None:
+        """Send what ``conn`` produced and handle its events, until neither is left: handling an
+        event may produce segments (accepting a hello makes the HELLO_ACK), which go out now."""
+        while True:
+            out = conn.segments_to_send()
+            if out:
+                send = self._sender(conn)
+                for seg in out:
+                    send(seg)
+            ev = conn.next_event()
+            if ev is None:
+                break
             self._event(conn, ev)
         t = conn.get_timer()
         if t is not None and t < self._timer_at:

@@ -173,9 +173,6 @@ answers = st.one_of(
 )
 
 
-@pytest.mark.xfail(strict=True, reason="bug: rsockctl's ask()/request() let UnicodeDecodeError, AttributeError "
-                                       "(a JSON answer that is not an object) and KeyError (no 'data') escape as "
-                                       "tracebacks, and return a non-dict 'data' to the renderers")
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(answers)
 @example(b"\x80")  # not UTF-8
