@@ -21,6 +21,7 @@ DROP_REASONS: dict[str, str] = {
     "limit": "session, flow or connection limit reached",
     "oversized": "datagram larger than the tunnel can carry",
     "no_route": "no live connection to send on",
+    "not_local": "captured segment addressed to another host (capture backends)",
 }
 
 

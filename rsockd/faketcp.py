@@ -748,7 +748,7 @@ class Connection:
 # ---------------------------------------------------------------------------------------------
 # The server's passive side
 
-ConnKey = tuple[str, int, bytes, int]  # transport, local port, remote address, remote port
+ConnKey = tuple[str, bytes, int, bytes, int]  # transport, local address and port, remote address and port
 
 
 class Acceptor:
@@ -800,7 +800,7 @@ class Acceptor:
     def segment(self, local: Endpoint, remote: Endpoint, hdr: TcpHeader, payload: bytes | memoryview,
                 now: float) -> tuple[Connection | None, list[tuple[int, memoryview]]]:
         """Route one TCP segment; returns the connection that took it and its DATA frames."""
-        key: ConnKey = ("tcp", local[1], remote[0], remote[1])
+        key: ConnKey = ("tcp", local[0], local[1], remote[0], remote[1])
         flags = hdr.flags
         pend = self.pending.get(key)
         if flags & SYN and not flags & ACK:
@@ -824,7 +824,7 @@ class Acceptor:
     def datagram(self, local: Endpoint, remote: Endpoint, payload: bytes | memoryview,
                  now: float) -> tuple[Connection | None, list[tuple[int, memoryview]]]:
         """Route one datagram of the udp transport (first byte ``UDP_MARKER``)."""
-        key: ConnKey = ("udp", local[1], remote[0], remote[1])
+        key: ConnKey = ("udp", local[0], local[1], remote[0], remote[1])
         conn = self.connections.get(key) or self.pending.get(key)
         if conn is not None and not _is_new_hello(payload, conn):
             return conn, conn.receive_datagram(payload, now)
@@ -855,7 +855,7 @@ class Acceptor:
 
     @staticmethod
     def key_of(conn: Connection) -> ConnKey:
-        return (conn.transport, conn.local[1], conn.remote[0], conn.remote[1])
+        return (conn.transport, conn.local[0], conn.local[1], conn.remote[0], conn.remote[1])
 
     def all(self) -> list[Connection]:
         return [*self.pending.values(), *self.connections.values()]

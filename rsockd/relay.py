@@ -150,6 +150,30 @@ class Relay:
         self.interfaces: tuple[str, ...] = ()
         self.closing = False
         self.on_change: Callable[[], None] | None = None  # connections came up or went down
+        self.local_addrs: frozenset[bytes] = frozenset()  # ours, packed: captured segments must be for one
+        self.capturing = False
+        self._ticks = 0
+
+    def _tick(self) -> None:
+        """Once a second: every 5 s, re-read our addresses when a capture backend needs them."""
+        self._ticks += 1
+        if self.capturing and self._ticks % 5 == 0:
+            self.refresh_local_addrs()
+
+    def refresh_local_addrs(self) -> None:
+        """The addresses captured segments may be for: local_ip, else every address of our interfaces."""
+        if self.cfg.local_ip:
+            self.local_addrs = frozenset({pack_address(self.cfg.local_ip)})
+            return
+        from .netinfo import interface_addresses
+
+        found: set[bytes] = set()
+        for name in self.interfaces:
+            try:
+                found.update(pack_address(a.split("%")[0]) for a in interface_addresses(name))
+            except (OSError, RsockdError, ValueError):
+                continue  # an interface that went away: steering says so
+        self.local_addrs = frozenset(found)
 
     # -- set-up helpers -------------------------------------------------------------------------
 
@@ -168,6 +192,9 @@ class Relay:
         for rx in receivers:
             self.loop.add_reader(rx.fileno(), self._on_packets, rx)
             self._readers.append(rx.fileno())
+        self.capturing = bool(receivers)
+        if self.capturing:
+            self.refresh_local_addrs()
 
     # -- sending --------------------------------------------------------------------------------
 
@@ -261,6 +288,9 @@ class Relay:
             ip, l4 = parse_ip(pkt)
             if ip.proto != PROTO_TCP or ip.fragment:
                 self.drops["malformed"] += 1
+                return
+            if ip.dst not in self.local_addrs:  # a capture sees the link, not just what is ours
+                self.drops["not_local"] += 1
                 return
             if not transport_checksum_ok(pseudo_sum(ip.src, ip.dst), l4):
                 self.drops["bad_checksum"] += 1
@@ -652,6 +682,7 @@ class ServerRelay(Relay):
 
     def _housekeep(self) -> None:
         now = self.loop.time()
+        self._tick()
         self._follow_mtu()
         flows, _sessions = self.sessions.expire(now, now + self.clock_offset)
         for flow in flows:
@@ -795,6 +826,8 @@ class ClientRelay(Relay):
         self.local_ports = []
         self.conns = []
         self._bind_tunnel(route)
+        if self.capturing:
+            self.refresh_local_addrs()
         self.flows.rebalance()
         if self.on_rebind is not None:
             self.on_rebind()
@@ -954,6 +987,7 @@ class ClientRelay(Relay):
 
     def _housekeep(self) -> None:
         now = self.loop.time()
+        self._tick()
         self.check_path()
         gone: list[ClientFlow] = self.flows.expire(now)
         for flow in gone:

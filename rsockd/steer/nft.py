@@ -106,6 +106,9 @@ _NFPROTO: Json = {"meta": {"key": "nfproto"}}
 # flags & (rst|ack) != 0: any of the two set.
 _RST_OR_ACK = _match({"&": [_tcp("flags"), {"|": ["rst", "ack"]}]}, 0, "!=")
 _DROP: Json = {"drop": None}
+# Only segments addressed to this host: a host that also forwards traffic keeps forwarding
+# transit segments on the same ports.
+_LOCAL: Json = {"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}}
 
 SETS = {"tunnel_ports": "inet_service", "local_ports": "inet_service", "peers4": "ipv4_addr",
         "peers6": "ipv6_addr"}
@@ -157,14 +160,14 @@ def ruleset(plan: SteerPlan) -> list[Json]:
     if plan.role == "server":
         for fam, counter in (("ipv4", "steered_v4"), ("ipv6", "steered_v6")):
             cmds.append(_rule(name, "prerouting", _match(_NFPROTO, fam), _match(_tcp("dport"), "@tunnel_ports"),
-                              {"counter": counter}, _DROP))
+                              _LOCAL, {"counter": counter}, _DROP))
         cmds += [_chain(name, "output", "output"), _notrack_rule(name, plan.mark),
                  _rule(name, "output", _match(_tcp("sport"), "@tunnel_ports"), _RST_OR_ACK, unmarked, guard, _DROP)]
         return cmds
     for proto, peers, counter in (("ip", "@peers4", "steered_v4"), ("ip6", "@peers6", "steered_v6")):
         cmds.append(_rule(name, "prerouting", _match(_addr(proto, "saddr"), peers),
                           _match(_tcp("sport"), "@tunnel_ports"), _match(_tcp("dport"), "@local_ports"),
-                          {"counter": counter}, _DROP))
+                          _LOCAL, {"counter": counter}, _DROP))
     cmds += [_chain(name, "output", "output"), _notrack_rule(name, plan.mark)]
     for proto, peers in (("ip", "@peers4"), ("ip6", "@peers6")):
         cmds.append(_rule(name, "output", _match(_addr(proto, "daddr"), peers),
