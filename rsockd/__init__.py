@@ -1,6 +1,6 @@
 """rsockd: carry UDP datagrams inside fake TCP segments.
 
-Importing the package loads nothing platform-specific: bcc, nftables, pyroute2 and the
+Importing the package loads nothing platform-specific: bcc, nftables and the
 macOS ioctls are imported only inside their backends (``rsockd.steer``).
 """
 

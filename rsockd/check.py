@@ -28,7 +28,7 @@ class Result:
 
 def check_python() -> list[Result]:
     out = [Result("ok", f"python {sys.version.split()[0]}")]
-    for mod, pkg, need in (("pyroute2", "python3-pyroute2", True), ("sdnotify", "python3-sdnotify", False),
+    for mod, pkg, need in (("sdnotify", "python3-sdnotify", False),
                            ("nftables", "python3-nftables", False), ("bcc", "python3-bpfcc", False)):
         if importlib.util.find_spec(mod) is None:
             out.append(Result("FAIL" if need else "warn", f"python module {mod} missing", f"apt install {pkg}"))

@@ -1,9 +1,9 @@
-"""What the host's network looks like: routes, interfaces, addresses, MTUs (Linux, pyroute2).
+"""What the host's network looks like: routes, interfaces, addresses, MTUs.
 
-On macOS the same functions come from ``rsockd.netinfo_darwin`` (``route``, ``ifconfig``).
-pyroute2 is imported inside the functions so that ``import rsockd`` works anywhere.
-Interface facts come from netlink, not /sys: a daemon placed in a namespace by systemd's
-``NetworkNamespacePath=`` still sees the host's sysfs.
+Linux asks rtnetlink directly (``rsockd.rtnl``): pyroute2 would cost the daemon 10 MB of memory,
+and interface facts must come from netlink, not /sys (a daemon placed in a namespace by systemd's
+``NetworkNamespacePath=`` still sees the host's sysfs).  On macOS the same functions come from
+``rsockd.netinfo_darwin`` (``route``, ``ifconfig``).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import ipaddress
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any
 
 from .errors import RsockdError
+from .rtnl import Link, Rtnl
 
 _DARWIN = sys.platform == "darwin"
 
@@ -26,10 +26,8 @@ class Route:
     mtu: int
 
 
-def _ipr() -> Any:
-    from pyroute2 import IPRoute
-
-    return IPRoute()
+def _text(packed: bytes) -> str:
+    return socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)
 
 
 def route_to(dest: str) -> Route:
@@ -38,23 +36,23 @@ def route_to(dest: str) -> Route:
         from . import netinfo_darwin
 
         return netinfo_darwin.route_to(dest)
-    fam = socket.AF_INET6 if ipaddress.ip_address(dest).version == 6 else socket.AF_INET
-    with _ipr() as ipr:
+    packed = ipaddress.ip_address(dest).packed
+    with Rtnl() as nl:
         try:
-            msgs = ipr.route("get", dst=dest, family=fam)
-        except Exception as e:  # pyroute2 raises NetlinkError (an OSError subclass) on no route
-            raise RsockdError(f"no route to {dest}: {getattr(e, 'strerror', None) or e}") from None
-        if not msgs:
+            info = nl.route_get(packed)
+        except OSError as e:
+            raise RsockdError(f"no route to {dest}: {e.strerror}") from None
+        if info is None:
             raise RsockdError(f"no route to {dest}")
-        oif = msgs[0].get_attr("RTA_OIF")
-        src = msgs[0].get_attr("RTA_PREFSRC")
-        name = socket.if_indextoname(oif)
-        return Route(name, src, _mtu(ipr, oif))
+        link = _link_by_index(nl, info.oif)
+        return Route(link.name, _text(info.prefsrc) if info.prefsrc else None, link.mtu or 1500)
 
 
-def _mtu(ipr: Any, index: int) -> int:
-    links = ipr.get_links(index)
-    return int(links[0].get_attr("IFLA_MTU")) if links else 1500
+def _link_by_index(nl: Rtnl, index: int) -> Link:
+    for link in nl.links():
+        if link.index == index:
+            return link
+    raise RsockdError(f"interface index {index} disappeared")
 
 
 def interface_mtu(name: str) -> int:
@@ -62,12 +60,11 @@ def interface_mtu(name: str) -> int:
         from . import netinfo_darwin
 
         return netinfo_darwin.interface_mtu(name)
-    try:
-        index = socket.if_nametoindex(name)
-    except OSError:
-        raise RsockdError(f"interface {name} does not exist") from None
-    with _ipr() as ipr:
-        return _mtu(ipr, index)
+    with Rtnl() as nl:
+        link = nl.link(name)
+    if link is None:
+        raise RsockdError(f"interface {name} does not exist")
+    return int(link.mtu) or 1500
 
 
 def interface_exists(name: str) -> bool:
@@ -84,9 +81,12 @@ def interface_addresses(name: str) -> list[str]:
         from . import netinfo_darwin
 
         return netinfo_darwin.interface_addresses(name)
-    with _ipr() as ipr:
+    try:
         index = socket.if_nametoindex(name)
-        return [str(m.get_attr("IFA_ADDRESS")) for m in ipr.get_addr(index=index)]
+    except OSError:
+        raise RsockdError(f"interface {name} does not exist") from None
+    with Rtnl() as nl:
+        return [_text(a) for _i, a in nl.addresses(index)]
 
 
 def interface_of(address: str) -> str | None:
@@ -95,12 +95,11 @@ def interface_of(address: str) -> str | None:
         from . import netinfo_darwin
 
         return netinfo_darwin.interface_of(address)
-    want = ipaddress.ip_address(address)
-    with _ipr() as ipr:
-        for m in ipr.get_addr():
-            a = m.get_attr("IFA_ADDRESS") or m.get_attr("IFA_LOCAL")
-            if a and ipaddress.ip_address(a) == want:
-                return socket.if_indextoname(m["index"])
+    want = ipaddress.ip_address(address).packed
+    with Rtnl() as nl:
+        for index, addr in nl.addresses():
+            if addr == want:
+                return socket.if_indextoname(index)
     return None
 
 
@@ -111,14 +110,12 @@ def default_interfaces() -> list[str]:
 
         return netinfo_darwin.default_interfaces()
     out: list[str] = []
-    with _ipr() as ipr:
-        for fam in (socket.AF_INET, socket.AF_INET6):
-            for r in ipr.get_default_routes(family=fam):
-                oif = r.get_attr("RTA_OIF")
-                if oif:
-                    name = socket.if_indextoname(oif)
-                    if name not in out:
-                        out.append(name)
+    with Rtnl() as nl:
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for index in nl.default_route_links(family):
+                name = socket.if_indextoname(index)
+                if name not in out:
+                    out.append(name)
     return out
 
 

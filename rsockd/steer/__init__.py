@@ -1,7 +1,7 @@
 """Steering backends: keep the kernel's TCP stack away from tunnel segments and hand them to us.
 
 One backend per module, all behind the ``Steering`` protocol; each imports its platform
-libraries (bcc, nftables, pyroute2, macOS ioctls) inside its own module, so importing this
+libraries (bcc, nftables, macOS ioctls) inside its own module, so importing this
 package loads none of them.
 
 - ``xdp``   (Linux): XDP rewrites tunnel segments into UDP in place; they land on the daemon's

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from rsockd.steer import SteerPlan, bpfsys, rtnl
+from rsockd import rtnl
+from rsockd.steer import SteerPlan, bpfsys
 from rsockd.steer.bcc_loader import LoaderError, Request
 from rsockd.steer.xdp import XdpSteering, guard_handle, instance_tag, plan_ports, plan_syn_limit
 

@@ -37,6 +37,10 @@ NLMSGERR_ATTR_MSG = 1
 NLA_F_NESTED = 0x8000
 NLA_TYPE_MASK = 0x3FFF
 
+RTM_NEWROUTE = 24
+RTM_GETROUTE = 26
+RTM_NEWADDR = 20
+RTM_GETADDR = 22
 RTM_GETLINK = 18
 RTM_SETLINK = 19
 RTM_NEWQDISC = 36
@@ -46,6 +50,14 @@ RTM_DELTFILTER = 45
 RTM_GETTFILTER = 46
 
 IFLA_IFNAME = 3
+IFLA_MTU = 4
+RTA_DST = 1
+RTA_OIF = 4
+RTA_PREFSRC = 7
+RTA_TABLE = 15
+RT_TABLE_MAIN = 254
+IFA_ADDRESS = 1
+IFA_LOCAL = 2
 IFLA_EXT_MASK = 29
 IFLA_XDP = 43
 IFLA_XDP_FD = 1
@@ -86,6 +98,8 @@ ETH_P_ALL = 0x0003
 _NLMSGHDR = struct.Struct("=IHHII")  # len type flags seq pid
 _IFINFOMSG = struct.Struct("=BxHiII")  # family type index flags change
 _TCMSG = struct.Struct("=BxxxiIII")  # family ifindex handle parent info
+_RTMSG = struct.Struct("=BBBBBBBBI")  # family dst_len src_len tos table protocol scope type flags
+_IFADDRMSG = struct.Struct("=BBBBI")  # family prefixlen flags scope index
 _NLATTR = struct.Struct("=HH")
 
 
@@ -96,6 +110,15 @@ class Link:
     index: int
     name: str
     xdp: dict[str, int]
+    mtu: int = 0
+
+
+@dataclass(frozen=True)
+class RouteInfo:
+    """Where the kernel sends a packet: the outgoing link and the source address it would use."""
+
+    oif: int
+    prefsrc: bytes | None
 
 
 @dataclass(frozen=True)
@@ -215,10 +238,12 @@ class Rtnl:
     @staticmethod
     def _parse_link(body: bytes) -> Link:
         _family, _type, index, _flags, _change = _IFINFOMSG.unpack_from(body)
-        name, xdp = "", {}
+        name, xdp, mtu = "", {}, 0
         for kind, value in _attrs(body, _IFINFOMSG.size):
             if kind == IFLA_IFNAME:
                 name = _asciiz(value)
+            elif kind == IFLA_MTU:
+                mtu = _u32(value)
             elif kind == IFLA_XDP:
                 attached, prog_id = 0, 0
                 for xkind, xvalue in _attrs(value):
@@ -230,7 +255,66 @@ class Rtnl:
                         xdp[_MODE_ATTR[xkind]] = _u32(xvalue)
                 if prog_id and attached in _ATTACHED_MODE:
                     xdp.setdefault(_ATTACHED_MODE[attached], prog_id)
-        return Link(index, name, xdp)
+        return Link(index, name, xdp, mtu)
+
+    # -- routes and addresses (what rsockd.netinfo needs; pyroute2 costs the daemon 10 MB)
+
+    def route_get(self, dst: bytes) -> RouteInfo | None:
+        """``ip route get`` for a packed IPv4/IPv6 address; None when there is no route."""
+        family = socket.AF_INET if len(dst) == 4 else socket.AF_INET6
+        payload = _RTMSG.pack(family, len(dst) * 8, 0, 0, 0, 0, 0, 0, 0) + _attr(RTA_DST, dst)
+        try:
+            replies = self._request("route get", RTM_GETROUTE, NLM_F_REQUEST, payload)
+        except OSError as e:
+            if e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.ESRCH):
+                return None
+            raise
+        for kind, body in replies:
+            if kind == RTM_NEWROUTE:
+                oif, src = 0, None
+                for akind, value in _attrs(body, _RTMSG.size):
+                    if akind == RTA_OIF:
+                        oif = _u32(value)
+                    elif akind == RTA_PREFSRC:
+                        src = value
+                if oif:
+                    return RouteInfo(oif, src)
+        return None
+
+    def default_route_links(self, family: int) -> list[int]:
+        """The outgoing links of the main table's default routes of ``family``."""
+        payload = _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
+        out = []
+        for kind, body in self._request("list routes", RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP, payload):
+            if kind != RTM_NEWROUTE:
+                continue
+            _fam, dst_len, _sl, _tos, table, _proto, _scope, _type, _fl = _RTMSG.unpack_from(body)
+            oif = 0
+            for akind, value in _attrs(body, _RTMSG.size):
+                if akind == RTA_OIF:
+                    oif = _u32(value)
+                elif akind == RTA_TABLE:
+                    table = _u32(value)
+            if dst_len == 0 and table == RT_TABLE_MAIN and oif and oif not in out:
+                out.append(oif)
+        return out
+
+    def addresses(self, index: int | None = None) -> list[tuple[int, bytes]]:
+        """(link index, packed address) of every address, or of one link's."""
+        out = []
+        payload = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+        for kind, body in self._request("list addresses", RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, payload):
+            if kind != RTM_NEWADDR:
+                continue
+            _family, _plen, _flags, _scope, idx = _IFADDRMSG.unpack_from(body)
+            if index is not None and idx != index:
+                continue
+            attrs = dict(_attrs(body, _IFADDRMSG.size))
+            # IFA_LOCAL is the address itself on point-to-point links, where IFA_ADDRESS is the peer's
+            addr = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
+            if addr:
+                out.append((idx, addr))
+        return out
 
     def xdp_set(self, ifindex: int, fd: int, flags: int, *, expected_fd: int | None = None, what: str = "") -> None:
         """Attach program ``fd`` (-1: detach) to the link in the mode ``flags`` names.
