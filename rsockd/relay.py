@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import socket
+import struct
 import sys
 import time
 from collections import Counter
@@ -153,6 +154,7 @@ class Relay:
         self.local_addrs: frozenset[bytes] = frozenset()  # ours, packed: captured segments must be for one
         self.capturing = False
         self._ticks = 0
+        self.delivery = Delivery(self)
 
     def _tick(self) -> None:
         """Once a second: every 5 s, re-read our addresses when a capture backend needs them."""
@@ -302,7 +304,8 @@ class Relay:
         self._segment((ip.dst, hdr.dport), (ip.src, hdr.sport), hdr, payload, now)
 
     def _after_batch(self) -> None:
-        """Called after each batch of received segments (the server flushes its RSTs)."""
+        """Called after each batch of received segments: what they carried goes out now."""
+        self.delivery.flush()
 
     def _tunnel_datagram(self, data: memoryview, local: tuple[bytes, int], remote: tuple[bytes, int],
                          now: float) -> None:
@@ -381,6 +384,86 @@ class Relay:
             "reconnects": conn.reconnects,
             "close_reason": conn.close_reason,
         }
+
+
+UDP_SEGMENT = 103  # <linux/udp.h>: UDP GSO segment size (cmsg on SOL_UDP)
+GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS
+GSO_MAX_BYTES = 65000  # under the 64 KiB an IP datagram can carry
+
+
+class Delivery:
+    """Datagrams for the application side (target or app), gathered during one wake-up.
+
+    A run of equal-sized datagrams to one destination leaves in one ``sendmsg`` with UDP GSO
+    (``UDP_SEGMENT``): the kernel makes the datagrams, the receiver sees each one as usual.  One
+    send costs one trip through the stack instead of one per datagram.  Order is kept per
+    destination; where GSO is refused, every datagram goes on its own.
+    """
+
+    __slots__ = ("gso", "queues", "relay")
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.gso = sys.platform == "linux"
+        self.queues: dict[tuple[socket.socket, Any], tuple[str, list[bytes]]] = {}
+
+    def add(self, sock: socket.socket, addr: Any, label: str, data: bytes) -> None:
+        q = self.queues.get((sock, addr))
+        if q is None:
+            self.queues[(sock, addr)] = (label, [data])
+        else:
+            q[1].append(data)
+
+    def flush(self) -> None:
+        if not self.queues:
+            return
+        queues, self.queues = self.queues, {}
+        for (sock, addr), (label, items) in queues.items():
+            if len(items) == 1 or not self.gso:
+                for d in items:
+                    self._one(sock, addr, label, d)
+                continue
+            i, n = 0, len(items)
+            while i < n:
+                size = len(items[i])
+                j, total = i + 1, size
+                while j < n and j - i < GSO_MAX_SEGMENTS and len(items[j]) == size and total + size <= GSO_MAX_BYTES:
+                    total += size
+                    j += 1
+                if (j < n and j - i < GSO_MAX_SEGMENTS and len(items[j]) < size
+                        and total + len(items[j]) <= GSO_MAX_BYTES):
+                    j += 1  # a shorter datagram may end a run
+                if j - i == 1 or size == 0:
+                    for d in items[i:j]:
+                        self._one(sock, addr, label, d)
+                else:
+                    self._run(sock, addr, label, items[i:j], size)
+                i = j
+
+    def _run(self, sock: socket.socket, addr: Any, label: str, run: list[bytes], size: int) -> None:
+        cmsg = [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
+        try:
+            if addr is None:
+                sock.sendmsg(run, cmsg)
+            else:
+                sock.sendmsg(run, cmsg, 0, addr)
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.EIO, errno.EOPNOTSUPP, errno.ENOPROTOOPT):
+                LOG.info("UDP GSO refused (%s): sending datagrams one by one", e.strerror)
+                self.gso = False
+                for d in run:
+                    self._one(sock, addr, label, d)
+            else:
+                self.relay.tx_errors[label + errno.errorcode.get(e.errno or 0, "error").lower()] += len(run)
+
+    def _one(self, sock: socket.socket, addr: Any, label: str, data: bytes) -> None:
+        try:
+            if addr is None:
+                sock.send(data)
+            else:
+                sock.sendto(data, addr)
+        except OSError as e:
+            self.relay.tx_errors[label + errno.errorcode.get(e.errno or 0, "error").lower()] += 1
 
 
 class FrameBatch:
@@ -549,6 +632,7 @@ class ServerRelay(Relay):
             self._flush(conn)
 
     def _after_batch(self) -> None:
+        super()._after_batch()
         for local, remote, seg in self.acceptor.segments_to_send():
             self.raw.path(local[0], remote[0])(seg)
 
@@ -573,10 +657,8 @@ class ServerRelay(Relay):
             flow.rx += 1
             self.app_tx += 1
             self.app_tx_bytes += len(dgram)
-            try:
-                flow.handle.send(dgram)  # type: ignore[union-attr]
-            except OSError as e:
-                self.tx_errors["target_" + errno.errorcode.get(e.errno or 0, "error").lower()] += 1
+            assert flow.handle is not None
+            self.delivery.add(flow.handle, None, "target_", bytes(dgram))
 
     def _open_flow(self, session: Session[socket.socket], flow: ServerFlow[socket.socket]) -> socket.socket:
         s = socket.socket(self.target_family, socket.SOCK_DGRAM)
@@ -895,6 +977,7 @@ class ClientRelay(Relay):
                 self.drops["no_connection"] += 1
                 continue
             self._tunnel_datagram(view[:n], (b"", lport), (remote, addr[1]), now)
+        self._after_batch()
 
     def _segment(self, local: tuple[bytes, int], remote: tuple[bytes, int], hdr: TcpHeader,
                  payload: memoryview, now: float) -> None:
@@ -928,10 +1011,7 @@ class ClientRelay(Relay):
             flow.rx += 1
             self.app_tx += 1
             self.app_tx_bytes += len(dgram)
-            try:
-                app.sendto(dgram, flow.addr)
-            except OSError as e:
-                self.tx_errors["app_" + errno.errorcode.get(e.errno or 0, "error").lower()] += 1
+            self.delivery.add(app, flow.addr, "app_", bytes(dgram))
 
     def _on_app(self) -> None:
         app = self.app
