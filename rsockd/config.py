@@ -102,7 +102,7 @@ _MAX_SECONDS = 10_000_000.0  # ~115 days: keeps timer arithmetic finite
 _MAX_COUNT = 2**31 - 1
 _MAX_CONNS = 0xFFFF  # the hello's connection index is a u16 (framing.HELLO)
 _MAX_U32 = 0xFFFFFFFF  # syn_rate, syn_burst: u32 fields of the XDP program's config
-_MAX_WORKERS = 256
+_MAX_WORKERS = 1  # one process for now: several (SO_REUSEPORT) are not implemented (docs/bench.md)
 _MAX_SUN_PATH = 103  # sun_path is 104 bytes on macOS, 108 on Linux, NUL included
 
 
@@ -228,7 +228,7 @@ _KEY_TABLE: tuple[_Key, ...] = (
     _Key("mtu", "path MTU override; default: the interface MTU", metavar="BYTES", example="1400"),
     _Key("runtime_dir", "control socket at <runtime_dir>/<instance>/control.sock; default "
          "/run/rsockd (macOS: /var/run/rsockd)", metavar="DIR"),
-    _Key("workers", "worker processes; default 1", metavar="N"),
+    _Key("workers", "worker processes; only 1 so far (more are not implemented yet)", metavar="N"),
 )
 
 #: Every configuration key, in the order of the design table.
@@ -839,7 +839,8 @@ def _build(values: _Values, role: Role, path: str | None, home: str) -> Config:
         mtu=values.get("mtu", _count(576, 65535), None),
         runtime_dir=values.get("runtime_dir", _runtime_dir, Config.runtime_dir),
         config_path=path,
-        workers=values.get("workers", _count(1, _MAX_WORKERS), Config.workers),
+        workers=values.get("workers", _count(1, _MAX_WORKERS, "; more workers are not implemented yet"),
+                           Config.workers),
     )
     _check_relations(config, values)
     return config
