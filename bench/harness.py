@@ -105,7 +105,7 @@ def parse_args(argv: Sequence[str]) -> Options:
     p.add_argument("--gen-procs", type=int, default=2,
                    help="generator processes (default 2: the highest clean plain-UDP rate here, docs/bench.md)")
     p.add_argument("--flows", type=int, default=1, help="sockets (flows) per generator process (default 1)")
-    p.add_argument("--workers", type=int, default=1, help="passed to both daemons as --workers N (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="passed to the server as --workers N (default 1)")
     p.add_argument("--all-cores", choices=("auto", "on", "off"), default="auto",
                    help="also measure xdp at the largest size with --workers = CPUs: auto = when the daemon's "
                         "status reports workers (default)")
@@ -771,9 +771,10 @@ class BenchRig(Rig):
 
     def __init__(self, net: NetnsPair, tmp: Path, *, backend: str, ports: str, workers: int) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
-        extra = ["--key", KEY, "--workers", str(workers)]
+        # Workers are a server setting: a client is one process, its connections spread over the workers.
         super().__init__(tmp, backend=backend, ports=ports, offload=net.offload,
-                         server_args=["-t", f"127.0.0.1:{SINK_PORT}", *extra], client_args=extra)
+                         server_args=["-t", f"127.0.0.1:{SINK_PORT}", "--key", KEY, "--workers", str(workers)],
+                         client_args=["--key", KEY])
         self.net = net
 
     def start(self) -> dict[str, float]:

@@ -102,7 +102,7 @@ _MAX_SECONDS = 10_000_000.0  # ~115 days: keeps timer arithmetic finite
 _MAX_COUNT = 2**31 - 1
 _MAX_CONNS = 0xFFFF  # the hello's connection index is a u16 (framing.HELLO)
 _MAX_U32 = 0xFFFFFFFF  # syn_rate, syn_burst: u32 fields of the XDP program's config
-_MAX_WORKERS = 1  # one process for now: several (SO_REUSEPORT) are not implemented (docs/bench.md)
+_MAX_WORKERS = 64  # server worker processes (rsockd/worker.py); each needs a tunnel port of its own
 _MAX_SUN_PATH = 103  # sun_path is 104 bytes on macOS, 108 on Linux, NUL included
 
 
@@ -228,7 +228,9 @@ _KEY_TABLE: tuple[_Key, ...] = (
     _Key("mtu", "path MTU override; default: the interface MTU", metavar="BYTES", example="1400"),
     _Key("runtime_dir", "control socket at <runtime_dir>/<instance>/control.sock; default "
          "/run/rsockd (macOS: /var/run/rsockd)", metavar="DIR"),
-    _Key("workers", "worker processes; only 1 so far (more are not implemented yet)", metavar="N"),
+    _Key("workers", "server: processes sharing the tunnel ports (each serves every N-th port, so a client's "
+         "connections spread over them); at most one per port; a client is always one process", metavar="N",
+         roles=("server",)),
 )
 
 #: Every configuration key, in the order of the design table.
@@ -839,8 +841,7 @@ def _build(values: _Values, role: Role, path: str | None, home: str) -> Config:
         mtu=values.get("mtu", _count(576, 65535), None),
         runtime_dir=values.get("runtime_dir", _runtime_dir, Config.runtime_dir),
         config_path=path,
-        workers=values.get("workers", _count(1, _MAX_WORKERS, "; more workers are not implemented yet"),
-                           Config.workers),
+        workers=values.get("workers", _count(1, _MAX_WORKERS), Config.workers),
     )
     _check_relations(config, values)
     return config
@@ -867,6 +868,14 @@ def _check_relations(config: Config, values: _Values) -> None:
             problem = (f"{lo:g} must be {less} {high} ({hi:g})" if key == low
                        else f"{hi:g} must be {more} {low} ({lo:g})")
             _fail(problem, source, key)
+    if config.workers > 1:
+        source = values.source("workers") or CLI_SOURCE
+        if config.role != "server":
+            _fail(f"{config.workers}: only a server runs several workers (a client is one process; "
+                  "its connections already spread over the server's workers)", source, "workers")
+        if config.workers > len(config.ports):
+            _fail(f"{config.workers} workers for {len(config.ports)} tunnel ports: each worker serves ports of its "
+                  "own, so use at most one worker per port", source, "workers")
     socket_path = config.control_socket_path
     if len(os.fsencode(socket_path)) > _MAX_SUN_PATH:
         key = "runtime_dir" if values.source("runtime_dir") else "instance"

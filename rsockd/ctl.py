@@ -253,6 +253,11 @@ def render_status(st: dict[str, Any], style: Style) -> str:
     if st["role"] == "server":
         rows.append(("sessions", f"{st.get('sessions', 0)}, {st.get('half_open', 0)} half-open"))
     rows.append(("flows", str(st.get("flows", 0))))
+    if st.get("by_worker"):
+        parts = [f"{w['index']} (pid {w['pid']}, ports {ranges(w['ports'])}: "
+                 + (style.bad(w["error"]) if "error" in w else f"{w['connections']} up, {w['flows']} flows") + ")"
+                 for w in st["by_worker"]]
+        rows.append(("workers", f"{len(parts)}: " + "; ".join(parts)))
     t = st.get("traffic", {})
     if t:
         rows.append(("from app", f"{human_count(t['from_app_packets'])} packets, {human_bytes(t['from_app_bytes'])}"))

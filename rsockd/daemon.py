@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from .logs import setup as setup_logging
 from .notify import Notifier
 from .relay import ClientRelay, Relay, ServerRelay, timing_of
 from .steer import STEER_COUNTERS, Steering, SteerPlan
+from .worker import Worker, WorkerGone, share, spawn, stop_all
 
 LOG = logging.getLogger("rsockd")
 
@@ -123,6 +125,90 @@ def _unload_notrack(instance: str) -> None:
             nft.unload(instance)
 
 
+def apply_live(relay: Relay, new: Config, changed: set[str]) -> None:
+    """Apply the ``LIVE_KEYS`` in ``changed`` to a running relay (the daemon's or a worker's)."""
+    relay.cfg = new
+    if "log_level" in changed:
+        logging.getLogger().setLevel(new.log_level.upper())
+    if "key" in changed:
+        # New connections use the new key; established ones keep the key of their hello.
+        relay.keyring = Keyring.from_secret(new.key)
+        if isinstance(relay, ServerRelay):
+            relay.acceptor.keyring = relay.keyring
+        else:
+            for c in relay.connections():
+                c.keyring = relay.keyring
+    timing = timing_of(new)
+    relay.timing = timing
+    for c in relay.connections():
+        c.timing = timing
+    if isinstance(relay, ServerRelay):
+        relay.acceptor.timing = timing
+        relay.acceptor.backlog = new.backlog
+        s = relay.sessions
+        s.max_sessions, s.max_flows, s.max_conns_per_client = new.max_sessions, new.max_flows, \
+            new.max_conns_per_client
+        s.hello_skew, s.idle = new.hello_skew, new.duration
+        if "target" in changed and new.target is not None:
+            from .netinfo import resolve
+
+            relay.target = (resolve(new.target[0]), new.target[1])  # new flows; open ones keep theirs
+    else:
+        assert isinstance(relay, ClientRelay)
+        relay.flows.idle = new.duration
+
+
+def relay_status(relay: Relay) -> dict[str, Any]:
+    """The part of ``rsockctl status`` a relay answers (a worker sends this to the daemon)."""
+    detail: dict[str, Any] = relay.status()  # type: ignore[attr-defined]
+    conns = detail.pop("connections")
+    states: dict[str, int] = {}
+    for c in conns:
+        states[c["state"]] = states.get(c["state"], 0) + 1
+    detail["connections"] = {"total": len(conns), "by_state": states}
+    detail["traffic"] = {
+        "from_app_packets": relay.app_rx, "from_app_bytes": relay.app_rx_bytes,
+        "to_app_packets": relay.app_tx, "to_app_bytes": relay.app_tx_bytes,
+        "tunnel_rx_packets": sum(c["rx_packets"] for c in conns),
+        "tunnel_rx_bytes": sum(c["rx_bytes"] for c in conns),
+        "tunnel_tx_packets": sum(c["tx_packets"] for c in conns),
+        "tunnel_tx_bytes": sum(c["tx_bytes"] for c in conns),
+    }
+    detail["drops"] = dict(relay.drops)
+    detail["tx_errors"] = dict(relay.tx_errors)
+    return detail
+
+
+#: Status fields that add up over workers (numbers, and dicts of numbers).
+_SUMMED = ("sessions", "flows", "half_open", "connections", "traffic", "drops", "tx_errors")
+
+
+def _add(into: dict[str, Any], other: dict[str, Any]) -> None:
+    for k, v in other.items():
+        if isinstance(v, dict):
+            _add(into.setdefault(k, {}), v)
+        else:
+            into[k] = into.get(k, 0) + v
+
+
+def merge_status(mine: dict[str, Any], theirs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The daemon's relay status with its workers' added in."""
+    out = dict(mine)
+    for k in _SUMMED:
+        if k in out:
+            total = {k: _deep_copy(out[k])}
+            for st in theirs:
+                _add(total, {k: st.get(k, 0 if not isinstance(out[k], dict) else {})})
+            out[k] = total[k]
+    if "peers" in out:
+        out["peers"] = sorted({p for st in [mine, *theirs] for p in st.get("peers", [])})
+    return out
+
+
+def _deep_copy(v: Any) -> Any:
+    return {k: _deep_copy(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+
 def _stall() -> dict[str, Any]:
     time.sleep(2.0)
     return {"stalled": 2.0}
@@ -142,6 +228,8 @@ class Daemon:
         self._watchdog: asyncio.TimerHandle | None = None
         self._status_timer: asyncio.TimerHandle | None = None
         self._reloading = False
+        self.workers: list[Worker] = []
+        self.exit_code = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -167,7 +255,7 @@ class Daemon:
             self.notifier.stopping()
         finally:
             await self._tear_down()
-        return 0
+        return self.exit_code
 
     async def _bring_up(self, keep: Relay | None = None) -> None:
         """Bind, attach, start.  ``keep``: a client relay whose identity (client id, flows) to carry
@@ -175,7 +263,7 @@ class Daemon:
         cfg = self.cfg
         relay: Relay
         if cfg.role == "server":
-            relay = ServerRelay(cfg)
+            relay = ServerRelay(cfg, share(cfg.ports, cfg.workers, 0))
         elif isinstance(keep, ClientRelay):
             relay = ClientRelay(cfg, keep.client_id, keep.flows)
         else:
@@ -184,8 +272,18 @@ class Daemon:
         relay.on_change = self._refresh_status
         if isinstance(relay, ServerRelay):
             relay.bind(self._server_interfaces())
+            if cfg.workers > 1:
+                # Every steered port needs its bound socket before steering attaches.
+                self._check_workers()
+                self.workers = await asyncio.get_running_loop().run_in_executor(None, spawn, cfg, relay.interfaces)
+                for w in self.workers:
+                    asyncio.get_running_loop().add_reader(w.sock.fileno(), self._worker_exited, w)
+                LOG.info("%d workers: %s", cfg.workers, "; ".join(
+                    f"{i} (pid {pid}) ports {','.join(map(str, ports))}" for i, pid, ports in
+                    [(0, os.getpid(), relay.ports), *((w.index, w.pid, w.ports) for w in self.workers)]))
             plan = SteerPlan(cfg.instance, "server", relay.interfaces, frozenset(cfg.ports), mark=cfg.mark,
-                             xdp_mode=cfg.xdp_mode, syn_rate=cfg.syn_rate, syn_burst=cfg.syn_burst)
+                             xdp_mode=cfg.xdp_mode, syn_rate=cfg.syn_rate, syn_burst=cfg.syn_burst,
+                             receive_ports=frozenset(relay.ports) if self.workers else frozenset())
         else:
             assert isinstance(relay, ClientRelay)
             route = relay.route()
@@ -200,12 +298,60 @@ class Daemon:
         if "tcp" in cfg.transports:
             self.steering = await self._attach(plan)
             relay.add_receivers(self.steering.receivers())
+            if self.workers and self.steering.receivers():  # a capture backend: each worker opens its own
+                for w in self.workers:
+                    self._ask(w, "capture", plan)
             LOG.info("steering: %s on %s", self.steering.name,
                      ", ".join(f"{d['interface']} ({d['mode']})" for d in self.steering.describe()))
         if isinstance(relay, ClientRelay):
             relay.on_rebind = self._local_ports_changed
             relay.on_path_change = self._route_moved
             relay.start()
+
+    def _check_workers(self) -> None:
+        if sys.platform != "linux":
+            raise RsockdError("workers: more than one worker is supported on Linux only")
+
+    def _worker_exited(self, w: Worker) -> None:
+        """A worker's socketpair became readable outside a request: it has exited (or, after a
+        timed-out request, answered late: it is treated as failed either way)."""
+        why = "answered out of turn"
+        if w.exited():
+            try:
+                why = f"exited with status {w.proc.wait(2.0)}"
+            except subprocess.TimeoutExpired:
+                why = "closed its channel"
+        self._worker_failed(w, why)
+
+    def _worker_failed(self, w: Worker, why: str) -> None:
+        """A worker that exited or stopped answering takes the daemon down with it: its ports
+        would be dead, and a restart by the service manager brings back a consistent service."""
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(w.sock.fileno())
+        if self._stop.is_set() and self.exit_code == 0:  # stopping anyway: not a failure
+            LOG.info("worker %d (pid %d) %s while stopping", w.index, w.pid, why)
+            return
+        if self.exit_code == 0:
+            LOG.error("worker %d (pid %d, ports %s) %s; stopping (the service manager restarts rsockd)",
+                      w.index, w.pid, ",".join(map(str, w.ports)), why)
+        self.exit_code = 1
+        self._stop.set()
+
+    def _ask(self, w: Worker, *msg: Any) -> Any:
+        """A request to a worker; ``WorkerGone`` (after stopping the daemon) when it cannot answer."""
+        try:
+            return w.request(*msg)
+        except WorkerGone as e:
+            self._worker_failed(w, f"did not answer {msg[0]!r}: {e}")
+            raise
+
+    def _stop_workers(self) -> None:
+        workers, self.workers = self.workers, []
+        loop = asyncio.get_running_loop()
+        for w in workers:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(w.sock.fileno())
+        stop_all(workers)
 
     def _local_ports_changed(self) -> None:
         """The client rebound to a new address: steer its new local ports (no recompile)."""
@@ -268,6 +414,7 @@ class Daemon:
         if self.relay is not None:
             with contextlib.suppress(Exception):
                 self.relay.close()
+        self._stop_workers()
         try:
             self._detach()
         except Exception as e:  # keep going: the control socket must still be removed
@@ -310,38 +457,15 @@ class Daemon:
         relay = self.relay
         assert relay is not None
         self.cfg = new
-        relay.cfg = new
-        if "log_level" in changed:
-            logging.getLogger().setLevel(new.log_level.upper())
-        if "key" in changed:
-            # New connections use the new key; established ones keep the key of their hello.
-            relay.keyring = Keyring.from_secret(new.key)
-            if isinstance(relay, ServerRelay):
-                relay.acceptor.keyring = relay.keyring
-            else:
-                for c in relay.connections():
-                    c.keyring = relay.keyring
+        apply_live(relay, new, changed)
+        for w in self.workers:
+            try:
+                self._ask(w, "config", new, changed)
+            except RsockdError as e:
+                LOG.error("reload: worker %d: %s", w.index, e)
         if {"syn_rate", "syn_burst"} & changed and self.plan is not None and self.steering is not None:
             self.plan = dataclasses.replace(self.plan, syn_rate=new.syn_rate, syn_burst=new.syn_burst)
             self.steering.update(self.plan)
-        timing = timing_of(new)
-        relay.timing = timing
-        for c in relay.connections():
-            c.timing = timing
-        if isinstance(relay, ServerRelay):
-            relay.acceptor.timing = timing
-            relay.acceptor.backlog = new.backlog
-            s = relay.sessions
-            s.max_sessions, s.max_flows, s.max_conns_per_client = new.max_sessions, new.max_flows, \
-                new.max_conns_per_client
-            s.hello_skew, s.idle = new.hello_skew, new.duration
-            if "target" in changed and new.target is not None:
-                from .netinfo import resolve
-
-                relay.target = (resolve(new.target[0]), new.target[1])  # new flows; open ones keep theirs
-        else:
-            assert isinstance(relay, ClientRelay)
-            relay.flows.idle = new.duration
 
     async def _rebuild(self, new: Config) -> None:
         old_cfg = self.cfg
@@ -349,6 +473,7 @@ class Daemon:
         if old is not None:
             old.close()
             self.relay = None
+        self._stop_workers()
         self._detach()
         self.cfg = new
         try:
@@ -358,6 +483,7 @@ class Daemon:
             if self.relay is not None:
                 self.relay.close()
                 self.relay = None
+            self._stop_workers()
             self._detach()
             self.cfg = old_cfg
             await self._bring_up(keep=old)
@@ -389,7 +515,8 @@ class Daemon:
         self.notifier.status(self.status_line())
         self._status_timer = asyncio.get_running_loop().call_later(1.0, self._refresh_status)
 
-    def status_line(self) -> str:
+    def status_line(self, st: dict[str, Any] | None = None) -> str:
+        """systemd's STATUS line; ``st``: the relay status when the caller has it already."""
         relay = self.relay
         if relay is None:
             return "starting"
@@ -397,9 +524,11 @@ class Daemon:
         up = sum(1 for c in conns if c.established)
         backend = self.steering.name if self.steering else "udp only"
         if isinstance(relay, ServerRelay):
-            st = relay.status()
-            return (f"server, {backend}: {up} connections up, {st['sessions']} sessions, {st['flows']} flows, "
-                    f"{st['half_open']} half-open")
+            st = st or self._relay_status()
+            up = st["connections"]["by_state"].get("established", 0)
+            workers = f", {self.cfg.workers} workers" if self.workers else ""
+            return (f"server, {backend}{workers}: {up} connections up, {st['sessions']} sessions, "
+                    f"{st['flows']} flows, {st['half_open']} half-open")
         assert isinstance(relay, ClientRelay)
         return f"client, {backend}: {up}/{len(conns)} connections up, {len(relay.flows.by_id)} flows"
 
@@ -409,7 +538,7 @@ class Daemon:
         out: dict[str, Any] = {
             "instance": cfg.instance, "pid": os.getpid(), "version": __version__, "role": cfg.role,
             "started": self.started, "uptime": round(time.time() - self.started, 3), "ports": list(cfg.ports),
-            "transports": list(cfg.transports), "status": self.status_line(),
+            "transports": list(cfg.transports), "workers": cfg.workers,
         }
         steer: dict[str, int] = dict.fromkeys(STEER_COUNTERS, 0)
         if self.steering is not None:
@@ -421,26 +550,33 @@ class Daemon:
         }
         out["steering"] = steer
         if relay is None:
+            out["status"] = self.status_line()
             return out
-        detail = relay.status()  # type: ignore[attr-defined]
-        conns = detail.pop("connections")
-        states: dict[str, int] = {}
-        for c in conns:
-            states[c["state"]] = states.get(c["state"], 0) + 1
-        out.update(detail)
-        out["connections"] = {"total": len(conns), "by_state": states}
-        out["traffic"] = {
-            "from_app_packets": relay.app_rx, "from_app_bytes": relay.app_rx_bytes,
-            "to_app_packets": relay.app_tx, "to_app_bytes": relay.app_tx_bytes,
-            "tunnel_rx_packets": sum(c["rx_packets"] for c in conns),
-            "tunnel_rx_bytes": sum(c["rx_bytes"] for c in conns),
-            "tunnel_tx_packets": sum(c["tx_packets"] for c in conns),
-            "tunnel_tx_bytes": sum(c["tx_bytes"] for c in conns),
-        }
-        out["drops"] = dict(relay.drops)
-        out["tx_errors"] = dict(relay.tx_errors)
+        st = self._relay_status()
+        out["status"] = self.status_line(st)
+        out.update(st)
         out["mtu"] = relay.mtu
         out["max_datagram"] = relay.max_datagram
+        return out
+
+    def _relay_status(self) -> dict[str, Any]:
+        """The relay's status, with every worker's added in and a ``by_worker`` breakdown."""
+        assert self.relay is not None
+        mine = relay_status(self.relay)
+        if not self.workers:
+            return mine
+        theirs: list[dict[str, Any]] = []
+        rows = [_worker_row(0, os.getpid(), getattr(self.relay, "ports", ()), mine)]
+        for w in self.workers:
+            try:
+                st = self._ask(w, "status")
+            except RsockdError as e:
+                rows.append({"index": w.index, "pid": w.pid, "ports": list(w.ports), "error": str(e)})
+                continue
+            theirs.append(st)
+            rows.append(_worker_row(w.index, w.pid, w.ports, st))
+        out = merge_status(mine, theirs)
+        out["by_worker"] = rows
         return out
 
     def ports(self) -> dict[str, Any]:
@@ -448,7 +584,20 @@ class Daemon:
         if relay is None:
             return {"connections": []}
         now = asyncio.get_running_loop().time()
-        return {"role": self.cfg.role, "connections": [relay.conn_info(c, now) for c in relay.connections()]}
+        conns = [relay.conn_info(c, now) for c in relay.connections()]
+        if self.workers:
+            for c in conns:
+                c["worker"] = 0
+            for w in self.workers:
+                with contextlib.suppress(RsockdError):
+                    conns += [{**c, "worker": w.index} for c in self._ask(w, "ports")]
+        return {"role": self.cfg.role, "connections": conns}
+
+
+def _worker_row(index: int, pid: int, ports: Sequence[int], st: dict[str, Any]) -> dict[str, Any]:
+    return {"index": index, "pid": pid, "ports": list(ports),
+            "connections": st["connections"]["by_state"].get("established", 0),
+            "sessions": st["sessions"], "flows": st["flows"], "half_open": st["half_open"]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,10 +7,10 @@ import sys
 import time
 
 
-def setup(level: str) -> None:
+def setup(level: str, prefix: str = "") -> None:
     handler = logging.StreamHandler(sys.stderr)
     # journald timestamps lines itself; a terminal user still wants to see the level.
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(f"%(levelname)s {prefix}%(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -526,9 +526,10 @@ class ServerRelay(Relay):
 
     role = "server"
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, ports: tuple[int, ...] | None = None) -> None:
         super().__init__(cfg)
         assert cfg.target is not None
+        self.ports = cfg.ports if ports is None else ports  # a worker serves its share (rsockd/worker.py)
         host = resolve(cfg.target[0])
         self.target = (host, cfg.target[1])
         self.target_family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -555,7 +556,7 @@ class ServerRelay(Relay):
         self._v6_only = families == [socket.AF_INET6]
         self._set_limits(self.mtu)
         self.acceptor.mss = self.mtu - 40
-        for port in self.cfg.ports:
+        for port in self.ports:
             for fam in families:
                 host = self.cfg.local_ip or ("::" if fam == socket.AF_INET6 else "0.0.0.0")
                 try:

@@ -8,12 +8,17 @@ process only (asyncio and hashlib fall back by design: ``ssl = None``, builtin h
 
 from __future__ import annotations
 
+import os
 import sys
 
 
 def main() -> int:
     for name in ("ssl", "_ssl", "_hashlib"):
         sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+    if "RSOCKD_WORKER_FD" in os.environ:  # a server worker started by the daemon (rsockd/worker.py)
+        from .worker import child_main
+
+        return child_main()
     from .daemon import main as run
 
     return run()

@@ -44,6 +44,9 @@ class SteerPlan:
     Client: segments from an address in ``peers`` whose source port is in ``tunnel_ports`` and
     whose destination port is in ``local_ports``.
 
+    ``receive_ports`` (server): with several workers, each worker's capture sockets receive only
+    its own share of the tunnel ports (rsockd/worker.py).
+
     ``syn_rate``/``syn_burst`` (server): SYNs per second, and the burst, that the backend lets
     through to the daemon; 0 is no limit.  Only the xdp backend can enforce them
     (docs/design.md, "SYN admission").
@@ -59,6 +62,7 @@ class SteerPlan:
     xdp_mode: Literal["auto", "native", "skb"] = "auto"
     syn_rate: int = 0  # server: SYNs/s passed to userspace, all CPUs together; 0: no limit
     syn_burst: int = 0  # server: SYNs the bucket holds when full
+    receive_ports: frozenset[int] = frozenset()  # server, capture backends: the ports this process reads; empty: all
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
 

@@ -316,12 +316,13 @@ def _reply_channel() -> TextIO:
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _die_with_parent() -> None:
-    """Die with the daemon that started us.  A loader left compiling after its daemon was
-    SIGKILLed would attach later, behind the back of the next start's clean-up."""
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Get ``sig`` when the daemon that started us dies.  A loader left compiling after its daemon
+    was SIGKILLed would attach later, behind the back of the next start's clean-up; a worker
+    left running would hold its ports."""
     parent = os.getppid()
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
     except (OSError, AttributeError):
         return
     if os.getppid() != parent:  # the daemon died before prctl() took effect
@@ -329,7 +330,7 @@ def _die_with_parent() -> None:
 
 
 def main() -> int:
-    _die_with_parent()
+    die_with_parent()
     out = _reply_channel()
     try:
         reply = load(Request.parse(sys.stdin.read()))

@@ -274,7 +274,8 @@ def nft_available() -> str | None:
 
 def receiver_filter(plan: SteerPlan) -> cbpf.Program:
     """The classic BPF filter of the packet sockets (L3 first: ``SOCK_DGRAM``)."""
-    return cbpf.tunnel_filter(plan.role, plan.tunnel_ports, plan.local_ports, plan.peers, l3_offset=0, link="raw")
+    ports = plan.receive_ports or plan.tunnel_ports
+    return cbpf.tunnel_filter(plan.role, ports, plan.local_ports, plan.peers, l3_offset=0, link="raw")
 
 
 def open_receiver(interface: str, program: cbpf.Program) -> socket.socket:

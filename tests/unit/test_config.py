@@ -148,6 +148,7 @@ def test_defaults_client_listen() -> None:
     (["--mtu=1400"], "mtu", 1400),
     (["--runtime-dir=/tmp/rs/"], "runtime_dir", "/tmp/rs"),
     (["--workers=1"], "workers", 1),
+    (["--workers=4"], "workers", 4),
 ])
 def test_server_flags(argv: list[str], field: str, expected: object) -> None:
     assert getattr(_load(SERVER + argv), field) == expected
@@ -343,7 +344,10 @@ def test_default_file_only_when_present(tmp_path: Path, monkeypatch: pytest.Monk
     ([*SERVER, "--max-conns-per-client=0"], "max_conns_per_client", "out of range"),
     ([*SERVER, "--max-conns-per-client=70000"], "max_conns_per_client", "16 bits"),
     ([*SERVER, "--workers=0"], "workers", "out of range"),
-    ([*SERVER, "--workers=2"], "workers", "more workers are not implemented yet"),
+    ([*SERVER, "--workers=11"], "workers", "11 workers for 10 tunnel ports"),
+    ([*SERVER, "--ports=10001-10002", "--workers=3"], "workers", "at most one worker per port"),
+    ([*SERVER, "--workers=65"], "workers", "out of range (1..64)"),
+    ([*CLIENT, "--workers=2"], "workers", "only a server runs several workers"),
     ([*SERVER, "--syn-rate=-1"], "syn_rate", "out of range (0..4294967295, 0 for no limit)"),
     ([*SERVER, "--syn-rate=4294967296"], "syn_rate", "out of range"),
     ([*SERVER, "--syn-rate=fast"], "syn_rate", "expected an integer"),
