@@ -6,9 +6,12 @@ import select
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from scapy.error import Scapy_Exception
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 from scapy.utils import rdpcap
@@ -22,14 +25,31 @@ import socket, sys
 fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
 if sys.argv[2] == "server":
     s = socket.socket(fam); s.bind((sys.argv[1], 7000)); s.listen(); print("ready", flush=True)
-    for _ in range(2):
-        c, _a = s.accept(); c.sendall(c.recv(100000) * 2); c.close()
+    for _ in range(2):  # read to the client's FIN: closing with unread data would reset the client
+        c, _a = s.accept(); data = b""
+        while chunk := c.recv(65536): data += chunk
+        c.sendall(data * 2); c.close()
 else:
     for n in (1, 3001):
         c = socket.create_connection((sys.argv[1], 7000)); c.sendall(b"k" * n); c.shutdown(1)
         while c.recv(65536): pass
         c.close()
 """
+
+PROBE = """
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], 7000), timeout=5)
+except ConnectionRefusedError:
+    pass
+"""
+
+
+def _read(pcap: Path) -> list[Any]:
+    try:
+        return list(rdpcap(str(pcap)))
+    except (FileNotFoundError, EOFError, Scapy_Exception):  # not written yet, or cut mid-record
+        return []
 
 
 def wait_line(proc: subprocess.Popen[str], stream: str, needle: str, timeout: float = 10) -> None:
@@ -51,6 +71,13 @@ def test_kernel_segments_pass_and_corrupted_ones_fail(tmp_path: Path) -> None:
                 wait_line(server, "stdout", "ready")
                 net.run("c", [sys.executable, "-c", EXCHANGE, srv, "client"], timeout=20)
                 assert server.wait(timeout=10) == 0
+            # A last SYN to the closed port draws a RST: once tcpdump has written that, it has
+            # written everything before it (stopping it earlier loses what it has not read yet).
+            net.run("c", [sys.executable, "-c", PROBE, net.srv4], timeout=20)
+            end = time.monotonic() + 10
+            while not any(TCP in p and p[TCP].flags.R for p in _read(pcap)):
+                assert time.monotonic() < end, "tcpdump never wrote the final RST"
+                time.sleep(0.05)
         finally:
             dump.send_signal(signal.SIGINT)
             dump.wait(timeout=10)
