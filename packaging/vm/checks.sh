@@ -354,6 +354,37 @@ check_daemon_reload_keeps_connections() {
   return $bad
 }
 
+# Server workers under systemd: a reload to workers = 2 replaces the relay with two processes in
+# the unit's cgroup (MainPID unchanged), traffic flows, and the stop that follows (SIGTERM to the
+# whole cgroup) must still end in Result=success (check_daemon_stop_leaves_no_state).
+check_daemon_workers_under_systemd() {
+  daemon_gate || return
+  local bad=0 pid cg procs workers
+  pid=$(unit_prop rsockd@server MainPID)
+  echo "workers = 2" >> /etc/rsockd/server.toml
+  expect "systemctl reload rsockd@server (workers = 2)" systemctl reload rsockd@server || bad=1
+  [ "$(unit_prop rsockd@server MainPID)" = "$pid" ] || { echo "  MainPID changed on reload"; bad=1; }
+  # The reload re-attaches (a bcc compile): wait for the rebuilt relay to report its workers.
+  for _ in $(seq 1 60); do
+    workers=$(rsockctl --instance server --json status 2>/dev/null | python3 -c \
+      'import json, sys; print(" ".join(str(w["pid"]) for w in json.load(sys.stdin)["status"].get("by_worker", [])))' \
+      2>/dev/null)
+    [ "$(wc -w <<<"$workers")" = 2 ] && break
+    sleep 1
+  done
+  echo "  worker pids: $workers"
+  [ "$(wc -w <<<"$workers")" = 2 ] || { echo "  rsockctl status shows no 2 workers"; bad=1; }
+  cg=$(unit_prop rsockd@server ControlGroup)
+  procs=$(sort -n "/sys/fs/cgroup$cg/cgroup.procs" | tr '\n' ' ')
+  echo "  processes in $cg: $procs"
+  for p in $workers; do
+    grep -qw "$p" <<<"$procs" || { echo "  worker $p is not in the unit's cgroup"; bad=1; }
+  done
+  expect "UDP round trip through two workers" udp_roundtrip "through workers" || bad=1
+  [ $bad = 0 ] || journalctl -q -o cat -u rsockd@server | tail -n 20 | sed 's/^/    journal: /'
+  return $bad
+}
+
 check_daemon_stop_leaves_no_state() {
   daemon_gate || return
   local inst ns dev bad=0
@@ -440,6 +471,7 @@ checks=(
   check_daemon_rsockctl_shows_connections
   check_daemon_udp_through_tunnel
   check_daemon_reload_keeps_connections
+  check_daemon_workers_under_systemd
   check_daemon_stop_leaves_no_state
   check_daemon_teardown
   check_reinstall_restarts_instances
