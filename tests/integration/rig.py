@@ -213,6 +213,15 @@ class EchoResult:
         return 1 - self.received / self.sent if self.sent else 0.0
 
 
+def attached(net: NetnsPair, side: str = "s") -> dict[str, bool]:
+    """What of ours is attached on ``side``'s veth and in its namespace: XDP, the TC guard, an nft table."""
+    dev = net.dev[side]
+    link = json.loads(net.run(side, ["ip", "-j", "-d", "link", "show", dev]).stdout)[0]
+    tc = net.run(side, ["tc", "filter", "show", "dev", dev, "egress"]).stdout
+    tables = net.run(side, ["nft", "list", "tables"]).stdout
+    return {"xdp": "xdp" in link, "tc": "rsockd" in tc, "nft": "rsockd" in tables}
+
+
 def nstat(net: NetnsPair, side: str, *names: str) -> dict[str, int]:
     out = net.run(side, ["nstat", "-asz", *names]).stdout
     vals = {}
@@ -312,6 +321,21 @@ class Rig:
         old.close()
         new = Rsockd(self.net, "s", [*old.user_args, *extra], self.tmp, old.name + "2", instance=old.instance)
         self.server = new.start()
+        return new
+
+    def replace_crashed_server(self, name: str = "server2") -> Rsockd:
+        """Start a new server of the instance whose server died, then bring the client back: it
+        learns of the crash when it next sends (the new server answers with RSTs) and reconnects."""
+        old = self.server
+        assert old is not None
+        new = Rsockd(self.net, "s", old.user_args, self.tmp, name, instance=old.instance)
+        self.server = new.start()
+        new.wait_ready()
+        n = self.conns_per_client()
+        mark = self.client.notify.mark()
+        self.echo_run(2, timeout=0.3)
+        self.client.wait_status(rf" [0-{n - 1}]/{n} connections up", 10, since=mark)
+        self.client.wait_status(rf" {n}/{n} connections up", 20, since=mark)
         return new
 
     def __exit__(self, *exc: object) -> None:

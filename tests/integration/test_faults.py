@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import time
@@ -13,8 +12,7 @@ import pytest
 from rsockd.config import DEFAULT_MARK
 from rsockd.packet import ACK, RST, TcpHeader, ipv4_header, pack_address, pseudo_sum
 from rsockd.rawsock import SO_MARK
-from tests.integration.rig import Rig, Rsockd
-from tests.netns import NetnsPair
+from tests.integration.rig import Rig, attached
 
 pytestmark = pytest.mark.root
 
@@ -109,14 +107,6 @@ def test_idle_flows_expire_on_both_sides(tmp_path: Path) -> None:
         assert rig.echo_run(2, sock=socks[0]).received == 2  # a new flow for the same address
 
 
-def attached(net: NetnsPair, side: str) -> dict[str, object]:
-    dev = net.dev[side]
-    link = json.loads(net.run(side, ["ip", "-j", "-d", "link", "show", dev]).stdout)[0]
-    tc = net.run(side, ["tc", "filter", "show", "dev", dev, "egress"]).stdout
-    tables = net.run(side, ["nft", "list", "tables"]).stdout
-    return {"xdp": "xdp" in link, "tc": "rsockd" in tc, "nft": "rsockd" in tables}
-
-
 @pytest.mark.parametrize("backend", ["xdp", "nft"])
 def test_sigkill_leaves_state_that_the_next_start_removes(tmp_path: Path, backend: str) -> None:
     with Rig(tmp_path, backend=backend) as rig:
@@ -129,15 +119,8 @@ def test_sigkill_leaves_state_that_the_next_start_removes(tmp_path: Path, backen
         assert attached(net, "s") == {"xdp": backend == "xdp", "tc": backend == "xdp", "nft": True}
         # The control socket of the dead daemon is still on disk; the next start replaces it.
         assert Path(server.control).exists()
-        new = Rsockd(net, "s", server.user_args, tmp_path, "server2", instance=server.instance)
-        rig.server = new.start()
-        new.wait_ready()
+        new = rig.replace_crashed_server()
         assert "removed stale state" in new.log()
-        # The client learns of the crash when it next sends: the new server answers with RSTs.
-        mark = rig.client.notify.mark()
-        rig.echo_run(2, timeout=0.3)
-        rig.client.wait_status(r" [0-3]/4 connections up", 10, since=mark)
-        rig.client.wait_status(r" 4/4 connections up", 10, since=mark)
         assert rig.echo_run(10).received == 10
         assert new.stop() == 0
         assert attached(net, "s") == {"xdp": False, "tc": False, "nft": False}

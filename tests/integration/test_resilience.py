@@ -3,7 +3,6 @@ and bounds the time until traffic resumes by itself."""
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.rig import ECHO_PORT, EchoServer, Rig, Rsockd
+from tests.integration.rig import ECHO_PORT, EchoServer, Rig, Rsockd, attached
 from tests.netns import NetnsPair
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -122,13 +121,6 @@ def test_client_restart(tmp_path: Path) -> None:
         print(f"client back up {time.monotonic() - t0:.1f} s after its restart")
         assert rig.echo_run(10).received == 10
         assert rig.server.status()["sessions"] >= 1  # type: ignore[union-attr]
-
-
-def attached(net: NetnsPair) -> dict[str, bool]:
-    dev = net.dev["s"]
-    link = json.loads(net.run("s", ["ip", "-j", "link", "show", dev]).stdout)[0]
-    return {"xdp": "xdp" in link, "tc": "rsockd" in net.run("s", ["tc", "filter", "show", "dev", dev, "egress"]).stdout,
-            "nft": "rsockd" in net.run("s", ["nft", "list", "tables"]).stdout}
 
 
 def test_sigkill_at_random_moments_of_startup_and_shutdown(tmp_path: Path) -> None:

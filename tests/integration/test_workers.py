@@ -13,18 +13,11 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from tests.integration.rig import Rig, Rsockd
+from tests.integration.rig import Rig, Rsockd, attached
 from tests.integration.test_service import SCHEMA
 from tests.netns import NetnsPair
 
 pytestmark = pytest.mark.root
-
-
-def attached(net: NetnsPair) -> dict[str, bool]:
-    dev = net.dev["s"]
-    link = json.loads(net.run("s", ["ip", "-j", "link", "show", dev]).stdout)[0]
-    return {"xdp": "xdp" in link, "tc": "rsockd" in net.run("s", ["tc", "filter", "show", "dev", dev, "egress"]).stdout,
-            "nft": "rsockd" in net.run("s", ["nft", "list", "tables"]).stdout}
 
 
 def parent_of(pid: int) -> int:
@@ -119,14 +112,8 @@ def test_workers_die_with_a_killed_daemon_and_the_next_start_serves_again(tmp_pa
         server.proc.send_signal(signal.SIGKILL)
         server.proc.wait()
         assert wait_gone(child), "the worker outlived its SIGKILLed daemon"
-        new = Rsockd(rig.net, "s", server.user_args, tmp_path, "server2", instance=server.instance)
-        rig.server = new.start()
-        new.wait_ready()
+        new = rig.replace_crashed_server()
         assert "removed stale state" in new.log()
-        # The client learns of the crash when it next sends: the new server answers with RSTs.
-        mark = rig.client.notify.mark()
-        rig.echo_run(2, timeout=0.3)
-        rig.client.wait_status(r" 4/4 connections up", 20, since=mark)
         assert rig.echo_run(10).received == 10
         assert [r["connections"] for r in new.status()["by_worker"]] == [2, 2]
 
