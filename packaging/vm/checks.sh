@@ -441,7 +441,7 @@ check_purge_leaves_nothing() {
     && { echo "  dpkg still knows rsockd: $(dpkg-query -W -f='${Status}' rsockd)"; return 1; }
   absent /etc/rsockd /usr/lib/python3/dist-packages/rsockd /usr/lib/python3/dist-packages/rsockd-*.dist-info \
     /lib/systemd/system/rsockd.service /lib/systemd/system/rsockd@.service /usr/bin/rsockd /usr/bin/rsockctl \
-    /var/lib/systemd/deb-systemd-helper-enabled/rsockd.service.dsh-also || return 1
+    /var/lib/systemd/deb-systemd-helper-enabled/rsockd.service.dsh-also /sys/fs/bpf/rsockd || return 1
   # Anything else with the name, but the test's own files and the runtime tree of instances.
   left=$(find / -xdev \( -path /proc -o -path "$work" -o -path /usr/local/lib/rsockd-vmtest -o -path /mnt/share \) -prune \
          -o -name '*rsockd*' -print 2>/dev/null | grep -v -e '^/etc/systemd/system/rsockd-vmtest' -e '^/var/log/journal/')

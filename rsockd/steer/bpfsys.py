@@ -520,6 +520,12 @@ def remove_pins(directory: str) -> bool:
         os.rmdir(directory)
     except FileNotFoundError:
         pass
+    parent = os.path.dirname(directory.rstrip("/"))
+    if parent == f"{BPFFS}/rsockd":  # the last instance gone: leave bpffs as we found it
+        try:
+            os.rmdir(parent)
+        except OSError:  # other instances' pins are still there (ENOTEMPTY), or it is gone
+            pass
     return True
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -139,3 +141,27 @@ def test_normal_stop_leaves_nothing_attached(tmp_path: Path) -> None:
         assert not list((tmp_path / "run").glob("*/control.sock"))
         bpffs = Path("/sys/fs/bpf/rsockd")
         assert not any(p.name.startswith(rig.net.tag) for p in bpffs.iterdir()) if bpffs.exists() else True
+
+
+PINS_SCRIPT = """
+import os
+from rsockd.steer import bpfsys
+os.system("mount --make-rprivate /")
+bpfsys.ensure_bpffs() or os.system("mount -t bpf bpf /sys/fs/bpf")  # a fresh, private bpffs either way
+for inst in ("a", "b"):
+    os.makedirs(bpfsys.pin_dir(inst))
+root = os.path.dirname(bpfsys.pin_dir("a"))
+assert bpfsys.remove_pins(bpfsys.pin_dir("a"))
+print(sorted(os.listdir(root)))
+assert bpfsys.remove_pins(bpfsys.pin_dir("b"))
+print(os.path.exists(root))
+"""
+
+
+def test_the_last_instance_to_go_removes_the_pin_root(tmp_path: Path) -> None:
+    """Pins live in /sys/fs/bpf/rsockd/<instance>/: the root goes with the last instance
+    (run in a private mount namespace with a bpffs of its own, so the host's is untouched)."""
+    r = subprocess.run(["unshare", "-m", sys.executable, "-c", PINS_SCRIPT], capture_output=True, text=True,
+                       timeout=30, cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:2] == ["['b']", "False"]
