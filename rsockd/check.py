@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import importlib.util
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -167,6 +168,19 @@ def check_firewall(cfg: Config) -> list[Result]:
                    f"allow tcp and udp {_ports(cfg.ports)} (e.g. ufw allow {_ports(cfg.ports).replace('-', ':')})")]
 
 
+def check_workers(cfg: Config) -> list[Result]:
+    if cfg.workers == 1:
+        return []
+    if sys.platform != "linux":
+        return [Result("FAIL", f"workers = {cfg.workers}: more than one worker is supported on Linux only",
+                       "set workers = 1")]
+    cpus = os.cpu_count() or 1
+    if cfg.workers > cpus:
+        return [Result("warn", f"workers = {cfg.workers} on {cpus} CPUs: they compete for the CPUs",
+                       f"workers = {cpus} at most")]
+    return [Result("ok", f"workers = {cfg.workers} on {cpus} CPUs")]
+
+
 CHECKS: list[Callable[[Config], list[Result]]] = [
     lambda cfg: [Result("ok", f"config valid ({cfg.config_path or 'command line'})")],
     lambda cfg: check_python(),
@@ -175,6 +189,7 @@ CHECKS: list[Callable[[Config], list[Result]]] = [
     check_network,
     check_ports,
     check_firewall,
+    check_workers,
 ]
 
 

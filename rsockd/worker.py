@@ -42,7 +42,7 @@ LOG = logging.getLogger(__name__)
 WORKER_ENV = "RSOCKD_WORKER_FD"
 _LEN = struct.Struct("!I")
 START_TIMEOUT = 30.0  # a child imports, binds and answers well within this
-REQUEST_TIMEOUT = 2.0
+REQUEST_TIMEOUT = 5.0  # a worker that cannot answer within this is wedged: the daemon stops (its watchdog)
 
 
 def share(ports: Iterable[int], workers: int, index: int) -> tuple[int, ...]:

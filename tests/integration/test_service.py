@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import statistics
@@ -183,6 +184,11 @@ def test_check_passes_on_a_good_host_and_names_each_problem(tmp_path: Path) -> N
         nocap = net.run("s", ["capsh", "--drop=cap_net_raw", "--", "-c",
                               f"{RSOCKD} --check --role server -t 127.0.0.1:9000"], check=False, timeout=60)
         assert nocap.returncode == 1 and "FAIL  capability CAP_NET_RAW missing" in nocap.stdout, nocap.stdout
+
+        cpus = os.cpu_count() or 1
+        many = check(net, "--workers", str(cpus + 1), "--ports", f"10001-{10001 + cpus}")
+        assert many.returncode == 0 and f"warn  workers = {cpus + 1} on {cpus} CPUs" in many.stdout, many.stdout
+        assert f"ok    workers = {cpus} on {cpus} CPUs" in check(net, "--workers", str(cpus)).stdout
 
         noif = check(net, "--dev", "nosuch0")
         assert noif.returncode == 1 and "FAIL  interface nosuch0 does not exist" in noif.stdout
