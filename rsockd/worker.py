@@ -151,8 +151,12 @@ def spawn(cfg: Config, interfaces: tuple[str, ...]) -> list[Worker]:
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             with theirs:
                 env = {**os.environ, WORKER_ENV: str(theirs.fileno())}
-                proc = subprocess.Popen([sys.executable, "-m", "rsockd.service"], env=env, stdin=subprocess.DEVNULL,
-                                        pass_fds=(theirs.fileno(),))
+                try:
+                    proc = subprocess.Popen([sys.executable, "-m", "rsockd.service"], env=env,
+                                            stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),))
+                except OSError as e:
+                    mine.close()
+                    raise RsockdError(f"worker {index}: cannot start {sys.executable}: {e.strerror}") from None
             w = Worker(index, share(cfg.ports, cfg.workers, index), proc, mine)
             started.append(w)
             send_msg(mine, ("start", Spec(cfg, index, interfaces)))
