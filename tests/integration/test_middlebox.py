@@ -96,10 +96,11 @@ def test_bulk_both_ways_through_strict_conntrack_and_nat(tmp_path: Path) -> None
         common = ["--backend", "xdp", "--ports", PORTS]
         server = Rsockd(net, "s", ["--role", "server", "-t", "127.0.0.1:9000", "--dev", net.dev["s"], *common],
                         tmp_path, "server").start()
+        daemons.append(server)
+        server.wait_ready()  # first: a client early to the server is refused and retries (reconnects)
         client = Rsockd(net, "c", ["--role", "client", "-t", net.srv4, "-l", "127.0.0.1:30000", *common],
                         tmp_path, "client").start()
-        daemons += [server, client]
-        server.wait_ready()
+        daemons.append(client)
         client.wait_ready()
         client.wait_status(r" 4/4 connections up", 30)
 
@@ -131,7 +132,9 @@ def test_bulk_both_ways_through_strict_conntrack_and_nat(tmp_path: Path) -> None
         assert len(ours) == 4 and all("ESTABLISHED" in e for e in ours), entries
         st = client.status()
         assert st["connections"]["by_state"] == {"established": 4}
-        assert all(c["reconnects"] == 0 or c["reconnects"] == 1 for c in client.status("ports")["connections"])
+        # Nothing was reset or timed out: 400 MB through strict conntrack on the first connections.
+        conns = client.status("ports")["connections"]
+        assert all(c["reconnects"] == 0 for c in conns), conns
     finally:
         for d in daemons:
             d.stop()
