@@ -184,6 +184,7 @@ _SUMMED = ("sessions", "flows", "half_open", "connections", "traffic", "drops", 
 
 
 def _add(into: dict[str, Any], other: dict[str, Any]) -> None:
+    """Add ``other``'s numbers into ``into``, recursing into dicts (made anew, never shared)."""
     for k, v in other.items():
         if isinstance(v, dict):
             _add(into.setdefault(k, {}), v)
@@ -192,21 +193,14 @@ def _add(into: dict[str, Any], other: dict[str, Any]) -> None:
 
 
 def merge_status(mine: dict[str, Any], theirs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The daemon's relay status with its workers' added in."""
-    out = dict(mine)
-    for k in _SUMMED:
-        if k in out:
-            total = {k: _deep_copy(out[k])}
-            for st in theirs:
-                _add(total, {k: st.get(k, 0 if not isinstance(out[k], dict) else {})})
-            out[k] = total[k]
+    """The daemon's relay status with its workers' added in (``mine`` is left as it was)."""
+    summed: dict[str, Any] = {}
+    for st in (mine, *theirs):
+        _add(summed, {k: st[k] for k in _SUMMED if k in mine and k in st})
+    out = {**mine, **summed}
     if "peers" in out:
         out["peers"] = sorted({p for st in [mine, *theirs] for p in st.get("peers", [])})
     return out
-
-
-def _deep_copy(v: Any) -> Any:
-    return {k: _deep_copy(x) for k, x in v.items()} if isinstance(v, dict) else v
 
 
 def _stall() -> dict[str, Any]:
@@ -273,8 +267,9 @@ class Daemon:
         if isinstance(relay, ServerRelay):
             relay.bind(self._server_interfaces())
             if cfg.workers > 1:
+                if sys.platform != "linux":
+                    raise RsockdError("workers: more than one worker is supported on Linux only")
                 # Every steered port needs its bound socket before steering attaches.
-                self._check_workers()
                 self.workers = await asyncio.get_running_loop().run_in_executor(None, spawn, cfg, relay.interfaces)
                 for w in self.workers:
                     asyncio.get_running_loop().add_reader(w.sock.fileno(), self._worker_exited, w)
@@ -307,10 +302,6 @@ class Daemon:
             relay.on_rebind = self._local_ports_changed
             relay.on_path_change = self._route_moved
             relay.start()
-
-    def _check_workers(self) -> None:
-        if sys.platform != "linux":
-            raise RsockdError("workers: more than one worker is supported on Linux only")
 
     def _worker_exited(self, w: Worker) -> None:
         """A worker's socketpair became readable outside a request: it has exited (or, after a
@@ -520,8 +511,6 @@ class Daemon:
         relay = self.relay
         if relay is None:
             return "starting"
-        conns = relay.connections()
-        up = sum(1 for c in conns if c.established)
         backend = self.steering.name if self.steering else "udp only"
         if isinstance(relay, ServerRelay):
             st = st or self._relay_status()
@@ -530,6 +519,8 @@ class Daemon:
             return (f"server, {backend}{workers}: {up} connections up, {st['sessions']} sessions, "
                     f"{st['flows']} flows, {st['half_open']} half-open")
         assert isinstance(relay, ClientRelay)
+        conns = relay.connections()
+        up = sum(1 for c in conns if c.established)
         return f"client, {backend}: {up}/{len(conns)} connections up, {len(relay.flows.by_id)} flows"
 
     def status(self) -> dict[str, Any]:

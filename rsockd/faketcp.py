@@ -644,9 +644,7 @@ class Connection:
 
     def send_datagram(self, flow_id: int, datagram: bytes | memoryview, now: float) -> bytes | None:
         """Seal one datagram of ``flow_id`` into a segment; None unless ESTABLISHED."""
-        if self.state != State.ESTABLISHED:
-            return None
-        return self._emit(ACK | PSH, self._seal(framing.data_frame(flow_id, datagram), now), now)
+        return self.send_frames(framing.data_frame(flow_id, datagram), now)
 
     def send_frames(self, frames: bytes, now: float) -> bytes | None:
         """Seal already-encoded frames (several datagrams batched) into one segment."""

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 
 from .errors import RsockdError
-from .rtnl import Link, Rtnl
+from .rtnl import Rtnl
 
 _DARWIN = sys.platform == "darwin"
 
@@ -44,15 +44,10 @@ def route_to(dest: str) -> Route:
             raise RsockdError(f"no route to {dest}: {e.strerror}") from None
         if info is None:
             raise RsockdError(f"no route to {dest}")
-        link = _link_by_index(nl, info.oif)
+        link = nl.link(index=info.oif)  # one link, not a dump: the client asks every second
+        if link is None:
+            raise RsockdError(f"interface index {info.oif} disappeared")
         return Route(link.name, _text(info.prefsrc) if info.prefsrc else None, link.mtu or 1500)
-
-
-def _link_by_index(nl: Rtnl, index: int) -> Link:
-    for link in nl.links():
-        if link.index == index:
-            return link
-    raise RsockdError(f"interface index {index} disappeared")
 
 
 def interface_mtu(name: str) -> int:

@@ -223,12 +223,15 @@ class Rtnl:
             for _, body in self._request("list links", RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, payload)
         ]
 
-    def link(self, name: str) -> Link | None:
-        """The link called ``name``, or None."""
-        payload = _IFINFOMSG.pack(0, 0, 0, 0, 0) + _attr(IFLA_IFNAME, name.encode() + b"\0")
+    def link(self, name: str | None = None, index: int = 0) -> Link | None:
+        """The link called ``name``, or with interface ``index``; None when there is none."""
+        payload = _IFINFOMSG.pack(0, 0, index, 0, 0)
+        if name is not None:
+            payload += _attr(IFLA_IFNAME, name.encode() + b"\0")
         payload += _attr(IFLA_EXT_MASK, struct.pack("=I", RTEXT_FILTER_SKIP_STATS))
         try:
-            replies = self._request(f"{name}: get link", RTM_GETLINK, NLM_F_REQUEST, payload)
+            replies = self._request(f"{name or f'interface {index}'}: get link", RTM_GETLINK, NLM_F_REQUEST,
+                                    payload)
         except OSError as e:
             if e.errno in (errno.ENODEV, errno.ENOENT):
                 return None

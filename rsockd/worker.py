@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .config import Config
-from .errors import RsockdError, SteerError
+from .errors import RsockdError
 from .relay import ServerRelay
 from .steer import PacketSocketReceiver, SteerPlan
 
@@ -262,10 +262,7 @@ class Child:
 
         if self._capture:
             raise RsockdError("capture already open")
-        try:
-            program = nft.receiver_filter(plan)
-        except ValueError as e:
-            raise SteerError(f"nft: receive filter: {e}") from None
+        program = nft.receiver_filter(plan)
         for iface in plan.interfaces:
             self._capture.append(nft.open_receiver(iface, program))
         assert self.relay is not None

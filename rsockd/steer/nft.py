@@ -273,9 +273,14 @@ def nft_available() -> str | None:
 
 
 def receiver_filter(plan: SteerPlan) -> cbpf.Program:
-    """The classic BPF filter of the packet sockets (L3 first: ``SOCK_DGRAM``)."""
+    """The classic BPF filter of the packet sockets (L3 first: ``SOCK_DGRAM``).  Raises a
+    one-line ``SteerError`` for a bad peer address or a plan the filter cannot express."""
+    split_peers(plan.peers, "nft")
     ports = plan.receive_ports or plan.tunnel_ports
-    return cbpf.tunnel_filter(plan.role, ports, plan.local_ports, plan.peers, l3_offset=0, link="raw")
+    try:
+        return cbpf.tunnel_filter(plan.role, ports, plan.local_ports, plan.peers, l3_offset=0, link="raw")
+    except ValueError as err:
+        raise SteerError(f"nft: receive filter: {err}") from None
 
 
 def open_receiver(interface: str, program: cbpf.Program) -> socket.socket:
@@ -334,7 +339,7 @@ class NftSteering:
             raise SteerError(f"nft: table {FAMILY} {self.table}: no interface to receive on")
         try:
             cmds = ruleset(plan)
-            program = self._program(plan)
+            program = receiver_filter(plan)
             self._ctx = _context()
             for iface in plan.interfaces:
                 self._socks[iface] = open_receiver(iface, program)
@@ -358,7 +363,7 @@ class NftSteering:
             self.plan = plan
             return
         old = self.plan
-        program = self._program(plan)
+        program = receiver_filter(plan)
         added: dict[str, socket.socket] = {}
         try:
             for iface in plan.interfaces:
@@ -421,13 +426,6 @@ class NftSteering:
         ctx = self._ctx if self._ctx is not None else _context()
         _delete(ctx, self.table)
         self._ctx = None
-
-    def _program(self, plan: SteerPlan) -> cbpf.Program:
-        split_peers(plan.peers, "nft")  # a bad address fails here with a one-line SteerError
-        try:
-            return receiver_filter(plan)
-        except ValueError as err:
-            raise SteerError(f"nft: receive filter: {err}") from None
 
     def _collect_stats(self, sock: socket.socket) -> None:
         try:
