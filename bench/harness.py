@@ -818,17 +818,7 @@ class BenchRig(Rig):
 
     def close(self) -> None:
         """Stop the daemons (not the namespaces: they are the benchmark's)."""
-        errors = []
-        for d in [*self.clients, self.server]:
-            if d is None:
-                continue
-            try:
-                rc = d.stop()
-                if rc != 0:
-                    errors.append(f"{d.name} exited {rc}:\n{d.log()[-2000:]}")
-            except AssertionError as e:
-                errors.append(str(e))
-            d.close()
+        errors = self.stop_daemons()
         self.clients, self.server = [], None
         if errors and not sys.exc_info()[0]:
             raise RuntimeError("\n".join(errors))

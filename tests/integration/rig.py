@@ -341,7 +341,8 @@ class Rig:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def close(self) -> None:
+    def stop_daemons(self) -> list[str]:
+        """Stop every daemon; what went wrong (a non-zero exit, a daemon that would not stop)."""
         errors = []
         for d in [*self.clients, self.server]:
             if d is None:
@@ -353,6 +354,10 @@ class Rig:
             except AssertionError as e:
                 errors.append(str(e))
             d.close()
+        return errors
+
+    def close(self) -> None:
+        errors = self.stop_daemons()
         if self.echo is not None:
             self.echo.close()
         self.net.close()
