@@ -307,12 +307,16 @@ def test_syn_flood_established_sessions_keep_their_throughput(tmp_path: Path) ->
         assert delta0["steering"]["syn_limited"] == 0
         limited, fraction = bulk.rate / quiet.rate, unlimited.rate / quiet.rate
         overflow = delta0["udp_errors"]["s"].get("UdpRcvbufErrors", 0)
-        print(f"throughput under the flood: limited {limited:.0%} of quiet, unlimited {fraction:.0%} "
-              f"(flood {flood0['pps']:,} SYN/s, {overflow} datagrams lost on the server's full UDP queues)")
+        lost, lost0 = bulk.sent - bulk.distinct, unlimited.sent - unlimited.distinct
+        print(f"throughput under the flood: limited {limited:.0%} of quiet ({lost} bulk datagrams lost), "
+              f"unlimited {fraction:.0%} ({lost0} lost; flood {flood0['pps']:,} SYN/s, {overflow} datagrams "
+              f"lost on the server's full UDP queues)")
         # Without the limit, the daemon parses every SYN in Python.  On two shared cores a one-core
         # generator (which also pays for the kernel's UDP delivery of its SYNs) and the daemon are
-        # close to even: the flood hurts when it outruns the daemon and fills the socket queues.
+        # close to even: the flood hurts when it outruns the daemon and fills the socket queues.  The
+        # bulk shares those queues, so it loses its share there -- which the limit spared it.  (Loss,
+        # not rate: a few percent of rate is within the pacing jitter of two shared cores.)
         if overflow >= 0.01 * flood0["sent"]:
-            assert fraction <= limited - 0.05, "without the limit the flood should hurt"
+            assert lost0 > lost, "without the limit the flood should cost the bulk datagrams"
         else:
             print(f"not asserted: the daemon kept up with the generator ({flood0['pps']:,} SYN/s) on this machine")
