@@ -544,6 +544,8 @@ class Daemon:
             out["status"] = self.status_line()
             return out
         st = self._relay_status()
+        if "receiver_dropped" in st:
+            steer["receiver_dropped"] = steer.get("receiver_dropped", 0) + st.pop("receiver_dropped")
         out["status"] = self.status_line(st)
         out.update(st)
         out["mtu"] = relay.mtu
@@ -568,6 +570,8 @@ class Daemon:
             rows.append(_worker_row(w.index, w.pid, w.ports, st))
         out = merge_status(mine, theirs)
         out["by_worker"] = rows
+        if any("receiver_dropped" in st for st in theirs):  # their own capture sockets (nft)
+            out["receiver_dropped"] = sum(st.get("receiver_dropped", 0) for st in theirs)
         return out
 
     def ports(self) -> dict[str, Any]:

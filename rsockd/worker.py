@@ -195,6 +195,7 @@ class Child:
         self.ports = share(self.cfg.ports, self.cfg.workers, spec.index)
         self._stop = asyncio.Event()
         self._capture: list[socket.socket] = []
+        self._capture_dropped = 0
         self.relay: ServerRelay | None = None
 
     async def run(self) -> int:
@@ -242,7 +243,13 @@ class Child:
         relay = self.relay
         assert relay is not None
         if kind == "status":
-            return relay_status(relay)
+            st = relay_status(relay)
+            if self._capture:  # our own packet sockets' losses: the daemon adds them to its steering's
+                from .steer.nft import receiver_drops
+
+                self._capture_dropped += sum(receiver_drops(s) for s in self._capture)
+                st["receiver_dropped"] = self._capture_dropped
+            return st
         if kind == "ports":
             now = asyncio.get_running_loop().time()
             return [relay.conn_info(c, now) for c in relay.connections()]

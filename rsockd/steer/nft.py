@@ -272,6 +272,15 @@ def nft_available() -> str | None:
 # Receivers
 
 
+def receiver_drops(sock: socket.socket) -> int:
+    """Segments a receiver's full queue lost since the last call (reading resets the kernel's count)."""
+    try:
+        _packets, drops = _TPACKET_STATS.unpack(sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _TPACKET_STATS.size))
+    except OSError:
+        return 0
+    return int(drops)
+
+
 def receiver_filter(plan: SteerPlan) -> cbpf.Program:
     """The classic BPF filter of the packet sockets (L3 first: ``SOCK_DGRAM``).  Raises a
     one-line ``SteerError`` for a bad peer address or a plan the filter cannot express."""
@@ -428,11 +437,7 @@ class NftSteering:
         self._ctx = None
 
     def _collect_stats(self, sock: socket.socket) -> None:
-        try:
-            _packets, drops = _TPACKET_STATS.unpack(sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _TPACKET_STATS.size))
-        except OSError:
-            return
-        self._rx_dropped += drops
+        self._rx_dropped += receiver_drops(sock)
 
     def _close_sockets(self) -> None:
         for sock in self._socks.values():

@@ -13,7 +13,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from tests.integration.rig import Rig, Rsockd, attached
+from tests.integration.rig import LISTEN_PORT, Rig, Rsockd, attached
 from tests.integration.test_service import SCHEMA
 from tests.netns import NetnsPair
 
@@ -183,3 +183,56 @@ def test_a_worker_that_cannot_bind_fails_the_start_cleanly(tmp_path: Path) -> No
         finally:
             taken.close()
             d.close()
+
+
+def test_a_worker_reports_what_its_own_capture_queue_lost(tmp_path: Path) -> None:
+    """nft: each worker receives through its own packet sockets.  When a worker falls behind and
+    its socket's queue overflows, the kernel's drop count reaches the daemon's status."""
+    # Jumbo frames: a few thousand segments fill the queue (64 MB of kernel memory) in well under
+    # the REQUEST_TIMEOUT a stopped worker has before the daemon gives up on it.
+    with Rig(tmp_path, backend="nft", server_args=["--workers", "2"], mtu=9000) as rig:
+        server, client = rig.server, rig.client
+        assert server is not None
+        st = server.status()
+        assert st["steering"]["receiver_dropped"] == 0
+        child = st["by_worker"][1]["pid"]
+        # An application socket whose flow worker 1 serves.
+        sock = None
+        for _ in range(24):
+            s = rig.app_socket()
+            before = server.status()["by_worker"][1]["flows"]
+            assert rig.echo_run(1, sock=s).received == 1
+            if server.status()["by_worker"][1]["flows"] > before:
+                sock = s
+                break
+            s.close()
+        assert sock is not None, "no flow of 24 landed on worker 1"
+        payload = bytes(client.status()["max_datagram"])
+        sock.setblocking(False)
+
+        def sent() -> int:
+            return int(client.status()["traffic"]["tunnel_tx_packets"])
+
+        start = sent()
+        os.kill(child, signal.SIGSTOP)
+        try:
+            # ~4,000 jumbo segments fill the queue; push three times that through the client.
+            t0 = time.monotonic()
+            while sent() - start < 12_000 and time.monotonic() - t0 < 3.0:
+                for _ in range(100):
+                    try:
+                        sock.sendto(payload, ("127.0.0.1", LISTEN_PORT))
+                    except BlockingIOError:
+                        break
+            pushed = sent() - start
+        finally:
+            os.kill(child, signal.SIGCONT)
+        sock.close()
+        assert pushed >= 12_000, f"the client carried only {pushed} segments in 3 s"
+        st = server.status()
+        lost = st["steering"]["receiver_dropped"]
+        print(f"pushed {pushed} segments into the stopped worker's port; its queue lost {lost}")
+        assert 0 < lost < pushed, (lost, pushed)
+        assert server.status()["steering"]["receiver_dropped"] >= lost  # kept, not reset by reading
+        assert rig.echo_run(3).received == 3  # and the worker serves again
+        assert server.proc is not None and server.proc.poll() is None
