@@ -2,7 +2,8 @@
  *
  * With steering working the kernel never sees a tunnel segment, so it has nothing to answer
  * and guard_dropped stays 0; the counter is the proof `rsockctl status` shows.  Our own
- * fake-TCP segments carry SO_MARK = config.mark and pass.  Everything else passes too.
+ * fake-TCP segments carry SO_MARK = config.mark and pass.  Everything else passes too, and so
+ * does every forwarded segment: on a router, other hosts' connections on these ports are theirs.
  *
  * Match, mirrored from ingress.c (docs/design.md): server  ports[sport] & PORT_SERVER;
  *                                                  client  ports[sport] & PORT_LOCAL and
@@ -51,6 +52,10 @@ int rsockd_guard(struct __sk_buff *skb)
 	if (bpf_skb_load_bytes_relative(skb, l4off, &th, sizeof(th), BPF_HDR_START_NET))
 		return TC_ACT_OK;
 	if (!th.rst && !th.ack)
+		return TC_ACT_OK;
+	/* Forwarded, not made here: another host's connection routed through this one (the
+	 * kernel's own answers are new packets, received on no interface). */
+	if (skb->ingress_ifindex)
 		return TC_ACT_OK;
 	sflags = rsockd_port_flags(th.source);
 	if (!(sflags & RSOCKD_PORT_SERVER) &&

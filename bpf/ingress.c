@@ -15,6 +15,9 @@
  *
  * Match (docs/design.md): server  ports[dport] & PORT_SERVER;
  *                        client  ports[dport] & PORT_LOCAL, ports[sport] & PORT_PEER, source in peers.
+ * Only segments addressed to this host match: on a host that forwards (a router, a VM or
+ * container host), a segment routed through it to another host's port in the range is left to
+ * the kernel and counted passed_transit.  The kernel's own routing decides (bpf_fib_lookup).
  * Matching segments the program will not rewrite go to the kernel unchanged and are counted:
  * IPv4 options / IPv6 extension headers, first fragments, a data offset below 5 or past the end.
  * Non-first fragments carry no ports and pass uncounted.  Ethernet links only.
@@ -27,6 +30,7 @@
  */
 #include <uapi/linux/bpf.h>
 #include <linux/in.h>
+#include <linux/socket.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
@@ -165,6 +169,24 @@ static __always_inline int rsockd_check_tcp(struct tcphdr *th, void *end, __u32 
 
 #define RSOCKD_REWRITE (-1)
 
+/* Whether a matching segment is addressed to this host rather than routed through it, asked of
+ * the kernel's routing (the rules and tables it would use for this packet).  A local
+ * destination is "not forwarded"; so is every packet on an interface that does not forward at
+ * all, which is the common case and costs no route lookup.  Anything the kernel would forward
+ * (or refuse to: blackhole, unreachable) is not ours to take. */
+static __always_inline int rsockd_for_us(struct xdp_md *ctx, struct bpf_fib_lookup *fib)
+{
+	int rc;
+
+	fib->l4_protocol = IPPROTO_TCP;
+	fib->ifindex = ctx->ingress_ifindex;
+	rc = bpf_fib_lookup(ctx, fib, sizeof(*fib), 0);
+	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED || rc == BPF_FIB_LKUP_RET_FWD_DISABLED)
+		return 1;
+	rsockd_count(RSOCKD_STAT_PASSED_TRANSIT);
+	return 0;
+}
+
 /* Whether a matching segment is rewritten: RSOCKD_REWRITE, or the verdict for one that is not
  * (counted under its reason): malformed ones go to the kernel, SYNs over the limit are dropped. */
 static __always_inline int rsockd_admit(struct tcphdr *th, void *end, __u32 l4len, enum rsockd_match m,
@@ -210,8 +232,10 @@ static __always_inline void rsockd_tcp_to_udp(struct tcphdr *th, __u32 l4len)
 	*(__u32 *)(w + 8) = ack;
 }
 
-static __always_inline int rsockd_ipv4(struct rsockd_config *cfg, struct iphdr *ip, void *end)
+static __always_inline int rsockd_ipv4(struct xdp_md *ctx, struct rsockd_config *cfg, struct iphdr *ip,
+				       void *end)
 {
+	struct bpf_fib_lookup fib = {};
 	enum rsockd_match m;
 	struct tcphdr *th;
 	__u32 ihl, l4len, tot;
@@ -229,6 +253,15 @@ static __always_inline int rsockd_ipv4(struct rsockd_config *cfg, struct iphdr *
 		return XDP_PASS;  /* not even the ports */
 	m = rsockd_match4(th, ip->saddr);
 	if (m == MATCH_NONE)
+		return XDP_PASS;
+	fib.family = AF_INET;
+	fib.sport = th->source;
+	fib.dport = th->dest;
+	fib.tot_len = bpf_ntohs(ip->tot_len);
+	fib.tos = ip->tos;
+	fib.ipv4_src = ip->saddr;
+	fib.ipv4_dst = ip->daddr;
+	if (!rsockd_for_us(ctx, &fib))
 		return XDP_PASS;
 
 	if (ihl != sizeof(*ip)) {
@@ -254,8 +287,10 @@ static __always_inline int rsockd_ipv4(struct rsockd_config *cfg, struct iphdr *
 	return XDP_PASS;
 }
 
-static __always_inline int rsockd_ipv6(struct rsockd_config *cfg, struct ipv6hdr *ip6, void *end)
+static __always_inline int rsockd_ipv6(struct xdp_md *ctx, struct rsockd_config *cfg, struct ipv6hdr *ip6,
+				       void *end)
 {
+	struct bpf_fib_lookup fib = {};
 	enum rsockd_match m;
 	struct tcphdr *th;
 	__u32 off = sizeof(*ip6);
@@ -309,6 +344,15 @@ static __always_inline int rsockd_ipv6(struct rsockd_config *cfg, struct ipv6hdr
 	m = rsockd_match6(th, &ip6->saddr);
 	if (m == MATCH_NONE)
 		return XDP_PASS;
+	fib.family = AF_INET6;
+	fib.sport = th->source;
+	fib.dport = th->dest;
+	fib.tot_len = bpf_ntohs(ip6->payload_len);
+	fib.flowinfo = *(__be32 *)ip6 & bpf_htonl(0x0fffffff);
+	__builtin_memcpy(fib.ipv6_src, &ip6->saddr, sizeof(fib.ipv6_src));
+	__builtin_memcpy(fib.ipv6_dst, &ip6->daddr, sizeof(fib.ipv6_dst));
+	if (!rsockd_for_us(ctx, &fib))
+		return XDP_PASS;
 	if (fragment) {
 		rsockd_count(RSOCKD_STAT_PASSED_FRAGMENT);
 		return XDP_PASS;
@@ -344,8 +388,8 @@ int rsockd_xdp(struct xdp_md *ctx)
 	if ((void *)(eth + 1) > end)
 		return XDP_PASS;
 	if (eth->h_proto == bpf_htons(ETH_P_IP))
-		return rsockd_ipv4(cfg, (void *)(eth + 1), end);
+		return rsockd_ipv4(ctx, cfg, (void *)(eth + 1), end);
 	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
-		return rsockd_ipv6(cfg, (void *)(eth + 1), end);
+		return rsockd_ipv6(ctx, cfg, (void *)(eth + 1), end);
 	return XDP_PASS;
 }

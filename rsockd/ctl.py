@@ -276,6 +276,9 @@ def render_status(st: dict[str, Any], style: Style) -> str:
         rows.append(("left to the kernel", f"{steer.get('passed_malformed', 0)} malformed, "
                                            f"{steer.get('passed_fragment', 0)} fragments, "
                                            f"{steer.get('passed_ip_options', 0)} with IP options"))
+    if steer.get("passed_transit"):
+        rows.append(("routed through", f"{human_count(steer['passed_transit'])} segments on tunnel ports "
+                                       "to other hosts, left to the kernel"))
     tx_err = st.get("tx_errors", {})
     if tx_err:
         rows.append(("send errors", ", ".join(f"{k} {v}" for k, v in sorted(tx_err.items()))))

@@ -33,6 +33,7 @@ STEER_COUNTERS = (
     "passed_ip_options",  # IPv4 options / IPv6 extension headers on tunnel ports: left to the kernel
     "guard_dropped",  # kernel-made RST/ACK from tunnel ports dropped on egress
     "syn_limited",  # server: SYNs to tunnel ports over syn_rate/syn_burst, dropped before userspace
+    "passed_transit",  # on tunnel ports but routed through this host, not to it: left to the kernel
 )
 
 

@@ -103,8 +103,8 @@ def test_rsockd_h_map_sizes_match_python(tmp_path: Path) -> None:
 
 def test_counter_indices_only_grow_at_the_end() -> None:
     """A stats index keeps its meaning across versions: new counters are appended."""
-    assert STEER_COUNTERS[:7] == ("steered_v4", "steered_v6", "passed_malformed", "passed_fragment",
-                                  "passed_ip_options", "guard_dropped", "syn_limited")
+    assert STEER_COUNTERS[:8] == ("steered_v4", "steered_v6", "passed_malformed", "passed_fragment",
+                                  "passed_ip_options", "guard_dropped", "syn_limited", "passed_transit")
 
 
 def test_instance_tag_stays_where_older_versions_put_it(tmp_path: Path) -> None:
