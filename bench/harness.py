@@ -57,10 +57,14 @@ T = TypeVar("T")
 # -- options ------------------------------------------------------------------------------------
 
 
+#: What --backends takes: a steering backend, and with "+packet" the packet send path.
+BACKENDS = ("xdp", "nft", "xdp+packet", "nft+packet")
+
+
 @dataclass
 class Options:
     sizes: tuple[int, ...] = (64, 512, 1200)
-    backends: tuple[str, ...] = ("xdp", "nft")
+    backends: tuple[str, ...] = ("xdp", "nft", "xdp+packet")  # +packet: the daemons with send_path = "packet"
     step: float = 2.0  # measured seconds per search step
     warm: float = 0.5  # warm-up seconds before each step (same rate, not counted)
     resolution: float = 0.05  # the search stops when hi/lo <= 1 + resolution
@@ -136,9 +140,9 @@ def parse_args(argv: Sequence[str]) -> Options:
         o.sizes = tuple(int(x) for x in a.sizes.split(","))
     if a.backends:
         o.backends = tuple(x.strip() for x in a.backends.split(",") if x.strip() and x.strip() != "none")
-        bad = set(o.backends) - {"xdp", "nft"}
+        bad = set(o.backends) - set(BACKENDS)
         if bad:
-            p.error(f"--backends: unknown {', '.join(sorted(bad))} (xdp, nft)")
+            p.error(f"--backends: unknown {', '.join(sorted(bad))} ({', '.join(BACKENDS)})")
     for name in ("step", "warm", "resolution", "max_steps", "pings", "profile", "ceiling"):
         arg = {"step": a.step_seconds, "warm": a.warmup_seconds, "profile": a.profile_seconds,
                "ceiling": a.ceiling_seconds}.get(name, getattr(a, name, None))
@@ -535,13 +539,16 @@ class Bench:
         return out
 
     def backend(self, backend: str, sizes: Sequence[int], workers: int, label: str) -> dict[str, Any]:
+        """``backend``: a steering backend, with "+packet" for the packet send path."""
         dst = ("127.0.0.1", LISTEN_PORT)
-        self.pair = BenchRig(self.net, self.tmp / label, backend=backend, ports=self.o.ports, workers=workers)
+        backend, _, send_path = backend.partition("+")
+        self.pair = BenchRig(self.net, self.tmp / label, backend=backend, ports=self.o.ports, workers=workers,
+                             send_path=send_path or "raw")
         try:
             ready = self.pair.start()
             st = self.pair.status()
             out: dict[str, Any] = {
-                "backend": backend, "ready": ready,
+                "backend": backend, "send_path": send_path or "raw", "ready": ready,
                 "workers": {"requested": workers, "reported": {k: v.get("workers") for k, v in st.items()}},
                 "steering": {k: v.get("backend", {}) for k, v in st.items()},
                 "sizes": {},
@@ -769,12 +776,14 @@ class BenchRig(Rig):
     The server is started and READY before the client starts, so each time to READY is its own.
     """
 
-    def __init__(self, net: NetnsPair, tmp: Path, *, backend: str, ports: str, workers: int) -> None:
+    def __init__(self, net: NetnsPair, tmp: Path, *, backend: str, ports: str, workers: int,
+                 send_path: str = "raw") -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         # Workers are a server setting: a client is one process, its connections spread over the workers.
+        path = ["--send-path", send_path] if send_path != "raw" else []
         super().__init__(tmp, backend=backend, ports=ports, offload=net.offload,
-                         server_args=["-t", f"127.0.0.1:{SINK_PORT}", "--key", KEY, "--workers", str(workers)],
-                         client_args=["--key", KEY])
+                         server_args=["-t", f"127.0.0.1:{SINK_PORT}", "--key", KEY, "--workers", str(workers), *path],
+                         client_args=["--key", KEY, *path])
         self.net = net
 
     def start(self) -> dict[str, float]:

@@ -44,6 +44,9 @@ def evaluate_targets(data: dict[str, Any]) -> list[dict[str, Any]]:
 
     add("rate_1200_xdp", "sustained rate, 1200 B, xdp, one worker", ">= 40 % of plain UDP",
         _get(r, "xdp", "1200"), lambda v: v >= 0.40, "ratio")
+    if "xdp+packet" in data.get("rsockd", {}):
+        add("rate_1200_xdp_packet", "sustained rate, 1200 B, xdp + packet send path, one worker",
+            ">= 40 % of plain UDP", _get(r, "xdp+packet", "1200"), lambda v: v >= 0.40, "ratio")
     ac = data.get("all_cores", {})
     size = str(ac.get("size") or max(data.get("options", {}).get("sizes") or [1200]))
     note = ac.get("skipped", "")
@@ -57,6 +60,12 @@ def evaluate_targets(data: dict[str, Any]) -> list[dict[str, Any]]:
         lambda v: v >= 0.30, "ratio")
     add("cpu_1200_xdp", "CPU per datagram, both daemons, 1200 B, xdp", "<= 15 µs",
         _get(data, "rsockd", "xdp", "sizes", "1200", "cpu", "daemons_us_per_dgram"), lambda v: v <= 15, "µs")
+    if "xdp+packet" in data.get("rsockd", {}):
+        add("rate_64_xdp_packet", "sustained rate, 64 B, xdp + packet send path", ">= 30 % of plain UDP",
+            _get(r, "xdp+packet", "64"), lambda v: v >= 0.30, "ratio")
+        add("cpu_1200_xdp_packet", "CPU per datagram, both daemons, 1200 B, xdp + packet send path", "<= 15 µs",
+            _get(data, "rsockd", "xdp+packet", "sizes", "1200", "cpu", "daemons_us_per_dgram"), lambda v: v <= 15,
+            "µs")
     for pct, limit in (("p50", 50.0), ("p99", 150.0)):
         added = _added_rtt(data, "xdp", pct)
 

@@ -67,6 +67,7 @@ Transport = Literal["tcp", "udp"]
 TransportType = Literal["tcp", "udp", "all"]
 Backend = Literal["auto", "xdp", "nft", "bpfdev"]
 XdpMode = Literal["auto", "native", "skb"]
+SendPath = Literal["raw", "packet"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 HostPort = tuple[str, int]
 
@@ -87,6 +88,7 @@ _ROLES: tuple[Role, ...] = ("server", "client")
 _TYPES: tuple[TransportType, ...] = ("tcp", "udp", "all")
 _BACKENDS: tuple[Backend, ...] = ("auto", "xdp", "nft", "bpfdev")
 _XDP_MODES: tuple[XdpMode, ...] = ("auto", "native", "skb")
+_SEND_PATHS: tuple[SendPath, ...] = ("raw", "packet")
 _LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
 
 _INSTANCE_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,31}")
@@ -146,6 +148,7 @@ class Config:
     runtime_dir: str = DEFAULT_RUNTIME_DIR
     config_path: str | None = None
     workers: int = 1
+    send_path: SendPath = "raw"
 
     @property
     def transports(self) -> tuple[Transport, ...]:
@@ -231,6 +234,8 @@ _KEY_TABLE: tuple[_Key, ...] = (
     _Key("workers", "server: processes sharing the tunnel ports (each serves every N-th port, so a client's "
          "connections spread over them); at most one per port; a client is always one process", metavar="N",
          roles=("server",)),
+    _Key("send_path", "raw (IP raw sockets, default) or packet (Linux, Ethernet: link-layer frames with the "
+         "kernel computing checksums and splitting batches, bypassing the output firewall)", metavar="PATH"),
 )
 
 #: Every configuration key, in the order of the design table.
@@ -320,6 +325,10 @@ def _backend(value: object, source: str, key: str) -> Backend:
 
 def _xdp_mode(value: object, source: str, key: str) -> XdpMode:
     return cast(XdpMode, _choice(value, source, key, _XDP_MODES))
+
+
+def _send_path(value: object, source: str, key: str) -> SendPath:
+    return cast(SendPath, _choice(value, source, key, _SEND_PATHS))
 
 
 def _log_level(value: object, source: str, key: str) -> LogLevel:
@@ -842,6 +851,7 @@ def _build(values: _Values, role: Role, path: str | None, home: str) -> Config:
         runtime_dir=values.get("runtime_dir", _runtime_dir, Config.runtime_dir),
         config_path=path,
         workers=values.get("workers", _count(1, _MAX_WORKERS), Config.workers),
+        send_path=values.get("send_path", _send_path, Config.send_path),
     )
     _check_relations(config, values)
     return config

@@ -265,7 +265,9 @@ def render_status(st: dict[str, Any], style: Style) -> str:
         rows.append(("tunnel rx", f"{human_count(t['tunnel_rx_packets'])} packets, "
                                   f"{human_bytes(t['tunnel_rx_bytes'])}"))
         rows.append(("tunnel tx", f"{human_count(t['tunnel_tx_packets'])} packets, "
-                                  f"{human_bytes(t['tunnel_tx_bytes'])}"))
+                                  f"{human_bytes(t['tunnel_tx_bytes'])}"
+                     + (f" ({human_count(t['tunnel_tx_batched'])} of them in {human_count(t['tunnel_tx_batches'])}"
+                        " batched sends)" if t.get("tunnel_tx_batches") else "")))
     drops = {k: v for k, v in st.get("drops", {}).items() if v}
     rows.append(("drops", ", ".join(f"{k} {human_count(v)}" for k, v in sorted(drops.items())) or "none"))
     steer = st.get("steering", {})

@@ -173,6 +173,7 @@ def relay_status(relay: Relay) -> dict[str, Any]:
         "tunnel_rx_bytes": sum(c["rx_bytes"] for c in conns),
         "tunnel_tx_packets": sum(c["tx_packets"] for c in conns),
         "tunnel_tx_bytes": sum(c["tx_bytes"] for c in conns),
+        "tunnel_tx_batches": relay.tx_batches, "tunnel_tx_batched": relay.tx_batched,
     }
     detail["drops"] = dict(relay.drops)
     detail["tx_errors"] = dict(relay.tx_errors)

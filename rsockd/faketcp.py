@@ -219,6 +219,7 @@ class Connection:
         self.last_rx = self.last_tx = 0.0
         self._challenged = -1e9
         self.io: Any = None  # for the owner: the daemon keeps this connection's send function here
+        self.io_batch: Any = None  # ... and its batch send function, when its send path has one
 
         self._psum = pseudo_sum(local[0], remote[0]) if len(local[0]) == len(remote[0]) else 0
         self._iss = 0
@@ -651,6 +652,27 @@ class Connection:
         if self.state != State.ESTABLISHED:
             return None
         return self._emit(ACK | PSH, self._seal(frames, now), now)
+
+    def send_batch(self, records: list[bytes], now: float) -> tuple[bytes, list[bytes]] | None:
+        """Seal ``records`` (each the frames of one segment) for one send that the kernel splits
+        into segments (GSO): returns the first segment's TCP header, checksum left 0, and the
+        sealed payloads, whose sequence numbers follow on from the header's.  The caller passes
+        records of one length (the last may be shorter), so every payload but the last is as
+        long as the first.  None unless an ESTABLISHED tcp connection with timestamps."""
+        if self.state != State.ESTABLISHED or self.transport != "tcp" or not self._ts_ok:
+            return None
+        payloads = [self._seal(r, now) for r in records]
+        total = sum(map(len, payloads))
+        seq = self.snd_nxt
+        self.snd_nxt = (seq + total) & MASK32
+        self.tx_packets += len(payloads)
+        self.tx_bytes += total
+        self.last_tx = now
+        self._unacked = 0
+        self._ack_at = None
+        hdr = _HDR_TS.pack(self.local[1], self.remote[1], seq, self.rcv_nxt, _OFF8 | ACK | PSH, WINDOW, 0, 0,
+                           _TS_LEAD, self._tsval(now), self._ts_recent)
+        return hdr, payloads
 
     def probe(self, now: float) -> None:
         """Send a keepalive now: a peer that lost our state answers with an RST at once."""

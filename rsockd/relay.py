@@ -23,7 +23,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import framing
 from .config import Config
@@ -58,6 +58,8 @@ if sys.platform == "darwin":
     from .rawsock_darwin import RawSender, Sender
 else:
     from .rawsock import RawSender, Sender
+if TYPE_CHECKING:
+    from .packetsend import L2Route, PacketSender
 from .session import ClientFlow, FlowTable, ServerFlow, Session, SessionTable
 from .steer import Receiver
 
@@ -134,6 +136,16 @@ class Relay:
         self.drops: Counter[str] = new_drops()
         self.tx_errors: Counter[str] = Counter()
         self.raw = RawSender(cfg.mark, self.tx_errors)
+        # send_path = "packet": Ethernet frames, kernel checksums, batches split by the kernel
+        self.packet: PacketSender | None = None
+        self._l2: dict[bytes, L2Route | None] = {}  # destination -> its Ethernet route (None: raw for now)
+        if cfg.send_path == "packet":
+            if sys.platform != "linux":
+                raise RsockdError('send_path = "packet" is supported on Linux only; use "raw"')
+            from .packetsend import PacketSender
+
+            self.packet = PacketSender(cfg.mark, self.tx_errors)
+        self.tx_batches = self.tx_batched = 0  # batches sent, and the segments they carried
         self.keyring = Keyring.from_secret(cfg.key)
         self.timing = timing_of(cfg)
         self.started = time.time()
@@ -157,10 +169,60 @@ class Relay:
         self.delivery = Delivery(self)
 
     def _tick(self) -> None:
-        """Once a second: every 5 s, re-read our addresses when a capture backend needs them."""
+        """Once a second: every 5 s, re-read our addresses when a capture backend needs them; the
+        packet send path's routes, every second."""
         self._ticks += 1
         if self.capturing and self._ticks % 5 == 0:
             self.refresh_local_addrs()
+        if self.packet is not None:
+            self._refresh_l2()
+
+    # -- the packet send path -------------------------------------------------------------------
+
+    def _l2_route(self, dst: bytes) -> L2Route | None:
+        if dst not in self._l2:
+            from .packetsend import resolve as resolve_l2
+            from .rtnl import Rtnl
+
+            try:
+                with Rtnl() as nl:
+                    self._l2[dst] = resolve_l2(nl, dst, self.cfg.mark)
+            except OSError as e:
+                LOG.warning("packet send path: cannot look up the route to %s: %s",
+                            socket.inet_ntop(socket.AF_INET if len(dst) == 4 else socket.AF_INET6, dst), e)
+                self._l2[dst] = None
+        return self._l2[dst]
+
+    def _refresh_l2(self) -> None:
+        """Look every destination's route up again; a connection whose route changed (a new next
+        hop, the neighbour resolved or lost) gets its send functions anew, here, between two
+        sends (its segments' checksums depend on the path: ``kernel_checksum``)."""
+        old, self._l2 = self._l2, {}
+        changed = {dst for dst, route in old.items() if self._l2_route(dst) != route}
+        if not changed:
+            return
+        for conn in self.connections():
+            if conn.io is not None and conn.transport == "tcp" and conn.remote[0] in changed:
+                conn.io = None
+                self._sender(conn)
+
+    def _tcp_sender(self, conn: Connection) -> Sender:
+        """``conn``'s send functions: the packet path when it has a route, else the raw one."""
+        local, remote = conn.local[0], conn.remote[0]
+        route = self._l2_route(remote) if self.packet is not None else None
+        if route is not None:
+            assert self.packet is not None
+            try:
+                send, conn.io_batch = self.packet.path(route, local, remote)
+            except OSError as e:
+                LOG.warning("packet send path: %s: %s; sending through raw sockets", route.ifname, e.strerror)
+                self._l2[remote] = None
+            else:
+                conn.kernel_checksum = True  # the packet path's kernel computes it
+                return send
+        conn.io_batch = None
+        conn.kernel_checksum = len(remote) == 16  # raw IPv6 sockets compute it, IPv4 ones do not
+        return self.raw.path(local, remote)
 
     def refresh_local_addrs(self) -> None:
         """The addresses captured segments may be for: local_ip, else every address of our interfaces."""
@@ -215,7 +277,7 @@ class Relay:
                     except OSError as e:
                         self.tx_errors[errno.errorcode.get(e.errno or 0, "error").lower()] += 1
             else:
-                s = self.raw.path(conn.local[0], conn.remote[0])
+                s = self._tcp_sender(conn)
             conn.io = s
         return s
 
@@ -361,6 +423,8 @@ class Relay:
             s.close()
         self._sockets.clear()
         self.raw.close()
+        if self.packet is not None:
+            self.packet.close()
 
     # -- status ---------------------------------------------------------------------------------
 
@@ -383,11 +447,13 @@ class Relay:
             "last_rx_ago": round(now - conn.last_rx, 3) if conn.last_rx else None,
             "reconnects": conn.reconnects,
             "close_reason": conn.close_reason,
+            "send_path": "udp" if conn.transport == "udp" else "packet" if conn.io_batch is not None else "raw",
         }
 
 
 UDP_SEGMENT = 103  # <linux/udp.h>: UDP GSO segment size (cmsg on SOL_UDP)
 GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS
+BATCH_MAX = 32  # records in one packet-path batch: 32 full-size segments stay under IPv4's 64 KiB
 GSO_MAX_BYTES = 65000  # under the 64 KiB an IP datagram can carry
 
 
@@ -474,13 +540,16 @@ class FrameBatch:
     record, one tag for many datagrams).
     """
 
-    __slots__ = ("budget", "now", "pending", "relay")
+    __slots__ = ("budget", "now", "pending", "records", "relay")
 
     def __init__(self, relay: Relay, budget: int, now: float) -> None:
         self.relay = relay
         self.budget = budget  # frame bytes one segment carries (the largest datagram + its frame header)
         self.now = now
         self.pending: dict[Connection, tuple[list[bytes], int]] = {}
+        # Full records of connections whose send path takes batches: sent at flush, a run of
+        # equal-sized ones in one send (packet send path: the kernel splits them into segments).
+        self.records: dict[Connection, list[tuple[bytes, int]]] = {}
 
     def add(self, conn: Connection, frame: bytes) -> None:
         entry = self.pending.get(conn)
@@ -499,13 +568,56 @@ class FrameBatch:
         for conn, (frames, _size) in self.pending.items():
             self._send(conn, frames)
         self.pending.clear()
+        if self.records:
+            for conn, records in self.records.items():
+                self._send_records(conn, records)
+            self.records.clear()
 
     def _send(self, conn: Connection, frames: list[bytes]) -> None:
-        seg = conn.send_frames(frames[0] if len(frames) == 1 else b"".join(frames), self.now)
+        record = frames[0] if len(frames) == 1 else b"".join(frames)
+        send = self.relay._sender(conn)
+        if conn.io_batch is not None:
+            records = self.records.get(conn)
+            if records is None:
+                self.records[conn] = [(record, len(frames))]
+            else:
+                records.append((record, len(frames)))
+                if len(records) >= BATCH_MAX:
+                    self._send_records(conn, records)
+                    del self.records[conn]
+            return
+        seg = conn.send_frames(record, self.now)
         if seg is None:
             self.relay.drops["no_route"] += len(frames)
         else:
-            self.relay._sender(conn)(seg)
+            send(seg)
+
+    def _send_records(self, conn: Connection, records: list[tuple[bytes, int]]) -> None:
+        """Runs of equal-sized records (the last of a run may be shorter) in one send each."""
+        i, n = 0, len(records)
+        while i < n:
+            size = len(records[i][0])
+            j = i + 1
+            while j < n and len(records[j][0]) == size:
+                j += 1
+            if j < n and len(records[j][0]) < size:
+                j += 1
+            if j - i == 1:
+                seg = conn.send_frames(records[i][0], self.now)
+                if seg is not None:
+                    conn.io(seg)
+                    i = j
+                    continue
+            else:
+                batch = conn.send_batch([r for r, _ in records[i:j]], self.now)
+                if batch is not None:
+                    conn.io_batch(*batch)
+                    self.relay.tx_batches += 1
+                    self.relay.tx_batched += j - i
+                    i = j
+                    continue
+            self.relay.drops["no_route"] += sum(k for _, k in records[i:j])  # not established
+            i = j
 
 
 def _pktinfo_dst(anc: list[tuple[int, int, bytes]]) -> bytes | None:

@@ -53,7 +53,18 @@ IFLA_IFNAME = 3
 IFLA_MTU = 4
 RTA_DST = 1
 RTA_OIF = 4
+RTA_GATEWAY = 5
 RTA_PREFSRC = 7
+RTA_MARK = 16
+RTM_NEWNEIGH = 28
+RTM_GETNEIGH = 30
+NDA_DST = 1
+NDA_LLADDR = 2
+IFLA_ADDRESS = 1
+ARPHRD_ETHER = 1
+#: Neighbour states whose link-layer address can be used (reachable, stale, delay, probe,
+#: noarp, permanent); not incomplete (0x01) or failed (0x20).
+NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80
 RTA_TABLE = 15
 RT_TABLE_MAIN = 254
 IFA_ADDRESS = 1
@@ -97,6 +108,7 @@ ETH_P_ALL = 0x0003
 
 _NLMSGHDR = struct.Struct("=IHHII")  # len type flags seq pid
 _IFINFOMSG = struct.Struct("=BxHiII")  # family type index flags change
+_NDMSG = struct.Struct("=BxxxiHBB")  # family ifindex state flags type
 _TCMSG = struct.Struct("=BxxxiIII")  # family ifindex handle parent info
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family dst_len src_len tos table protocol scope type flags
 _IFADDRMSG = struct.Struct("=BBBBI")  # family prefixlen flags scope index
@@ -111,6 +123,8 @@ class Link:
     name: str
     xdp: dict[str, int]
     mtu: int = 0
+    type: int = 0  # ARPHRD_*
+    address: bytes = b""  # link-layer address
 
 
 @dataclass(frozen=True)
@@ -119,6 +133,7 @@ class RouteInfo:
 
     oif: int
     prefsrc: bytes | None
+    gateway: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -240,13 +255,15 @@ class Rtnl:
 
     @staticmethod
     def _parse_link(body: bytes) -> Link:
-        _family, _type, index, _flags, _change = _IFINFOMSG.unpack_from(body)
-        name, xdp, mtu = "", {}, 0
+        _family, hwtype, index, _flags, _change = _IFINFOMSG.unpack_from(body)
+        name, xdp, mtu, address = "", {}, 0, b""
         for kind, value in _attrs(body, _IFINFOMSG.size):
             if kind == IFLA_IFNAME:
                 name = _asciiz(value)
             elif kind == IFLA_MTU:
                 mtu = _u32(value)
+            elif kind == IFLA_ADDRESS:
+                address = bytes(value)
             elif kind == IFLA_XDP:
                 attached, prog_id = 0, 0
                 for xkind, xvalue in _attrs(value):
@@ -258,14 +275,17 @@ class Rtnl:
                         xdp[_MODE_ATTR[xkind]] = _u32(xvalue)
                 if prog_id and attached in _ATTACHED_MODE:
                     xdp.setdefault(_ATTACHED_MODE[attached], prog_id)
-        return Link(index, name, xdp, mtu)
+        return Link(index, name, xdp, mtu, hwtype, address)
 
     # -- routes and addresses (what rsockd.netinfo needs; pyroute2 costs the daemon 10 MB)
 
-    def route_get(self, dst: bytes) -> RouteInfo | None:
-        """``ip route get`` for a packed IPv4/IPv6 address; None when there is no route."""
+    def route_get(self, dst: bytes, mark: int = 0) -> RouteInfo | None:
+        """``ip route get`` for a packed IPv4/IPv6 address (``mark``: as for a packet with that
+        SO_MARK); None when there is no route."""
         family = socket.AF_INET if len(dst) == 4 else socket.AF_INET6
         payload = _RTMSG.pack(family, len(dst) * 8, 0, 0, 0, 0, 0, 0, 0) + _attr(RTA_DST, dst)
+        if mark:
+            payload += _attr(RTA_MARK, struct.pack("=I", mark))
         try:
             replies = self._request("route get", RTM_GETROUTE, NLM_F_REQUEST, payload)
         except OSError as e:
@@ -274,14 +294,37 @@ class Rtnl:
             raise
         for kind, body in replies:
             if kind == RTM_NEWROUTE:
-                oif, src = 0, None
+                oif, src, gateway = 0, None, None
                 for akind, value in _attrs(body, _RTMSG.size):
                     if akind == RTA_OIF:
                         oif = _u32(value)
                     elif akind == RTA_PREFSRC:
                         src = value
+                    elif akind == RTA_GATEWAY:
+                        gateway = bytes(value)
                 if oif:
-                    return RouteInfo(oif, src)
+                    return RouteInfo(oif, src, gateway)
+        return None
+
+    def neighbour(self, ifindex: int, addr: bytes) -> bytes | None:
+        """The link-layer address of neighbour ``addr`` on link ``ifindex`` when the kernel has a
+        usable one (``ip neigh get``); None when it has none or is still resolving it."""
+        family = socket.AF_INET if len(addr) == 4 else socket.AF_INET6
+        payload = _NDMSG.pack(family, ifindex, 0, 0, 0) + _attr(NDA_DST, addr)
+        try:
+            replies = self._request("neighbour get", RTM_GETNEIGH, NLM_F_REQUEST, payload)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
+                return None
+            raise
+        for kind, body in replies:
+            if kind == RTM_NEWNEIGH:
+                _family, _index, state, _flags, _type = _NDMSG.unpack_from(body)
+                if not state & NUD_USABLE:
+                    return None
+                for akind, value in _attrs(body, _NDMSG.size):
+                    if akind == NDA_LLADDR:
+                        return bytes(value)
         return None
 
     def default_route_links(self, family: int) -> list[int]:

@@ -56,7 +56,7 @@ def test_quick_run_writes_every_field(tmp_path: Path) -> None:
             _at(res["cpu"], "daemons_us_per_dgram")
 
     check_path(_at(data, "plain.1200"), daemons=False)
-    for backend in ("xdp", "nft"):
+    for backend in ("xdp", "nft", "xdp+packet"):
         b = _at(data, f"rsockd.{backend}")
         check_path(_at(b, "sizes.1200"), daemons=True)
         for path in ("ready.server_s", "ready.client_s", "ready.client_up_s", "rss.client.rss_mb",
@@ -64,7 +64,7 @@ def test_quick_run_writes_every_field(tmp_path: Path) -> None:
             assert _at(b, path) is not None, path
         assert _at(b, "ready.server_s") > 0
 
-    for backend in ("xdp", "nft"):
+    for backend in ("xdp", "nft", "xdp+packet"):
         ratio = _at(data, f"ratios.{backend}.1200")
         assert ratio is not None and 0 < ratio <= 1.5, (backend, ratio)
     # Two rsockd figures: both noisy, so only its sign is a fact.
@@ -72,7 +72,8 @@ def test_quick_run_writes_every_field(tmp_path: Path) -> None:
 
     targets = {t["key"]: t for t in data["targets"]}
     assert set(targets) == {"rate_1200_xdp", "rate_xdp_all_cores", "rate_64_xdp", "cpu_1200_xdp", "rtt_p50_added",
-                            "rtt_p99_added", "nft_vs_xdp"}
+                            "rtt_p99_added", "nft_vs_xdp", "rate_1200_xdp_packet", "rate_64_xdp_packet",
+                            "cpu_1200_xdp_packet"}
     for t in targets.values():
         assert t["status"] in ("met", "not met", "n/a"), t
     assert targets["rate_64_xdp"]["status"] == "n/a"  # 64 B is not in a quick run

@@ -1,0 +1,173 @@
+"""The packet send path (``send_path = "packet"``, Linux, Ethernet links).
+
+Segments leave as whole Ethernet frames through an ``AF_PACKET`` socket with ``PACKET_VNET_HDR``.
+The virtio-net header in front of each frame asks the kernel to compute the TCP checksum
+(``NEEDS_CSUM``: the checksum field carries the pseudo-header sum, and the device or the kernel
+finishes it), and for a batch of segments of one connection it asks for segmentation
+(``GSO_TCPV4/6``): one frame with one TCP header and many payloads, which the kernel splits into
+segments of ``gso_size`` bytes, numbering their sequence numbers on and fixing the IP total
+length, ID and checksum of each.  So Python computes no checksum and makes one system call per
+batch instead of one per segment.
+
+What it costs: the frames bypass routing and the output netfilter hooks.  The path is resolved
+in userspace (the kernel's route for our mark, the link's and the next hop's MAC addresses) and
+re-resolved every second; a destination without an Ethernet route or a resolved neighbour uses the
+raw send path meanwhile, which also makes the kernel resolve the neighbour.  docs/design.md,
+"Send path".
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import struct
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .packet import PROTO_TCP
+from .rawsock import SNDBUF, SO_MARK, Sender
+from .rtnl import ARPHRD_ETHER, Rtnl
+
+LOG = logging.getLogger(__name__)
+
+SOL_PACKET = 263
+PACKET_VNET_HDR = 15
+VNET_HDR = struct.Struct("=BBHHHH")  # flags gso_type hdr_len gso_size csum_start csum_offset
+VNET_F_NEEDS_CSUM = 1
+VNET_GSO_TCPV4 = 1
+VNET_GSO_TCPV6 = 4
+ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
+_IP4 = struct.Struct("!BBHHHBBH4s4s")
+_IP6 = struct.Struct("!IHBB16s16s")
+_CHECK = struct.Struct("!H")
+_TCP_CHECK = 16  # offset of the checksum in the TCP header
+
+#: Sends one batch: the first segment's TCP header (checksum field ignored) and the payloads, all
+#: as long as the first except the last, which may be shorter.
+BatchSender = Callable[[bytes, list[bytes]], None]
+
+
+@dataclass(frozen=True)
+class L2Route:
+    """Where frames to one destination go: the link and the two MAC addresses."""
+
+    ifindex: int
+    ifname: str
+    src_mac: bytes
+    dst_mac: bytes
+
+
+def resolve(nl: Rtnl, dst: bytes, mark: int) -> L2Route | None:
+    """The Ethernet route to ``dst`` (packed) as the kernel would send a packet with ``mark``;
+    None when the route's link is not Ethernet or the next hop's MAC is not known yet."""
+    info = nl.route_get(dst, mark)
+    if info is None:
+        return None
+    link = nl.link(index=info.oif)
+    if link is None or link.type != ARPHRD_ETHER or len(link.address) != 6:
+        return None
+    mac = nl.neighbour(info.oif, info.gateway or dst)
+    if mac is None or len(mac) != 6:
+        return None
+    return L2Route(info.oif, link.name, link.address, mac)
+
+
+def _fold(s: int) -> int:
+    s = (s & 0xFFFF) + (s >> 16)
+    return (s & 0xFFFF) + (s >> 16)
+
+
+class PacketSender:
+    """One packet socket per link, opened on first use; counts send failures into ``errors``."""
+
+    def __init__(self, mark: int, errors: Counter[str] | None = None) -> None:
+        self.mark = mark
+        self.errors: Counter[str] = errors if errors is not None else Counter()
+        self._socks: dict[int, socket.socket] = {}
+        self._logged: set[int] = set()
+
+    def _sock(self, route: L2Route) -> socket.socket:
+        s = self._socks.get(route.ifindex)
+        if s is None:
+            # Protocol 0: the socket receives nothing; each frame's protocol comes from its
+            # Ethernet header.
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+            try:
+                s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+                s.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+                except OSError:
+                    pass  # above the system's maximum: keep the default
+                s.bind((route.ifname, 0))
+                s.setblocking(False)
+            except BaseException:
+                s.close()
+                raise
+            self._socks[route.ifindex] = s
+        return s
+
+    def path(self, route: L2Route, src: bytes, dst: bytes) -> tuple[Sender, BatchSender]:
+        """Send functions for segments from ``src`` to ``dst`` (packed, one family): one segment
+        (header + payload, checksum field ignored), or a batch."""
+        sendmsg = self._sock(route).sendmsg
+        failed = self._failed
+        v4 = len(dst) == 4
+        iphl = 20 if v4 else 40
+        eth = route.dst_mac + route.src_mac + _CHECK.pack(ETH_P_IP if v4 else ETH_P_IPV6)
+        csum_start = 14 + iphl
+        single = VNET_HDR.pack(VNET_F_NEEDS_CSUM, 0, 0, 0, csum_start, _TCP_CHECK) + eth
+        gso_type = VNET_GSO_TCPV4 if v4 else VNET_GSO_TCPV6
+        # The pseudo-header sum without the length: addresses and protocol.
+        psum = sum(struct.unpack(f"!{len(src) // 2}H", src)) + sum(struct.unpack(f"!{len(dst) // 2}H", dst)) \
+            + PROTO_TCP
+        if v4:
+            # The IPv4 header's own sum without total length and checksum (ID 0, DF, TTL 64).
+            hsum = 0x4500 + 0x4000 + (64 << 8 | PROTO_TCP) + sum(struct.unpack("!4H", src + dst))
+            ip4 = _IP4.pack
+
+            def iphdr(tcp_len: int) -> bytes:
+                tot = 20 + tcp_len
+                return ip4(0x45, 0, tot, 0, 0x4000, 64, PROTO_TCP, ~_fold(hsum + tot) & 0xFFFF, src, dst)
+        else:
+            ip6 = _IP6.pack
+
+            def iphdr(tcp_len: int) -> bytes:
+                return ip6(6 << 28, tcp_len, PROTO_TCP, 64, src, dst)
+
+        check = _CHECK.pack
+
+        def send(segment: bytes) -> None:
+            n = len(segment)
+            mv = memoryview(segment)
+            try:
+                sendmsg((single, iphdr(n), mv[:_TCP_CHECK], check(_fold(psum + n)), mv[_TCP_CHECK + 2:]))
+            except OSError as e:
+                failed(e)
+
+        def send_batch(header: bytes, payloads: list[bytes]) -> None:
+            n = len(header) + sum(map(len, payloads))
+            vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, gso_type, csum_start + len(header), len(payloads[0]),
+                                 csum_start, _TCP_CHECK)
+            try:
+                sendmsg((vnet, eth, iphdr(n), header[:_TCP_CHECK], check(_fold(psum + n)), header[_TCP_CHECK + 2:],
+                         *payloads))
+            except OSError as e:
+                failed(e)
+
+        return send, send_batch
+
+    def _failed(self, e: OSError) -> None:
+        name = errno.errorcode.get(e.errno or 0, "error").lower()
+        self.errors[name] += 1
+        if e.errno not in self._logged:  # once per kind: a full queue can fail thousands of times
+            self._logged.add(e.errno or 0)
+            LOG.warning("packet send failed: %s (further %s failures are only counted)", e.strerror, name)
+
+    def close(self) -> None:
+        for s in self._socks.values():
+            s.close()
+        self._socks.clear()

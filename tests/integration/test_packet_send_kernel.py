@@ -1,0 +1,100 @@
+"""rsockd/packetsend.py against the real kernel: frames sent into a veth arrive on its peer as
+correct TCP segments, the kernel having computed every checksum and split every batch."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+
+import pytest
+
+from rsockd.packet import ACK, PSH, TcpHeader, internet_checksum, pack_address, parse_ip, parse_tcp, tcp_checksum_ok
+from rsockd.packetsend import PacketSender, resolve
+from rsockd.rtnl import Rtnl
+from tests.netns import NetnsPair
+
+pytestmark = pytest.mark.root
+
+ETH_P_ALL = 0x0003
+MARK = 0x72736B64
+TS_OPTS = bytes((1, 1, 8, 10)) + struct.pack("!II", 1234, 5678)
+
+
+def capture(net: NetnsPair, side: str) -> socket.socket:
+    with net.inside(side):
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    s.bind((net.dev[side], 0))
+    return s
+
+
+def frames(sock: socket.socket, count: int) -> list[bytes]:
+    """``count`` TCP frames (Ethernet header stripped) from ``sock``; others (ND, ARP) skipped."""
+    out: list[bytes] = []
+    while len(out) < count:
+        ready, _, _ = select.select([sock], [], [], 5)
+        assert ready, f"only {len(out)} of {count} segments arrived"
+        data, addr = sock.recvfrom(65536)
+        if addr[2] == socket.PACKET_OUTGOING:  # the receiving kernel's answers (RSTs)
+            continue
+        etype = struct.unpack_from("!H", data, 12)[0]
+        ip = data[14:]
+        if (etype == 0x0800 and ip[9] == 6) or (etype == 0x86DD and ip[6] == 6):
+            out.append(ip)
+    return out
+
+
+def check(ip_packet: bytes) -> tuple[TcpHeader, bytes]:
+    ip, l4 = parse_ip(ip_packet)
+    if ip.version == 4:
+        assert internet_checksum(ip_packet[:20]) == 0, "IPv4 header checksum"
+    assert tcp_checksum_ok(ip.src, ip.dst, l4), "TCP checksum"
+    hdr, payload = parse_tcp(l4)
+    return hdr, bytes(payload)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_single_segments_and_batches_arrive_as_correct_segments(family: int) -> None:
+    with NetnsPair() as net:  # tx checksum offload off: the sending kernel computes checksums
+        # and no segmentation offload either: the kernel splits batches before the veth (as it
+        # does when the peer has an XDP program, or for a NIC without TSO)
+        net.run("c", ["ethtool", "-K", net.dev["c"], "tso", "off"])
+        src, dst = (net.cli4, net.srv4) if family == 4 else (net.cli6, net.srv6)
+        psrc, pdst = pack_address(src), pack_address(dst)
+        with net.inside("c"), Rtnl() as nl:
+            route = resolve(nl, pdst, MARK)
+            assert route is not None and route.ifname == net.dev["c"]
+            sender = PacketSender(MARK)
+            send, send_batch = sender.path(route, psrc, pdst)
+        cap = capture(net, "s")
+        try:
+            # one segment (its checksum field is garbage: the kernel's counts)
+            one = TcpHeader(40000, 10001, 1000, 77, ACK | PSH, 65535, TS_OPTS, checksum=0xBEEF).pack(b"single!")
+            send(one)
+            # a batch: five full payloads and a shorter last one
+            payloads = [os.urandom(1000) for _ in range(5)] + [os.urandom(321)]
+            header = TcpHeader(40000, 10001, 2000, 88, ACK | PSH, 65535, TS_OPTS, checksum=0xBEEF).pack()
+            send_batch(header, payloads)
+            got = [check(p) for p in frames(cap, 1 + len(payloads))]
+        finally:
+            cap.close()
+            sender.close()
+        assert not sender.errors
+        h, p = got[0]
+        assert (h.seq, h.ack, h.flags, p) == (1000, 77, ACK | PSH, b"single!")
+        seq = 2000
+        for i, ((h, p), want) in enumerate(zip(got[1:], payloads, strict=True)):
+            assert p == want, i
+            assert (h.sport, h.dport, h.seq, h.ack, h.options) == (40000, 10001, seq, 88, TS_OPTS), i
+            assert h.flags == (ACK | PSH if i == len(payloads) - 1 else ACK), i  # PSH on the last only
+            seq += len(want)
+
+
+def test_no_route_or_no_neighbour_resolves_to_none() -> None:
+    with NetnsPair() as net, net.inside("c"), Rtnl() as nl:
+        assert resolve(nl, pack_address("192.0.2.1"), MARK) is None  # no route at all
+        assert resolve(nl, pack_address("127.0.0.1"), MARK) is None  # loopback: not Ethernet
+        # on-link but never resolved
+        other = net.cli4.rsplit(".", 1)[0] + ".99"
+        assert resolve(nl, pack_address(other), MARK) is None
