@@ -181,6 +181,30 @@ def check_workers(cfg: Config) -> list[Result]:
     return [Result("ok", f"workers = {cfg.workers} on {cpus} CPUs")]
 
 
+def check_send_path(cfg: Config) -> list[Result]:
+    """send_path = "packet": a client says whether its route to the server can use it now."""
+    if cfg.send_path != "packet":
+        return []
+    if sys.platform != "linux":
+        return [Result("FAIL", 'send_path = "packet" is supported on Linux only', 'send_path = "raw"')]
+    if cfg.role != "client":
+        return [Result("ok", 'send_path = "packet": each client\'s route is looked up when it connects')]
+    from .netinfo import resolve
+    from .packet import pack_address
+    from .packetsend import resolve as resolve_l2
+    from .rtnl import Rtnl
+
+    assert cfg.server is not None
+    server = resolve(cfg.server)
+    with Rtnl() as nl:
+        route = resolve_l2(nl, pack_address(server), cfg.mark)
+    if route is None:
+        return [Result("warn", f'send_path = "packet": no Ethernet route with a known next hop to {server} yet; '
+                       "raw sockets until there is", "fine when the next hop is not resolved yet")]
+    return [Result("ok", f'send_path = "packet": to {server} via {route.ifname}, next hop '
+                   f"{route.dst_mac.hex(':')}")]
+
+
 CHECKS: list[Callable[[Config], list[Result]]] = [
     lambda cfg: [Result("ok", f"config valid ({cfg.config_path or 'command line'})")],
     lambda cfg: check_python(),
@@ -190,6 +214,7 @@ CHECKS: list[Callable[[Config], list[Result]]] = [
     check_ports,
     check_firewall,
     check_workers,
+    check_send_path,
 ]
 
 

@@ -197,12 +197,11 @@ class Relay:
         """Look every destination's route up again; a connection whose route changed (a new next
         hop, the neighbour resolved or lost) gets its send functions anew, here, between two
         sends (its segments' checksums depend on the path: ``kernel_checksum``)."""
-        old, self._l2 = self._l2, {}
-        changed = {dst for dst, route in old.items() if self._l2_route(dst) != route}
-        if not changed:
-            return
-        for conn in self.connections():
-            if conn.io is not None and conn.transport == "tcp" and conn.remote[0] in changed:
+        conns = [c for c in self.connections() if c.io is not None and c.transport == "tcp"]
+        old, self._l2 = self._l2, {}  # only the destinations of current connections stay
+        changed = {dst for dst in {c.remote[0] for c in conns} if self._l2_route(dst) != old.get(dst)}
+        for conn in conns:
+            if conn.remote[0] in changed:
                 conn.io = None
                 self._sender(conn)
 

@@ -3,12 +3,14 @@ Ethernet frames, the kernel computes their checksums and splits batches into seg
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.rig import LISTEN_PORT, Rig, Rsockd
+from tests.integration.rig import LISTEN_PORT, RSOCKD, Rig, Rsockd
+from tests.netns import NetnsPair
 
 pytestmark = pytest.mark.root
 
@@ -92,3 +94,15 @@ def test_a_next_hop_without_a_known_address_goes_raw_until_the_kernel_resolves_i
         # for the other path.
         bad = {k: v for d in (client, server) for k, v in d.status()["drops"].items() if v}
         assert bad == {}, bad
+
+
+def test_check_says_whether_the_route_can_use_the_packet_path() -> None:
+    with NetnsPair() as net:
+        argv = [RSOCKD, "--check", "--role", "client", "-t", net.srv4, "--send-path", "packet"]
+        mac = json.loads(net.run("s", ["ip", "-j", "link", "show", net.dev["s"]]).stdout)[0]["address"]
+        ok = net.run("c", argv, check=False, timeout=60)
+        assert f'ok    send_path = "packet": to {net.srv4} via {net.dev["c"]}, next hop {mac}' in ok.stdout, ok.stdout
+        net.run("c", ["ip", "neigh", "del", net.srv4, "dev", net.dev["c"]])
+        later = net.run("c", argv, check=False, timeout=60)
+        assert f'warn  send_path = "packet": no Ethernet route with a known next hop to {net.srv4} yet' in later.stdout
+        assert later.returncode == ok.returncode == 0, later.stdout
