@@ -18,19 +18,14 @@ raw send path meanwhile, which also makes the kernel resolve the neighbour.  doc
 
 from __future__ import annotations
 
-import errno
-import logging
 import socket
 import struct
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .packet import PROTO_TCP
-from .rawsock import SNDBUF, SO_MARK, Sender
+from .rawsock import SNDBUF, SO_MARK, Sender, SocketSender
 from .rtnl import ARPHRD_ETHER, Rtnl
-
-LOG = logging.getLogger(__name__)
 
 SOL_PACKET = 263
 PACKET_VNET_HDR = 15
@@ -80,14 +75,10 @@ def _fold(s: int) -> int:
     return (s & 0xFFFF) + (s >> 16)
 
 
-class PacketSender:
-    """One packet socket per link, opened on first use; counts send failures into ``errors``."""
+class PacketSender(SocketSender):
+    """One packet socket per link, opened on first use."""
 
-    def __init__(self, mark: int, errors: Counter[str] | None = None) -> None:
-        self.mark = mark
-        self.errors: Counter[str] = errors if errors is not None else Counter()
-        self._socks: dict[int, socket.socket] = {}
-        self._logged: set[int] = set()
+    WHAT = "packet send"
 
     def _sock(self, route: L2Route) -> socket.socket:
         s = self._socks.get(route.ifindex)
@@ -160,14 +151,3 @@ class PacketSender:
 
         return send, send_batch
 
-    def _failed(self, e: OSError) -> None:
-        name = errno.errorcode.get(e.errno or 0, "error").lower()
-        self.errors[name] += 1
-        if e.errno not in self._logged:  # once per kind: a full queue can fail thousands of times
-            self._logged.add(e.errno or 0)
-            LOG.warning("packet send failed: %s (further %s failures are only counted)", e.strerror, name)
-
-    def close(self) -> None:
-        for s in self._socks.values():
-            s.close()
-        self._socks.clear()

@@ -33,14 +33,36 @@ IN6_PKTINFO = struct.Struct("=16sI")  # struct in6_pktinfo {struct in6_addr addr
 Sender = Callable[[bytes], None]
 
 
-class RawSender:
-    """One raw socket per address family, opened on first use; counts send failures."""
+class SocketSender:
+    """Sockets opened on first use, by a number (an address family, a link); send failures
+    counted into ``errors`` by errno name, and logged once per kind."""
+
+    #: Names the sends in the log.
+    WHAT = "send"
 
     def __init__(self, mark: int, errors: Counter[str] | None = None) -> None:
         self.mark = mark
         self.errors: Counter[str] = errors if errors is not None else Counter()
         self._socks: dict[int, socket.socket] = {}
         self._logged: set[int] = set()
+
+    def _failed(self, e: OSError) -> None:
+        name = errno.errorcode.get(e.errno or 0, "error").lower()
+        self.errors[name] += 1
+        if e.errno not in self._logged:  # once per kind: a full queue can fail thousands of times
+            self._logged.add(e.errno or 0)
+            LOG.warning("%s failed: %s (further %s failures are only counted)", self.WHAT, e.strerror, name)
+
+    def close(self) -> None:
+        for s in self._socks.values():
+            s.close()
+        self._socks.clear()
+
+
+class RawSender(SocketSender):
+    """One raw socket per address family, opened on first use."""
+
+    WHAT = "raw send"
 
     #: What to say when the sockets cannot be opened for want of privilege.
     NEED_ROOT = "raw sockets need CAP_NET_RAW and SO_MARK needs CAP_NET_ADMIN (run as root)"
@@ -104,14 +126,3 @@ class RawSender:
 
         return send4
 
-    def _failed(self, e: OSError) -> None:
-        name = errno.errorcode.get(e.errno or 0, "error").lower()
-        self.errors[name] += 1
-        if e.errno not in self._logged:  # once per kind: a full queue can fail thousands of times
-            self._logged.add(e.errno or 0)
-            LOG.warning("raw send failed: %s (further %s failures are only counted)", e.strerror, name)
-
-    def close(self) -> None:
-        for s in self._socks.values():
-            s.close()
-        self._socks.clear()
