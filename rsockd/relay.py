@@ -452,7 +452,8 @@ class Relay:
 
 UDP_SEGMENT = 103  # <linux/udp.h>: UDP GSO segment size (cmsg on SOL_UDP)
 GSO_MAX_SEGMENTS = 64  # UDP_MAX_SEGMENTS
-BATCH_MAX = 32  # records in one packet-path batch: 32 full-size segments stay under IPv4's 64 KiB
+BATCH_MAX = 32  # records in one packet-path batch (fewer when larger: GSO_MAX_BYTES)
+BATCH_OVERHEAD = framing.RECORD_OVERHEAD + 72  # what a record grows by as a segment: the tag; TCP and IP headers
 GSO_MAX_BYTES = 65000  # under the 64 KiB an IP datagram can carry
 
 
@@ -592,14 +593,16 @@ class FrameBatch:
             send(seg)
 
     def _send_records(self, conn: Connection, records: list[tuple[bytes, int]]) -> None:
-        """Runs of equal-sized records (the last of a run may be shorter) in one send each."""
+        """Runs of equal-sized records (the last of a run may be shorter) in one send each, each
+        under the 64 KiB an IP packet can carry (jumbo frames make fewer records fit)."""
         i, n = 0, len(records)
         while i < n:
             size = len(records[i][0])
+            fit = max(1, GSO_MAX_BYTES // (size + BATCH_OVERHEAD))
             j = i + 1
-            while j < n and len(records[j][0]) == size:
+            while j < n and j - i < fit and len(records[j][0]) == size:
                 j += 1
-            if j < n and len(records[j][0]) < size:
+            if j < n and j - i < fit and len(records[j][0]) < size:
                 j += 1
             if j - i == 1:
                 seg = conn.send_frames(records[i][0], self.now)

@@ -36,12 +36,15 @@ def burst(rig: Rig, count: int, sizes: list[int]) -> int:
         s.close()
 
 
-@pytest.mark.parametrize("backend, family", [("xdp", 4), ("xdp", 6), ("nft", 4)])
-def test_bursts_cross_in_batches_and_every_segment_checks_out(tmp_path: Path, backend: str, family: int) -> None:
+@pytest.mark.parametrize("backend, family, mtu", [("xdp", 4, 1500), ("xdp", 6, 1500), ("nft", 4, 1500),
+                                                 ("xdp", 4, 9000)])
+def test_bursts_cross_in_batches_and_every_segment_checks_out(tmp_path: Path, backend: str, family: int,
+                                                              mtu: int) -> None:
     # tx offload off on both veths (the rig's default): the kernel computes the checksums the
     # packet path leaves to it, and the receivers verify them (XDP: the kernel's UDP checksum
-    # of the rewritten segment; nft: rsockd's own check).
-    with Rig(tmp_path, backend=backend, family=family, server_args=PACKET, client_args=PACKET) as rig:
+    # of the rewritten segment; nft: rsockd's own check).  Jumbo frames: fewer segments fit in
+    # one batch (an IP packet's 64 KiB).
+    with Rig(tmp_path, backend=backend, family=family, server_args=PACKET, client_args=PACKET, mtu=mtu) as rig:
         server, client = rig.server, rig.client
         assert server is not None
         assert rig.echo_run(20, size=300).received == 20
