@@ -139,6 +139,7 @@ class Relay:
         # send_path = "packet": Ethernet frames, kernel checksums, batches split by the kernel
         self.packet: PacketSender | None = None
         self._l2: dict[bytes, L2Route | None] = {}  # destination -> its Ethernet route (None: raw for now)
+        self._l2_warned: set[int | None] = set()  # errnos of packet sockets that would not open, logged
         if cfg.send_path == "packet":
             if sys.platform != "linux":
                 raise RsockdError('send_path = "packet" is supported on Linux only; use "raw"')
@@ -213,8 +214,11 @@ class Relay:
             assert self.packet is not None
             try:
                 send, conn.io_batch = self.packet.path(route, local, remote)
-            except OSError as e:
-                LOG.warning("packet send path: %s: %s; sending through raw sockets", route.ifname, e.strerror)
+            except OSError as e:  # e.g. a sandbox without AF_PACKET: raw sockets; tried again each second
+                if e.errno not in self._l2_warned:
+                    self._l2_warned.add(e.errno)
+                    LOG.warning("packet send path: cannot open a packet socket on %s: %s; sending through raw "
+                                "sockets meanwhile", route.ifname, e.strerror)
                 self._l2[remote] = None
             else:
                 conn.kernel_checksum = True  # the packet path's kernel computes it

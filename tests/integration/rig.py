@@ -82,8 +82,9 @@ class Rsockd:
     """One rsockd process in a namespace."""
 
     def __init__(self, net: NetnsPair, side: str, args: Sequence[str], tmp: Path, name: str,
-                 env: dict[str, str] | None = None, instance: str | None = None) -> None:
+                 env: dict[str, str] | None = None, instance: str | None = None, prefix: Sequence[str] = ()) -> None:
         self.net, self.side, self.name = net, side, name
+        self.prefix = list(prefix)  # a wrapper command the daemon runs under
         self.instance = instance or f"{net.tag}{name}"
         self.runtime = tmp / "run"
         self.user_args = list(args)
@@ -100,7 +101,7 @@ class Rsockd:
     def start(self) -> Rsockd:
         env = {**os.environ, "NOTIFY_SOCKET": self.notify.path, **self.env}
         log = open(self.logpath, "a")  # noqa: SIM115 - the child holds it; closed when we stop it
-        self.proc = subprocess.Popen(self.net.argv(self.side, [RSOCKD, *self.args]), env=env, stdout=log,
+        self.proc = subprocess.Popen(self.net.argv(self.side, [*self.prefix, RSOCKD, *self.args]), env=env, stdout=log,
                                      stderr=subprocess.STDOUT, text=True)
         log.close()
         return self
@@ -299,10 +300,10 @@ class Rig:
         return self
 
     def add_client(self, listen_port: int = LISTEN_PORT, name: str = "client", extra: Sequence[str] = (),
-                   host: str = "c") -> Rsockd:
+                   host: str = "c", prefix: Sequence[str] = ()) -> Rsockd:
         c = Rsockd(self.net, host, ["--role", "client", "-t", self.server_for(host), "-l",
                                     f"127.0.0.1:{listen_port}", *self.common(), *self.client_args, *extra],
-                   self.tmp, name).start()
+                   self.tmp, name, prefix=prefix).start()
         self.clients.append(c)
         return c
 

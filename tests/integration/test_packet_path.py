@@ -4,6 +4,7 @@ Ethernet frames, the kernel computes their checksums and splits batches into seg
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from tests.netns import NetnsPair
 pytestmark = pytest.mark.root
 
 PACKET = ["--send-path", "packet"]
+NO_AF_PACKET = str(Path(__file__).with_name("no_af_packet.py"))
 
 
 def burst(rig: Rig, count: int, sizes: list[int]) -> int:
@@ -109,3 +111,26 @@ def test_check_says_whether_the_route_can_use_the_packet_path() -> None:
         later = net.run("c", argv, check=False, timeout=60)
         assert f'warn  send_path = "packet": no Ethernet route with a known next hop to {net.srv4} yet' in later.stdout
         assert later.returncode == ok.returncode == 0, later.stdout
+
+
+def test_without_packet_sockets_the_daemon_sends_raw_and_says_so_once(tmp_path: Path) -> None:
+    # As under systemd with RestrictAddressFamilies= lacking AF_PACKET: a real seccomp filter.
+    with Rig(tmp_path, backend="xdp", client_args=PACKET) as rig:
+        first = rig.clients.pop()
+        assert first.stop() == 0
+        first.close()
+        client = rig.add_client(name="sandboxed", prefix=[sys.executable, NO_AF_PACKET])
+        rig.wait_up(client)
+        assert rig.echo_run(10).received == 10
+        # Three look-ups of the path later (one a second): still raw, and said once.
+        until = client.status()["uptime"] + 3.5
+        while client.status()["uptime"] < until:
+            time.sleep(0.1)
+        assert {c["send_path"] for c in client.status("ports")["connections"]} == {"raw"}
+        assert rig.echo_run(10).received == 10
+        log = client.log()
+        want = (f"packet send path: cannot open a packet socket on {rig.net.dev['c']}: Address family not "
+                "supported by protocol; sending through raw sockets meanwhile")
+        assert log.count(want) == 1, log[-3000:]
+        assert "Traceback" not in log
+        assert client.status()["tx_errors"] == {}
