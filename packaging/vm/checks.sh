@@ -385,6 +385,31 @@ check_daemon_workers_under_systemd() {
   return $bad
 }
 
+# The packet send path under the shipped unit's sandbox (RestrictAddressFamilies=, the capability
+# bounding set, the system call filter): a reload to send_path = "packet" moves the client's
+# connections to packet sockets (once the kernel has resolved the server's MAC), and traffic flows.
+check_daemon_packet_send_path_under_systemd() {
+  daemon_gate || return
+  local bad=0 paths
+  echo 'send_path = "packet"' >> /etc/rsockd/client.toml
+  expect "systemctl reload rsockd@client (send_path = \"packet\")" systemctl reload rsockd@client || bad=1
+  expect "UDP round trip" udp_roundtrip "packet send path" || bad=1
+  for _ in $(seq 1 30); do
+    paths=$(rsockctl --instance client --json ports 2>/dev/null | python3 -c \
+      'import json, sys; print(" ".join(sorted({c["send_path"] for c in json.load(sys.stdin)["ports"]["connections"]})))' \
+      2>/dev/null)
+    [ "$paths" = packet ] && break
+    sleep 1
+  done
+  echo "  client send paths: $paths"
+  [ "$paths" = packet ] || { echo "  the client's connections are not on the packet send path"; bad=1; }
+  expect "UDP round trip on the packet send path" udp_roundtrip "through packet sockets" || bad=1
+  journalctl -q -o cat -u rsockd@client | grep -q "cannot open a packet socket" \
+    && { echo "  the sandbox refused the packet socket"; bad=1; }
+  [ $bad = 0 ] || journalctl -q -o cat -u rsockd@client | tail -n 20 | sed 's/^/    journal: /'
+  return $bad
+}
+
 check_daemon_stop_leaves_no_state() {
   daemon_gate || return
   local inst ns dev bad=0
@@ -472,6 +497,7 @@ checks=(
   check_daemon_udp_through_tunnel
   check_daemon_reload_keeps_connections
   check_daemon_workers_under_systemd
+  check_daemon_packet_send_path_under_systemd
   check_daemon_stop_leaves_no_state
   check_daemon_teardown
   check_reinstall_restarts_instances
