@@ -134,3 +134,23 @@ def test_without_packet_sockets_the_daemon_sends_raw_and_says_so_once(tmp_path: 
         assert log.count(want) == 1, log[-3000:]
         assert "Traceback" not in log
         assert client.status()["tx_errors"] == {}
+
+
+def test_a_server_reached_through_a_gateway(tmp_path: Path) -> None:
+    # c2 reaches the server's address on the other link through a gateway (the server host):
+    # frames go to the gateway's MAC address, not the destination's.
+    with Rig(tmp_path, backend="xdp", hosts=2, server_args=PACKET, client_args=PACKET) as rig:
+        net = rig.net
+        second = rig.clients.pop()
+        assert second.stop() == 0
+        second.close()
+        gateway = rig.server_for("c2")  # the server host's address on c2's link
+        net.run("c2", ["ip", "route", "add", net.srv4, "via", gateway])
+        client = Rsockd(net, "c2", ["--role", "client", "-t", net.srv4, "-l", f"127.0.0.1:{LISTEN_PORT}",
+                                    *rig.common(), *PACKET], tmp_path, "via-gateway").start()
+        rig.clients.append(client)
+        rig.wait_up(client)
+        assert rig.echo_run(5, host="c2").received == 5
+        wait_paths(client, "packet")
+        assert rig.echo_run(5, host="c2").received == 5
+        assert {c["peer"].rsplit(":", 1)[0] for c in client.status("ports")["connections"]} == {net.srv4}
