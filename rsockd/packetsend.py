@@ -101,6 +101,17 @@ class PacketSender(SocketSender):
             self._socks[route.ifindex] = s
         return s
 
+    @property
+    def links(self) -> frozenset[int]:
+        """The links (interface indexes) with an open socket."""
+        return frozenset(self._socks)
+
+    def keep_only(self, ifindexes: set[int]) -> None:
+        """Close the sockets of links no route uses any more (a link deleted and made again gets
+        a new index, and a socket of its own)."""
+        for index in set(self._socks) - ifindexes:
+            self._socks.pop(index).close()
+
     def path(self, route: L2Route, src: bytes, dst: bytes) -> tuple[Sender, BatchSender]:
         """Send functions for segments from ``src`` to ``dst`` (packed, one family): one segment
         (header + payload, checksum field ignored), or a batch."""

@@ -205,6 +205,8 @@ class Relay:
             if conn.remote[0] in changed:
                 conn.io = None
                 self._sender(conn)
+        if self.packet is not None:
+            self.packet.keep_only({r.ifindex for r in self._l2.values() if r is not None})
 
     def _tcp_sender(self, conn: Connection) -> Sender:
         """``conn``'s send functions: the packet path when it has a route, else the raw one."""

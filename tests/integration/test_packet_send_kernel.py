@@ -98,3 +98,23 @@ def test_no_route_or_no_neighbour_resolves_to_none() -> None:
         # on-link but never resolved
         other = net.cli4.rsplit(".", 1)[0] + ".99"
         assert resolve(nl, pack_address(other), MARK) is None
+
+
+def test_sockets_of_links_no_longer_used_are_closed() -> None:
+    with NetnsPair() as net:
+        with net.inside("c"), Rtnl() as nl:
+            route = resolve(nl, pack_address(net.srv4), MARK)
+            assert route is not None
+            sender = PacketSender(MARK)
+            send, _ = sender.path(route, pack_address(net.cli4), pack_address(net.srv4))
+        try:
+            assert sender.links == {route.ifindex}
+            sender.keep_only({route.ifindex})  # still routed through it: kept, and it still sends
+            send(TcpHeader(40000, 10001, 1, 2, ACK, 65535).pack(b"kept"))
+            assert not sender.errors and sender.links == {route.ifindex}
+            sender.keep_only(set())  # the link is gone from every route: its socket is closed
+            assert sender.links == frozenset()
+            send(TcpHeader(40000, 10001, 1, 2, ACK, 65535).pack(b"late"))  # a stale sender fails, counted
+            assert sender.errors == {"ebadf": 1}
+        finally:
+            sender.close()
