@@ -290,11 +290,7 @@ class Connection:
         self.last_tx = now
         if self.transport == "udp":
             return bytes((framing.UDP_MARKER,)) + payload
-        seq = self.snd_nxt
-        self.snd_nxt = (seq + len(payload) + (1 if flags & (SYN | FIN) else 0)) & MASK32
-        ack = self.rcv_nxt if flags & ACK else 0
-        self._unacked = 0
-        self._ack_at = None
+        seq, ack = self._advance(flags, len(payload) + (1 if flags & (SYN | FIN) else 0))
         if options is None and self._ts_ok:
             tsval = self._tsval(now)
             fields = [self.local[1], self.remote[1], seq, ack, _OFF8 | flags, WINDOW, 0, 0,
@@ -306,6 +302,15 @@ class Connection:
             return _HDR_TS.pack(*fields) + payload
         h = TcpHeader(self.local[1], self.remote[1], seq, ack, flags, WINDOW, options or b"")
         return h.pack(payload, None if self.kernel_checksum else self._psum)
+
+    def _advance(self, flags: int, length: int) -> tuple[int, int]:
+        """Take ``length`` of sequence space for what is sent now (it acknowledges all received):
+        its sequence number and acknowledgment number."""
+        seq = self.snd_nxt
+        self.snd_nxt = (seq + length) & MASK32
+        self._unacked = 0
+        self._ack_at = None
+        return seq, (self.rcv_nxt if flags & ACK else 0)
 
     def _checksum(self, hdr: bytes, payload: bytes) -> int:
         # The header is 32 bytes (even), so header and payload sums add word-aligned.
@@ -663,14 +668,11 @@ class Connection:
             return None
         payloads = [self._seal(r, now) for r in records]
         total = sum(map(len, payloads))
-        seq = self.snd_nxt
-        self.snd_nxt = (seq + total) & MASK32
         self.tx_packets += len(payloads)
         self.tx_bytes += total
         self.last_tx = now
-        self._unacked = 0
-        self._ack_at = None
-        hdr = _HDR_TS.pack(self.local[1], self.remote[1], seq, self.rcv_nxt, _OFF8 | ACK | PSH, WINDOW, 0, 0,
+        seq, ack = self._advance(ACK | PSH, total)
+        hdr = _HDR_TS.pack(self.local[1], self.remote[1], seq, ack, _OFF8 | ACK | PSH, WINDOW, 0, 0,
                            _TS_LEAD, self._tsval(now), self._ts_recent)
         return hdr, payloads
 

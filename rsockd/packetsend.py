@@ -23,7 +23,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .packet import PROTO_TCP
+from .packet import PROTO_TCP, pseudo_sum
 from .rawsock import SNDBUF, SO_MARK, Sender, SocketSender
 from .rtnl import ARPHRD_ETHER, Rtnl
 
@@ -123,9 +123,7 @@ class PacketSender(SocketSender):
         csum_start = 14 + iphl
         single = VNET_HDR.pack(VNET_F_NEEDS_CSUM, 0, 0, 0, csum_start, _TCP_CHECK) + eth
         gso_type = VNET_GSO_TCPV4 if v4 else VNET_GSO_TCPV6
-        # The pseudo-header sum without the length: addresses and protocol.
-        psum = sum(struct.unpack(f"!{len(src) // 2}H", src)) + sum(struct.unpack(f"!{len(dst) // 2}H", dst)) \
-            + PROTO_TCP
+        psum = pseudo_sum(src, dst)  # without the length, as for the connection's own checksums
         if v4:
             # The IPv4 header's own sum without total length and checksum (ID 0, DF, TTL 64).
             hsum = 0x4500 + 0x4000 + (64 << 8 | PROTO_TCP) + sum(struct.unpack("!4H", src + dst))

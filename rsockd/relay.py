@@ -182,17 +182,22 @@ class Relay:
 
     def _l2_route(self, dst: bytes) -> L2Route | None:
         if dst not in self._l2:
-            from .packetsend import resolve as resolve_l2
-            from .rtnl import Rtnl
-
-            try:
-                with Rtnl() as nl:
-                    self._l2[dst] = resolve_l2(nl, dst, self.cfg.mark)
-            except OSError as e:
-                LOG.warning("packet send path: cannot look up the route to %s: %s",
-                            socket.inet_ntop(socket.AF_INET if len(dst) == 4 else socket.AF_INET6, dst), e)
-                self._l2[dst] = None
+            self._resolve_l2({dst})
         return self._l2[dst]
+
+    def _resolve_l2(self, dsts: set[bytes]) -> None:
+        """Look the Ethernet routes of ``dsts`` up (one netlink socket for them all) into the cache."""
+        from .packetsend import resolve as resolve_l2
+        from .rtnl import Rtnl
+
+        try:
+            with Rtnl() as nl:
+                for dst in dsts:
+                    self._l2[dst] = resolve_l2(nl, dst, self.cfg.mark)
+        except OSError as e:
+            LOG.warning("packet send path: cannot look up routes: %s", e)
+        for dst in dsts:
+            self._l2.setdefault(dst, None)
 
     def _refresh_l2(self) -> None:
         """Look every destination's route up again; a connection whose route changed (a new next
@@ -200,7 +205,9 @@ class Relay:
         sends (its segments' checksums depend on the path: ``kernel_checksum``)."""
         conns = [c for c in self.connections() if c.io is not None and c.transport == "tcp"]
         old, self._l2 = self._l2, {}  # only the destinations of current connections stay
-        changed = {dst for dst in {c.remote[0] for c in conns} if self._l2_route(dst) != old.get(dst)}
+        dsts = {c.remote[0] for c in conns}
+        self._resolve_l2(dsts)
+        changed = {dst for dst in dsts if self._l2[dst] != old.get(dst)}
         for conn in conns:
             if conn.remote[0] in changed:
                 conn.io = None
@@ -581,7 +588,7 @@ class FrameBatch:
 
     def _send(self, conn: Connection, frames: list[bytes]) -> None:
         record = frames[0] if len(frames) == 1 else b"".join(frames)
-        send = self.relay._sender(conn)
+        self.relay._sender(conn)  # resolves conn.io (and conn.io_batch) on first use
         if conn.io_batch is not None:
             records = self.records.get(conn)
             if records is None:
@@ -592,11 +599,15 @@ class FrameBatch:
                     self._send_records(conn, records)
                     del self.records[conn]
             return
+        self._send_one(conn, record, len(frames))
+
+    def _send_one(self, conn: Connection, record: bytes, nframes: int) -> None:
+        """One record as one segment; its frames count as dropped when ``conn`` is not established."""
         seg = conn.send_frames(record, self.now)
         if seg is None:
-            self.relay.drops["no_route"] += len(frames)
+            self.relay.drops["no_route"] += nframes
         else:
-            send(seg)
+            conn.io(seg)
 
     def _send_records(self, conn: Connection, records: list[tuple[bytes, int]]) -> None:
         """Runs of equal-sized records (the last of a run may be shorter) in one send each, each
@@ -611,20 +622,15 @@ class FrameBatch:
             if j < n and j - i < fit and len(records[j][0]) < size:
                 j += 1
             if j - i == 1:
-                seg = conn.send_frames(records[i][0], self.now)
-                if seg is not None:
-                    conn.io(seg)
-                    i = j
-                    continue
+                self._send_one(conn, *records[i])
             else:
                 batch = conn.send_batch([r for r, _ in records[i:j]], self.now)
-                if batch is not None:
+                if batch is None:  # not established
+                    self.relay.drops["no_route"] += sum(k for _, k in records[i:j])
+                else:
                     conn.io_batch(*batch)
                     self.relay.tx_batches += 1
                     self.relay.tx_batched += j - i
-                    i = j
-                    continue
-            self.relay.drops["no_route"] += sum(k for _, k in records[i:j])  # not established
             i = j
 
 
