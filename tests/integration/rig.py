@@ -223,6 +223,13 @@ def attached(net: NetnsPair, side: str = "s") -> dict[str, bool]:
     return {"xdp": "xdp" in link, "tc": "rsockd" in tc, "nft": "rsockd" in tables}
 
 
+def address_of(net: NetnsPair, side: str, dev: str, family: int) -> str:
+    """The first global address of ``family`` (4 or 6) on ``dev`` in namespace ``side``."""
+    infos = json.loads(net.run(side, ["ip", "-j", "addr", "show", "dev", dev]).stdout)[0]["addr_info"]
+    fam = "inet6" if family == 6 else "inet"
+    return str(next(a["local"] for a in infos if a["family"] == fam and not a["local"].startswith("fe80")))
+
+
 def nstat(net: NetnsPair, side: str, *names: str) -> dict[str, int]:
     out = net.run(side, ["nstat", "-asz", *names]).stdout
     vals = {}
@@ -265,10 +272,7 @@ class Rig:
         """The server's address on the link of client host ``host``."""
         if host == "c":
             return self.server_addr
-        out = self.net.run("s", ["ip", "-j", "addr", "show", "dev", self.net.dev["s" + host[1:]]]).stdout
-        infos = json.loads(out)[0]["addr_info"]
-        fam = "inet6" if self.family == 6 else "inet"
-        return str(next(a["local"] for a in infos if a["family"] == fam and not a["local"].startswith("fe80")))
+        return address_of(self.net, "s", self.net.dev["s" + host[1:]], self.family)
 
     def common(self) -> list[str]:
         ports = ["--ports", self.ports] if self.cli_ports else []

@@ -3,24 +3,17 @@ the tunnel range are theirs, not the tunnel's (ingress match and egress guard bo
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 from pathlib import Path
 
 import pytest
 
-from tests.integration.rig import Rig
+from tests.integration.rig import Rig, address_of
 
 pytestmark = pytest.mark.root
 
 BEHIND_PORT = 10002  # a tunnel port, served by a TCP service on the host behind the server
-
-
-def address(rig: Rig, side: str, dev: str, family: int) -> str:
-    infos = json.loads(rig.net.run(side, ["ip", "-j", "addr", "show", "dev", dev]).stdout)[0]["addr_info"]
-    fam = "inet6" if family == 6 else "inet"
-    return str(next(a["local"] for a in infos if a["family"] == fam and not a["local"].startswith("fe80")))
 
 
 class TcpEcho:
@@ -87,8 +80,8 @@ def test_connections_routed_through_the_server_to_its_ports_are_left_alone(tmp_p
         net.run("s", ["sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"])
         behind, gateway = {}, {}
         for fam in (4, 6):
-            behind[fam] = address(rig, "c2", net.dev["c2"], fam)
-            gateway[fam] = address(rig, "s", net.dev["s2"], fam)
+            behind[fam] = address_of(net, "c2", net.dev["c2"], fam)
+            gateway[fam] = address_of(net, "s", net.dev["s2"], fam)
             net.run("c", ["ip", f"-{fam}", "route", "add", behind[fam], "via", net.srv4 if fam == 4 else net.srv6])
             net.run("c2", ["ip", f"-{fam}", "route", "add", net.cli4 if fam == 4 else net.cli6, "via", gateway[fam]])
         echo = TcpEcho(rig, "c2", BEHIND_PORT)

@@ -31,7 +31,7 @@ import pytest
 
 from rsockd.steer import bpfsys
 from rsockd.steer.xdp import bcc_available
-from tests.integration.rig import ECHO_PORT, LISTEN_PORT, Rig, Rsockd, nstat
+from tests.integration.rig import ECHO_PORT, LISTEN_PORT, Rig, Rsockd, address_of, nstat
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -252,8 +252,7 @@ def test_syn_flood_established_sessions_keep_their_throughput(tmp_path: Path) ->
         # spoofed sources go back to it
         attacker_host = rig.clients[1]
         assert attacker_host.stop() == 0
-        c2_addr = json.loads(net.run("c2", ["ip", "-j", "-4", "addr", "show", "dev", net.dev["c2"]]).stdout)[0][
-            "addr_info"][0]["local"]
+        c2_addr = address_of(net, "c2", net.dev["c2"], 4)
         net.run("s", ["ip", "route", "add", SPOOFED, "via", c2_addr, "dev", net.dev["s2"]])
         assert rig.echo is not None
         rig.echo.close()  # the bulk's sink takes the target port
