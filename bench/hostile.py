@@ -66,11 +66,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.mmsg import _Iovec, _Mmsghdr, _sendmmsg
-from rsockd import framing
-from rsockd.control import request
-from rsockd.faketcp import WINDOW as TCP_WINDOW
-from rsockd.faketcp import WSCALE
-from rsockd.packet import (
+from rsockd.core import framing
+from rsockd.core.faketcp import WINDOW as TCP_WINDOW
+from rsockd.core.faketcp import WSCALE
+from rsockd.core.packet import (
     ACK,
     FIN,
     PROTO_TCP,
@@ -87,6 +86,7 @@ from rsockd.packet import (
     pseudo_sum,
     transport_checksum,
 )
+from rsockd.service.control import request
 
 MASK32 = 0xFFFFFFFF
 WINDOW = TCP_WINDOW << WSCALE  # the receive window rsockd advertises and judges RSTs by

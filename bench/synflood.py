@@ -34,8 +34,8 @@ import sys
 import time
 
 from bench.mmsg import MsgBatch
-from rsockd.config import parse_ports
-from rsockd.packet import SYN, TcpHeader, build_options, ipv4_header, pack_address, pseudo_sum
+from rsockd.core.packet import SYN, TcpHeader, build_options, ipv4_header, pack_address, pseudo_sum
+from rsockd.service.config import parse_ports
 
 ETH_P_IP = 0x0800
 SOL_PACKET = 263

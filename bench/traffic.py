@@ -156,7 +156,7 @@ class Generator:
     def ceiling(self, size: int, secs: float, flows: int) -> dict[str, Any]:
         """Flat out into a socket on 127.0.0.1 whose filter drops everything: the generator alone
         (its own sends and the kernel's delivery, no receiving program)."""
-        from rsockd import cbpf
+        from rsockd.steer import cbpf
 
         drop = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         drop.bind(("127.0.0.1", 0))

@@ -119,7 +119,7 @@ check_man_pages() {
 }
 
 check_version() {
-  has_module rsockd.daemon || { skip "daemon not ready: rsockd.daemon is not in the package yet"; return; }
+  has_module rsockd.service.daemon || { skip "daemon not ready: rsockd.service.daemon is not in the package yet"; return; }
   local want out
   want=$(dpkg-query -W -f='${Version}' rsockd)
   out=$(rsockd --version 2>&1) || { echo "  rsockd --version failed: $out"; return 1; }
@@ -128,7 +128,7 @@ check_version() {
 }
 
 check_verify_checksum() {
-  has_module rsockd.ctl || { skip "rsockctl not ready: rsockd.ctl is not in the package yet"; return; }
+  has_module rsockd.cli.ctl || { skip "rsockctl not ready: rsockd.cli.ctl is not in the package yet"; return; }
   local dir=$work/checksum-samples want got rc
   # checksum-samples.txt → tcp_addrs_N.txt / tcp_data_N.dat, and the expected PASS/FAIL lines.
   want=$(python3 - "$share/checksum-samples.txt" "$dir" <<'PY'

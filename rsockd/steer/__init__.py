@@ -46,7 +46,7 @@ class SteerPlan:
     whose destination port is in ``local_ports``.
 
     ``receive_ports`` (server): with several workers, each worker's capture sockets receive only
-    its own share of the tunnel ports (rsockd/worker.py).
+    its own share of the tunnel ports (rsockd/service/worker.py).
 
     ``syn_rate``/``syn_burst`` (server): SYNs per second, and the burst, that the backend lets
     through to the daemon; 0 is no limit.  Only the xdp backend can enforce them

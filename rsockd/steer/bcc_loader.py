@@ -43,7 +43,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import SteerError
-from ..rtnl import (
+from . import bpfsys
+from .bpfsys import MAP_NAMES, PinnedMaps
+from .rtnl import (
     ETH_P_ALL,
     TC_PARENT_EGRESS,
     XDP_FLAGS_UPDATE_IF_NOEXIST,
@@ -52,8 +54,6 @@ from ..rtnl import (
     Rtnl,
     TcFilter,
 )
-from . import bpfsys
-from .bpfsys import MAP_NAMES, PinnedMaps
 from .xdp import GUARD_PRIO, GUARD_PROG_NAME, XDP_PROG_NAME, bcc_available, drop_empty_clsact, guard_handle
 
 SOURCES = ("rsockd.h", "ingress.c", "egress.c")  # compiled as one text, in this order (see rsockd.h)

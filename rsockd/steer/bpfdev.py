@@ -71,9 +71,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from .. import cbpf
 from ..errors import SteerError
-from . import Receiver, SteerPlan, split_peers
+from . import Receiver, SteerPlan, cbpf, split_peers
 
 LOG = logging.getLogger(__name__)
 

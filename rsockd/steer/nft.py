@@ -39,9 +39,9 @@ import struct
 from collections.abc import Iterable
 from typing import Any
 
-from .. import caps, cbpf
+from .. import caps
 from ..errors import SteerError
-from . import PacketSocketReceiver, Receiver, SteerPlan, split_peers
+from . import PacketSocketReceiver, Receiver, SteerPlan, cbpf, split_peers
 
 LOG = logging.getLogger(__name__)
 

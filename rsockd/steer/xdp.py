@@ -32,9 +32,9 @@ from typing import Any
 
 from ..caps import CAP_NET_ADMIN, CAP_SYS_ADMIN, effective_caps
 from ..errors import SteerError
-from ..rtnl import TC_PARENT_EGRESS, TC_PARENT_INGRESS, XDP_MODE_FLAGS, Rtnl
 from . import STEER_COUNTERS, SteerPlan, bpfsys
 from .bpfsys import CONFIG_TAG_END, PORT_LOCAL, PORT_PEER, PORT_SERVER, PROG_PREFIX, BpfMap, PinnedMaps, RsockdConfig
+from .rtnl import TC_PARENT_EGRESS, TC_PARENT_INGRESS, XDP_MODE_FLAGS, Rtnl
 
 LOG = logging.getLogger(__name__)
 

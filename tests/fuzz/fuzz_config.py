@@ -16,8 +16,8 @@ import tempfile
 from tests.fuzz.harness import instrumented, main
 
 with instrumented():
-    from rsockd import config
     from rsockd.errors import ConfigError
+    from rsockd.service import config
 
 config.DEFAULT_CONFIG_PATH = "/nonexistent/rsockd/rsockd.toml"  # never the machine's own file
 FILE = os.path.join(tempfile.mkdtemp(prefix="rsockd-fuzz-"), "fuzz.toml")

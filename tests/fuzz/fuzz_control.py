@@ -14,7 +14,7 @@ from typing import Any
 from tests.fuzz.harness import instrumented, main
 
 with instrumented():
-    from rsockd.control import PROTOCOL_VERSION, ControlServer, _encode
+    from rsockd.service.control import PROTOCOL_VERSION, ControlServer, _encode
 
 
 def _boom() -> dict[str, Any]:

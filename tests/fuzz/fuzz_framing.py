@@ -11,7 +11,7 @@ from __future__ import annotations
 from tests.fuzz.harness import instrumented, main
 
 with instrumented():
-    from rsockd import framing
+    from rsockd.core import framing
     from rsockd.errors import FrameError
 
 RING = framing.Keyring.from_secret("fuzz")

@@ -14,7 +14,7 @@ import struct
 from tests.fuzz.harness import instrumented, main
 
 with instrumented():
-    from rsockd import packet
+    from rsockd.core import packet
     from rsockd.errors import PacketError
 
 SRC, DST = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])

@@ -24,12 +24,12 @@ import itertools
 from tests.fuzz.harness import instrumented, main
 
 with instrumented():
-    from rsockd.config import load
+    from rsockd.core.faketcp import Connection
+    from rsockd.core.framing import Keyring, data_frame
+    from rsockd.core.packet import ipv4_header, parse_tcp
+    from rsockd.dataplane.relay import ServerRelay
     from rsockd.errors import PacketError
-    from rsockd.faketcp import Connection
-    from rsockd.framing import Keyring, data_frame
-    from rsockd.packet import ipv4_header, parse_tcp
-    from rsockd.relay import ServerRelay
+    from rsockd.service.config import load
 
 CLI = (bytes([10, 0, 0, 1]), 40001)
 SRV = (bytes([10, 0, 0, 2]), 10001)

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rsockd.control import request
-from rsockd.relay import SO_RCVBUFFORCE
+from rsockd.dataplane.relay import SO_RCVBUFFORCE
+from rsockd.service.control import request
 from tests.netns import NetnsPair
 
 RSOCKD = str(Path(sys.executable).with_name("rsockd"))

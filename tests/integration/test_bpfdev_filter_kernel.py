@@ -28,9 +28,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from rsockd import cbpf
-from rsockd.packet import ACK
-from rsockd.steer import SteerPlan, bpfdev
+from rsockd.core.packet import ACK
+from rsockd.steer import SteerPlan, bpfdev, cbpf
 from rsockd.steer.bpfdev import DLT_EN10MB, DLT_NULL, DLT_RAW
 from tests.integration.test_cbpf_kernel import LOCAL, PORTS, Sender, cases, segment, wrong_peers
 from tests.netns import NetnsPair

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from rsockd import cbpf
-from rsockd.packet import ACK, PROTO_TCP, PROTO_UDP, PSH, SYN, TcpHeader, ipv4_header, ipv6_header, pseudo_sum
+from rsockd.core.packet import ACK, PROTO_TCP, PROTO_UDP, PSH, SYN, TcpHeader, ipv4_header, ipv6_header, pseudo_sum
+from rsockd.steer import cbpf
 from tests.netns import NetnsPair
 
 pytestmark = pytest.mark.root

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from rsockd.config import DEFAULT_MARK
-from rsockd.packet import ACK, RST, TcpHeader, ipv4_header, pack_address, pseudo_sum
-from rsockd.rawsock import SO_MARK
+from rsockd.core.packet import ACK, RST, TcpHeader, ipv4_header, pack_address, pseudo_sum
+from rsockd.dataplane.rawsock import SO_MARK
+from rsockd.service.config import DEFAULT_MARK
 from tests.integration.rig import Rig, attached
 
 pytestmark = pytest.mark.root

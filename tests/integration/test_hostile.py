@@ -42,7 +42,7 @@ import pytest
 from bench import hostile
 from bench.procstat import rss_mb
 from bench.soak import EchoWindow
-from rsockd.packet import ACK, RST, SYN, build_options, parse_ip, parse_tcp
+from rsockd.core.packet import ACK, RST, SYN, build_options, parse_ip, parse_tcp
 from tests.integration.rig import Rig, Rsockd
 
 F = TypeVar("F", bound=Callable[..., Any])

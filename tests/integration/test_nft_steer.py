@@ -18,8 +18,8 @@ from contextlib import contextmanager
 
 import pytest
 
+from rsockd.core.packet import ACK, PSH, RST, SYN, parse_ip, parse_tcp
 from rsockd.errors import PacketError, SteerError
-from rsockd.packet import ACK, PSH, RST, SYN, parse_ip, parse_tcp
 from rsockd.steer import SteerPlan
 from rsockd.steer.nft import NftSteering, cleanup_stale, load_notrack, nft_available, ruleset, table_name, unload
 from tests.integration.test_cbpf_kernel import Sender, segment, wrong_peers

@@ -10,9 +10,18 @@ import struct
 
 import pytest
 
-from rsockd.packet import ACK, PSH, TcpHeader, internet_checksum, pack_address, parse_ip, parse_tcp, tcp_checksum_ok
-from rsockd.packetsend import PacketSender, resolve
-from rsockd.rtnl import Rtnl
+from rsockd.core.packet import (
+    ACK,
+    PSH,
+    TcpHeader,
+    internet_checksum,
+    pack_address,
+    parse_ip,
+    parse_tcp,
+    tcp_checksum_ok,
+)
+from rsockd.dataplane.packetsend import PacketSender, resolve
+from rsockd.steer.rtnl import Rtnl
 from tests.netns import NetnsPair
 
 pytestmark = pytest.mark.root

@@ -12,8 +12,8 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.utils import rdpcap
 
-from rsockd.config import DEFAULT_MARK
-from rsockd.rawsock import SO_MARK
+from rsockd.dataplane.rawsock import SO_MARK
+from rsockd.service.config import DEFAULT_MARK
 from tests.integration.rig import Rig
 
 pytestmark = pytest.mark.root

@@ -11,7 +11,7 @@ import pytest
 from scapy.layers.inet import TCP
 from scapy.utils import rdpcap
 
-from rsockd.packet import SYN, TcpHeader, ipv4_header, pack_address, pseudo_sum
+from rsockd.core.packet import SYN, TcpHeader, ipv4_header, pack_address, pseudo_sum
 from tests.integration.rig import Rig, nstat
 
 pytestmark = pytest.mark.root

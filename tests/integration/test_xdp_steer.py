@@ -8,7 +8,7 @@ it, as after a SIGKILL in production.  Sockets are made in the namespaces by thi
 sent one after the other arrive in that order; "X did not happen" is then proven by a later
 segment's effect arriving, not by waiting.
 
-Byte-exactness is against ``rsockd.packet.steer_rewrite()``, the Python statement of the rewrite.
+Byte-exactness is against ``rsockd.core.packet.steer_rewrite()``, the Python statement of the rewrite.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from typing import Any
 
 import pytest
 
-from rsockd.errors import PacketError
-from rsockd.packet import (
+from rsockd.core.packet import (
     ACK,
     IPV4_HEADER,
     PSH,
@@ -45,6 +44,7 @@ from rsockd.packet import (
     pseudo_sum,
     steer_rewrite,
 )
+from rsockd.errors import PacketError
 from rsockd.steer import bpfsys
 from rsockd.steer.xdp import bcc_available
 from tests.netns import NetnsPair

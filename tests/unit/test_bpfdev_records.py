@@ -20,10 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from rsockd import cbpf
+from rsockd.core.packet import ACK, SYN, TcpHeader, ipv4_header, ipv6_header, pseudo_sum
 from rsockd.errors import SteerError
-from rsockd.packet import ACK, SYN, TcpHeader, ipv4_header, ipv6_header, pseudo_sum
-from rsockd.steer import SteerPlan, bpfdev
+from rsockd.steer import SteerPlan, bpfdev, cbpf
 from rsockd.steer.bpfdev import DLT_EN10MB, DLT_NULL, DLT_RAW, BpfDevice, parse_records
 
 LINK_HDR = {DLT_EN10MB: 14, DLT_NULL: 4, DLT_RAW: 0}

@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rsockd import cbpf
-from rsockd.cbpf import (
+from rsockd.core.packet import ACK, PROTO_TCP, PROTO_UDP, SYN, TcpHeader, ipv4_header, ipv6_header, pseudo_sum
+from rsockd.steer import cbpf
+from rsockd.steer.cbpf import (
     ACCEPT,
     BPF_ABS,
     BPF_ALU,
@@ -36,7 +37,6 @@ from rsockd.cbpf import (
     run,
     tunnel_filter,
 )
-from rsockd.packet import ACK, PROTO_TCP, PROTO_UDP, SYN, TcpHeader, ipv4_header, ipv6_header, pseudo_sum
 
 S4, C4, X4 = socket.inet_aton("10.9.0.2"), socket.inet_aton("10.9.0.1"), socket.inet_aton("10.9.0.7")
 S6 = socket.inet_pton(socket.AF_INET6, "fd09::2")

@@ -1,4 +1,4 @@
-"""rsockd.config: rsock's flags, the TOML file, and one-line errors (exit code 2).  Pure."""
+"""rsockd.service.config: rsock's flags, the TOML file, and one-line errors (exit code 2).  Pure."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rsockd import __version__
-from rsockd import config as cfg
-from rsockd.config import (
+from rsockd.errors import ConfigError
+from rsockd.service import config as cfg
+from rsockd.service.config import (
     KEYS,
     Config,
     Invocation,
@@ -30,7 +31,6 @@ from rsockd.config import (
     parse_hostport,
     parse_ports,
 )
-from rsockd.errors import ConfigError
 
 CLI = "command line"
 SERVER = ["--role=server", "--taddr=127.0.0.1:8388"]
@@ -66,7 +66,7 @@ def _error(argv: Sequence[str], environ: dict[str, str] | None = None) -> str:
 
 
 def _cli_exit_code(argv: Sequence[str]) -> int:
-    """What the entry point (rsockd.daemon:main) will do with a ConfigError."""
+    """What the entry point (rsockd.service.daemon:main) will do with a ConfigError."""
     try:
         load(argv, environ={})
     except ConfigError as err:
@@ -525,7 +525,7 @@ def test_cli_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
 
 _ENTRY = """\
 import sys
-import rsockd.config as c
+import rsockd.service.config as c
 from rsockd.errors import ConfigError
 c.DEFAULT_CONFIG_PATH = "/nonexistent/rsockd/rsockd.toml"
 try:

@@ -10,7 +10,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from rsockd.config import _KEY_TABLE, KEYS
+from rsockd.service.config import _KEY_TABLE, KEYS
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 PAGES = sorted((DOCS / "man").glob("*.[0-9]"))

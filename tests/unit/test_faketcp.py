@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rsockd.faketcp import (
+from rsockd.core.faketcp import (
     TRANSITIONS,
     Acceptor,
     ConnectionClosed,
@@ -18,8 +18,8 @@ from rsockd.faketcp import (
     Timing,
     seq_after,
 )
-from rsockd.framing import FrameType, Keyring
-from rsockd.packet import ACK, FIN, PSH, RST, SYN, TcpHeader, parse_options, parse_tcp, pseudo_sum
+from rsockd.core.framing import FrameType, Keyring
+from rsockd.core.packet import ACK, FIN, PSH, RST, SYN, TcpHeader, parse_options, parse_tcp, pseudo_sum
 
 from .tunnelpair import CLI, SRV, Pair
 

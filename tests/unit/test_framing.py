@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rsockd import framing
+from rsockd.core import framing
+from rsockd.core.framing import FrameType, Hello, HelloAck, Keyring, ReplayWindow, split_records
 from rsockd.errors import FrameError
-from rsockd.framing import FrameType, Hello, HelloAck, Keyring, ReplayWindow, split_records
 
 NONCE = b"\x01" * 8
 

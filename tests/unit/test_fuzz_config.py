@@ -15,8 +15,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from rsockd.config import KEYS, Config, load
 from rsockd.errors import ConfigError
+from rsockd.service.config import KEYS, Config, load
 
 from .test_config import _no_system_config  # noqa: F401 - its autouse fixture: never the machine's own file
 

@@ -22,9 +22,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from rsockd import ctl
-from rsockd.control import MAX_REQUEST, PROTOCOL_VERSION, ControlServer, _encode
+from rsockd.cli import ctl
 from rsockd.errors import InputError, RsockdError
+from rsockd.service.control import MAX_REQUEST, PROTOCOL_VERSION, ControlServer, _encode
 
 
 def _boom() -> dict[str, Any]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rsockd import config
+from rsockd.service import config
 
 HARNESSES = ["fuzz_packet", "fuzz_framing", "fuzz_control", "fuzz_config", "fuzz_receive"]
 

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 os.environ.setdefault("RSOCKD_FUZZ_NO_ATHERIS", "1")  # plain imports: no atheris instrumentation in the suite
 
-from rsockd import framing
-from rsockd.packet import (
+from rsockd.core import framing
+from rsockd.core.packet import (
     TcpHeader,
     build_options,
     ipv4_header,

@@ -20,13 +20,13 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rsockd.config import load
+from rsockd.core.faketcp import Connection, State
+from rsockd.core.framing import Hello, Keyring
+from rsockd.core.packet import ipv4_header, parse_tcp, pseudo_sum, steer_rewrite, transport_checksum
+from rsockd.core.session import SessionTable
+from rsockd.dataplane.relay import ServerRelay
 from rsockd.errors import PacketError
-from rsockd.faketcp import Connection, State
-from rsockd.framing import Hello, Keyring
-from rsockd.packet import ipv4_header, parse_tcp, pseudo_sum, steer_rewrite, transport_checksum
-from rsockd.relay import ServerRelay
-from rsockd.session import SessionTable
+from rsockd.service.config import load
 
 from .tunnelpair import CLI, SRV, Pair
 

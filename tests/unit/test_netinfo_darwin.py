@@ -1,4 +1,4 @@
-"""macOS route and interface parsing (``rsockd.netinfo_darwin``).
+"""macOS route and interface parsing (``rsockd.dataplane.netinfo_darwin``).
 
 The sample outputs follow the format of macOS 13/14 ``route -n get`` (route(8): the
 RTM_GET answer printed by ``print_getmsg``: key lines, then the metrics header and values)
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from rsockd.netinfo_darwin import Interface, RouteGet, parse_ifconfig, parse_route_get, source_address
+from rsockd.dataplane.netinfo_darwin import Interface, RouteGet, parse_ifconfig, parse_route_get, source_address
 
 ROUTE_DEFAULT = """\
    route to: default

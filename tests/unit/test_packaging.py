@@ -199,7 +199,7 @@ def example_keys() -> list[str]:
 def test_example_config_is_all_comments_and_shows_every_key() -> None:
     path = PKG / "rsockd.toml.example"
     assert tomllib.loads(path.read_text()) == {}, "the shipped example must set nothing"
-    from rsockd.config import KEYS
+    from rsockd.service.config import KEYS
 
     assert set(example_keys()) == set(KEYS)
 
@@ -207,7 +207,7 @@ def test_example_config_is_all_comments_and_shows_every_key() -> None:
 @pytest.mark.parametrize("role", ["server", "client"])
 def test_example_config_role_block_loads(role: str, tmp_path: Path) -> None:
     """Uncommenting one role's block gives a configuration rsockd accepts."""
-    config = pytest.importorskip("rsockd.config")
+    config = pytest.importorskip("rsockd.service.config")
     out, on = [], False
     for line in (PKG / "rsockd.toml.example").read_text().splitlines():
         if line.startswith("# ---"):
@@ -230,7 +230,7 @@ def samples() -> list[tuple[str, bytes, str]]:
 
 
 def test_checksum_samples_expectations_are_right() -> None:
-    from rsockd.packet import tcp_checksum_ok
+    from rsockd.core.packet import tcp_checksum_ok
 
     rows = samples()
     assert {e for _, _, e in rows} == {"PASS", "FAIL"}
@@ -240,7 +240,7 @@ def test_checksum_samples_expectations_are_right() -> None:
 
 
 def test_checksum_samples_through_rsockctl(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    ctl = pytest.importorskip("rsockd.ctl")
+    ctl = pytest.importorskip("rsockd.cli.ctl")
     rows = samples()
     for n, (addrs, data, _) in enumerate(rows, 1):
         (tmp_path / f"tcp_addrs_{n}.txt").write_text(addrs.replace(",", " ") + "\n")

@@ -11,8 +11,7 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, in4_chksum
 from scapy.layers.inet6 import IPv6, in6_chksum
 
-from rsockd.errors import PacketError
-from rsockd.packet import (
+from rsockd.core.packet import (
     ACK,
     PROTO_UDP,
     PSH,
@@ -34,6 +33,7 @@ from rsockd.packet import (
     transport_checksum,
     transport_checksum_ok,
 )
+from rsockd.errors import PacketError
 
 
 def rfc1071(data: bytes) -> int:

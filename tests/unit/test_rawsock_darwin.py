@@ -1,4 +1,4 @@
-"""The macOS raw-send header (``rsockd.rawsock_darwin``): ``ip_len`` and ``ip_off`` in host byte
+"""The macOS raw-send header (``rsockd.dataplane.rawsock_darwin``): ``ip_len`` and ``ip_off`` in host byte
 order (xnu ``rip_output`` compares ``ip_len`` with the packet length unconverted; ``ip_output``
 applies ``HTONS`` to both before the interface), everything else in network order.
 
@@ -15,8 +15,8 @@ import sys
 
 import pytest
 
-from rsockd import rawsock, rawsock_darwin
-from rsockd.packet import IPV4_HEADER, ipv4_header
+from rsockd.core.packet import IPV4_HEADER, ipv4_header
+from rsockd.dataplane import rawsock, rawsock_darwin
 
 SRC, DST = socket.inet_aton("192.0.2.1"), socket.inet_aton("198.51.100.2")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from rsockd.faketcp import Connection, State
-from rsockd.framing import Hello, Keyring
-from rsockd.session import FlowTable, SessionTable, rendezvous
+from rsockd.core.faketcp import Connection, State
+from rsockd.core.framing import Hello, Keyring
+from rsockd.core.session import FlowTable, SessionTable, rendezvous
 
 KEYRING = Keyring.from_secret(None)
 

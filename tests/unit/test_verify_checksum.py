@@ -11,7 +11,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
-from rsockd.ctl import main
+from rsockd.cli.ctl import main
 
 
 def scapy_segment(src: str, dst: str, payload: bytes, **tcp: object) -> bytes:

@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
-from rsockd.daemon import merge_status
-from rsockd.worker import WorkerGone, recv_msg, send_msg, share
+from rsockd.service.daemon import merge_status
+from rsockd.service.worker import WorkerGone, recv_msg, send_msg, share
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 10])

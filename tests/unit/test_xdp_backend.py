@@ -10,8 +10,7 @@ import sys
 
 import pytest
 
-from rsockd import rtnl
-from rsockd.steer import SteerPlan, bpfsys
+from rsockd.steer import SteerPlan, bpfsys, rtnl
 from rsockd.steer.bcc_loader import LoaderError, Request
 from rsockd.steer.xdp import XdpSteering, guard_handle, instance_tag, plan_ports, plan_syn_limit
 

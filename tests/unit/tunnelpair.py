@@ -1,6 +1,6 @@
 """Two ends of a tunnel connected in memory: a client Connection and a server Acceptor.
 
-Every segment crosses as wire bytes: the client's are parsed with ``rsockd.packet`` (checksum
+Every segment crosses as wire bytes: the client's are parsed with ``rsockd.core.packet`` (checksum
 verified) exactly as a capture backend would, the server's too.  A ``wire`` hook may drop,
 duplicate or hold back segments to model loss and reordering.
 """
@@ -11,12 +11,12 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from rsockd import framing
-from rsockd.counters import new_drops
-from rsockd.faketcp import Acceptor, Connected, Connection, ConnectionClosed, Event, HelloReceived, Timing
-from rsockd.framing import Keyring
-from rsockd.packet import parse_tcp, pseudo_sum, transport_checksum_ok
-from rsockd.session import SessionTable
+from rsockd.core import framing
+from rsockd.core.counters import new_drops
+from rsockd.core.faketcp import Acceptor, Connected, Connection, ConnectionClosed, Event, HelloReceived, Timing
+from rsockd.core.framing import Keyring
+from rsockd.core.packet import parse_tcp, pseudo_sum, transport_checksum_ok
+from rsockd.core.session import SessionTable
 
 CLI = (bytes([10, 0, 0, 1]), 40001)
 SRV = (bytes([10, 0, 0, 2]), 10001)

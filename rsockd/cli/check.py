@@ -16,8 +16,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .caps import CAP_BPF, CAP_NET_ADMIN, CAP_NET_RAW, CAP_SYS_ADMIN, effective_caps
-from .config import Config
+from ..caps import CAP_BPF, CAP_NET_ADMIN, CAP_NET_RAW, CAP_SYS_ADMIN, effective_caps
+from ..service.config import Config
 
 
 @dataclass
@@ -56,7 +56,7 @@ def check_caps() -> list[Result]:
 
 
 def check_backend(cfg: Config) -> list[Result]:
-    from .steer import nft, xdp
+    from ..steer import nft, xdp
 
     bcc = xdp.bcc_available()
     nftr = nft.nft_available()
@@ -72,8 +72,8 @@ def check_backend(cfg: Config) -> list[Result]:
 
 
 def check_network(cfg: Config) -> list[Result]:
-    from .errors import RsockdError
-    from .netinfo import default_interfaces, interface_addresses, interface_exists, resolve, route_to
+    from ..dataplane.netinfo import default_interfaces, interface_addresses, interface_exists, resolve, route_to
+    from ..errors import RsockdError
 
     out = []
     try:
@@ -135,7 +135,7 @@ def check_ports(cfg: Config) -> list[Result]:
 
 
 def _ports(ports: tuple[int, ...]) -> str:
-    from .cbpf import port_ranges
+    from ..steer.cbpf import port_ranges
 
     return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in port_ranges(ports))
 
@@ -189,10 +189,10 @@ def check_send_path(cfg: Config) -> list[Result]:
         return [Result("FAIL", 'send_path = "packet" is supported on Linux only', 'send_path = "raw"')]
     if cfg.role != "client":
         return [Result("ok", 'send_path = "packet": each client\'s route is looked up when it connects')]
-    from .netinfo import resolve
-    from .packet import pack_address
-    from .packetsend import resolve as resolve_l2
-    from .rtnl import Rtnl
+    from ..core.packet import pack_address
+    from ..dataplane.netinfo import resolve
+    from ..dataplane.packetsend import resolve as resolve_l2
+    from ..steer.rtnl import Rtnl
 
     assert cfg.server is not None
     server = resolve(cfg.server)

@@ -43,9 +43,9 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Literal
 
+from ..errors import FrameError, LocalProtocolError, PacketError
 from . import framing
 from .counters import new_drops
-from .errors import FrameError, LocalProtocolError, PacketError
 from .framing import CloseReason, FrameType, Hello, HelloAck, Keyring
 from .packet import (
     ACK,

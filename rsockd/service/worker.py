@@ -32,10 +32,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..dataplane.relay import ServerRelay
+from ..errors import RsockdError
+from ..steer import PacketSocketReceiver, SteerPlan
 from .config import Config
-from .errors import RsockdError
-from .relay import ServerRelay
-from .steer import PacketSocketReceiver, SteerPlan
 
 LOG = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ class Child:
         if kind == "status":
             st = relay_status(relay)
             if self._capture:  # our own packet sockets' losses: the daemon adds them to its steering's
-                from .steer.nft import receiver_drops
+                from ..steer.nft import receiver_drops
 
                 self._capture_dropped += sum(receiver_drops(s) for s in self._capture)
                 st["receiver_dropped"] = self._capture_dropped
@@ -265,7 +265,7 @@ class Child:
         raise RsockdError(f"unknown request {kind!r}")
 
     def _open_capture(self, plan: SteerPlan) -> None:
-        from .steer import nft
+        from ..steer import nft
 
         if self._capture:
             raise RsockdError("capture already open")
@@ -278,8 +278,8 @@ class Child:
 
 def child_main() -> int:
     """Entry of a worker process (``RSOCKD_WORKER_FD`` names its end of the socketpair)."""
-    from .logs import setup as setup_logging
-    from .steer.bcc_loader import die_with_parent
+    from ..logs import setup as setup_logging
+    from ..steer.bcc_loader import die_with_parent
 
     die_with_parent(signal.SIGKILL)
     sock = socket.socket(fileno=int(os.environ.pop(WORKER_ENV)))

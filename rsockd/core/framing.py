@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
-from .errors import FrameError
+from ..errors import FrameError
 
 PROTOCOL_VERSION = 1
 

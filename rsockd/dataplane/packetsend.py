@@ -23,9 +23,9 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .packet import PROTO_TCP, pseudo_sum
+from ..core.packet import PROTO_TCP, pseudo_sum
+from ..steer.rtnl import ARPHRD_ETHER, Rtnl
 from .rawsock import SNDBUF, SO_MARK, Sender, SocketSender
-from .rtnl import ARPHRD_ETHER, Rtnl
 
 SOL_PACKET = 263
 PACKET_VNET_HDR = 15

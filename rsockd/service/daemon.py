@@ -21,15 +21,15 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
+from .. import __version__
+from ..core.framing import Keyring
+from ..dataplane.relay import ClientRelay, Relay, ServerRelay, timing_of
+from ..errors import ConfigError, RsockdError, SteerError
+from ..logs import setup as setup_logging
+from ..steer import STEER_COUNTERS, Steering, SteerPlan
 from .config import Config, load_invocation
 from .control import ControlServer
-from .errors import ConfigError, RsockdError, SteerError
-from .framing import Keyring
-from .logs import setup as setup_logging
 from .notify import Notifier
-from .relay import ClientRelay, Relay, ServerRelay, timing_of
-from .steer import STEER_COUNTERS, Steering, SteerPlan
 from .worker import Worker, WorkerGone, share, spawn, stop_all
 
 LOG = logging.getLogger("rsockd")
@@ -44,14 +44,14 @@ def cleanup_stale(instance: str) -> list[str]:
     """Remove what a dead daemon of ``instance`` left attached (any backend)."""
     removed: list[str] = []
     if sys.platform == "darwin":
-        from .steer import bpfdev
+        from ..steer import bpfdev
 
         with contextlib.suppress(SteerError, OSError):
             removed += bpfdev.cleanup_stale(instance)
         return removed
     if sys.platform != "linux":
         return removed
-    from .steer import nft, xdp
+    from ..steer import nft, xdp
 
     with contextlib.suppress(SteerError, OSError, ImportError):
         removed += xdp.cleanup_stale(instance)
@@ -65,7 +65,7 @@ def choose_steering(cfg: Config, plan: SteerPlan) -> Steering:
     """The backend for ``cfg.backend``, attached.  ``auto`` falls back from xdp to nft, saying why;
     on macOS ``auto`` means bpfdev."""
     if cfg.backend == "bpfdev" or (cfg.backend == "auto" and sys.platform == "darwin"):
-        from .steer import bpfdev
+        from ..steer import bpfdev
 
         why = bpfdev.bpfdev_available()
         if why is not None:
@@ -75,7 +75,7 @@ def choose_steering(cfg: Config, plan: SteerPlan) -> Steering:
         return mac
     if sys.platform == "darwin":
         raise SteerError(f"backend {cfg.backend}: Linux only; on macOS use auto or bpfdev")
-    from .steer import nft, xdp
+    from ..steer import nft, xdp
 
     if cfg.backend in ("auto", "xdp"):
         reason = xdp.bcc_available()
@@ -105,7 +105,7 @@ def choose_steering(cfg: Config, plan: SteerPlan) -> Steering:
 
 def _load_notrack(plan: SteerPlan) -> None:
     """Exempt our marked raw sends from the host's conntrack (docs/design.md, Marks and conntrack)."""
-    from .steer import nft
+    from ..steer import nft
 
     why = nft.nft_available()
     if why is not None:
@@ -118,7 +118,7 @@ def _load_notrack(plan: SteerPlan) -> None:
 
 
 def _unload_notrack(instance: str) -> None:
-    from .steer import nft
+    from ..steer import nft
 
     with contextlib.suppress(SteerError, OSError, ImportError):
         if nft.nft_available() is None:
@@ -150,7 +150,7 @@ def apply_live(relay: Relay, new: Config, changed: set[str]) -> None:
             new.max_conns_per_client
         s.hello_skew, s.idle = new.hello_skew, new.duration
         if "target" in changed and new.target is not None:
-            from .netinfo import resolve
+            from ..dataplane.netinfo import resolve
 
             relay.target = (resolve(new.target[0]), new.target[1])  # new flows; open ones keep theirs
     else:
@@ -362,7 +362,7 @@ class Daemon:
         asyncio.get_running_loop().create_task(self._rebuild(self.cfg))
 
     def _server_interfaces(self) -> tuple[str, ...]:
-        from .netinfo import default_interfaces, interface_exists, interface_of
+        from ..dataplane.netinfo import default_interfaces, interface_exists, interface_of
 
         cfg = self.cfg
         if cfg.dev:
@@ -606,7 +606,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = inv.config
     setup_logging(cfg.log_level)
     if inv.check:
-        from .check import run_checks
+        from ..cli.check import run_checks
 
         return run_checks(cfg)
     if os.geteuid() != 0:

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NoReturn
 
-from .packet import pack_address
+from ..core.packet import pack_address
 
 # ---------------------------------------------------------------------------------------------
 # Opcodes (<linux/bpf_common.h>, <net/bpf.h>)

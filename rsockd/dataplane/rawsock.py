@@ -18,9 +18,9 @@ import struct
 from collections import Counter
 from collections.abc import Callable
 
-from . import cbpf
-from .errors import RsockdError
-from .packet import IPV4_HEADER, PROTO_TCP
+from ..core.packet import IPV4_HEADER, PROTO_TCP
+from ..errors import RsockdError
+from ..steer import cbpf
 
 LOG = logging.getLogger(__name__)
 

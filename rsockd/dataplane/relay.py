@@ -25,11 +25,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from . import framing
-from .config import Config
-from .counters import new_drops
-from .errors import PacketError, RsockdError
-from .faketcp import (
+from ..core import framing
+from ..core.counters import new_drops
+from ..core.faketcp import (
     Acceptor,
     Connected,
     Connection,
@@ -39,10 +37,8 @@ from .faketcp import (
     State,
     Timing,
 )
-from .framing import CloseReason, Keyring
-from .logs import RateLimit
-from .netinfo import Route, interface_mtu, resolve, route_to
-from .packet import (
+from ..core.framing import CloseReason, Keyring
+from ..core.packet import (
     PROTO_TCP,
     TCP_MIN_HEADER,
     TcpHeader,
@@ -53,6 +49,10 @@ from .packet import (
     pseudo_sum,
     transport_checksum_ok,
 )
+from ..errors import PacketError, RsockdError
+from ..logs import RateLimit
+from ..service.config import Config
+from .netinfo import Route, interface_mtu, resolve, route_to
 
 if sys.platform == "darwin":
     from .rawsock_darwin import RawSender, Sender
@@ -60,8 +60,8 @@ else:
     from .rawsock import RawSender, Sender
 if TYPE_CHECKING:
     from .packetsend import L2Route, PacketSender
-from .session import ClientFlow, FlowTable, ServerFlow, Session, SessionTable
-from .steer import Receiver
+from ..core.session import ClientFlow, FlowTable, ServerFlow, Session, SessionTable
+from ..steer import Receiver
 
 LOG = logging.getLogger(__name__)
 
@@ -187,8 +187,8 @@ class Relay:
 
     def _resolve_l2(self, dsts: set[bytes]) -> None:
         """Look the Ethernet routes of ``dsts`` up (one netlink socket for them all) into the cache."""
+        from ..steer.rtnl import Rtnl
         from .packetsend import resolve as resolve_l2
-        from .rtnl import Rtnl
 
         try:
             with Rtnl() as nl:
@@ -655,7 +655,7 @@ class ServerRelay(Relay):
     def __init__(self, cfg: Config, ports: tuple[int, ...] | None = None) -> None:
         super().__init__(cfg)
         assert cfg.target is not None
-        self.ports = cfg.ports if ports is None else ports  # a worker serves its share (rsockd/worker.py)
+        self.ports = cfg.ports if ports is None else ports  # a worker serves its share (rsockd/service/worker.py)
         host = resolve(cfg.target[0])
         self.target = (host, cfg.target[1])
         self.target_family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -15,7 +15,7 @@ import sys
 def main() -> int:
     for name in ("ssl", "_ssl", "_hashlib"):
         sys.modules.setdefault(name, None)  # type: ignore[arg-type]
-    if "RSOCKD_WORKER_FD" in os.environ:  # a server worker started by the daemon (rsockd/worker.py)
+    if "RSOCKD_WORKER_FD" in os.environ:  # a server worker started by the daemon (rsockd/service/worker.py)
         from .worker import child_main
 
         return child_main()

@@ -40,7 +40,7 @@ class ControlServer:
         if os.path.exists(self.path):
             # A live daemon of the same instance would answer; a dead one left its socket.
             if _alive(self.path):
-                from .errors import RsockdError
+                from ..errors import RsockdError
 
                 raise RsockdError(f"{self.path}: another rsockd of this instance is running")
             os.unlink(self.path)

@@ -29,11 +29,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .config import DEFAULT_RUNTIME_DIR
-from .control import request
-from .errors import InputError, RsockdError
-from .packet import TCP_MIN_HEADER, pseudo_sum, transport_checksum_ok
+from .. import __version__
+from ..core.packet import TCP_MIN_HEADER, pseudo_sum, transport_checksum_ok
+from ..errors import InputError, RsockdError
+from ..service.config import DEFAULT_RUNTIME_DIR
+from ..service.control import request
 
 EXIT_NOT_RUNNING = 3
 EXIT_PERMISSION = 4
@@ -224,7 +224,7 @@ def duration(seconds: float) -> str:
 
 
 def ranges(ports: Sequence[int]) -> str:
-    from .cbpf import port_ranges
+    from ..steer.cbpf import port_ranges
 
     return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in port_ranges(ports))
 

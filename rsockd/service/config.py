@@ -54,9 +54,9 @@ from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Literal, NoReturn, TypeVar, cast
 
-from . import __version__
-from .errors import ConfigError
-from .steer import Role
+from .. import __version__
+from ..errors import ConfigError
+from ..steer import Role
 
 if sys.version_info >= (3, 11):  # noqa: UP036 - tomli stays the fallback the packaging names
     import tomllib
@@ -104,7 +104,7 @@ _MAX_SECONDS = 10_000_000.0  # ~115 days: keeps timer arithmetic finite
 _MAX_COUNT = 2**31 - 1
 _MAX_CONNS = 0xFFFF  # the hello's connection index is a u16 (framing.HELLO)
 _MAX_U32 = 0xFFFFFFFF  # syn_rate, syn_burst: u32 fields of the XDP program's config
-_MAX_WORKERS = 64  # server worker processes (rsockd/worker.py); each needs a tunnel port of its own
+_MAX_WORKERS = 64  # server worker processes (rsockd/service/worker.py); each needs a tunnel port of its own
 _MAX_SUN_PATH = 103  # sun_path is 104 bytes on macOS, 108 on Linux, NUL included
 
 

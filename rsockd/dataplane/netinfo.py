@@ -13,8 +13,8 @@ import socket
 import sys
 from dataclasses import dataclass
 
-from .errors import RsockdError
-from .rtnl import Rtnl
+from ..errors import RsockdError
+from ..steer.rtnl import Rtnl
 
 _DARWIN = sys.platform == "darwin"
 

@@ -22,7 +22,7 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
-from .errors import PacketError
+from ..errors import PacketError
 
 FIN = 0x01
 SYN = 0x02

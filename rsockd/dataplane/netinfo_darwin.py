@@ -15,7 +15,7 @@ import socket
 import subprocess
 from dataclasses import dataclass, field
 
-from .errors import RsockdError
+from ..errors import RsockdError
 from .netinfo import Route
 
 ROUTE = "/sbin/route"

@@ -36,8 +36,8 @@ import logging
 import socket
 import struct
 
+from ..core.packet import IPV4_HEADER, IPV4_MIN_HEADER, PROTO_TCP
 from . import rawsock
-from .packet import IPV4_HEADER, IPV4_MIN_HEADER, PROTO_TCP
 from .rawsock import Sender
 
 __all__ = ["RawSender", "Sender", "ipv4_header"]

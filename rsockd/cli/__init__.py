@@ -1,0 +1,1 @@
+"""Command-line front ends that render what the service reports: ``rsockctl`` and ``rsockd --check``."""
