@@ -41,7 +41,7 @@ import struct
 from collections import Counter, deque
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Literal
+from typing import Literal
 
 from ..errors import FrameError, LocalProtocolError, PacketError
 from . import framing
@@ -57,7 +57,6 @@ from .packet import (
     TcpOptions,
     build_options,
     parse_options,
-    pseudo_sum,
 )
 
 Role = Literal["client", "server"]
@@ -84,15 +83,15 @@ TRANSITIONS: dict[State, dict[str, State]] = {
     State.CLOSED: {"connect_tcp": State.SYN_SENT, "connect_udp": State.HELLO, "syn": State.SYN_RCVD,
                    "hello_udp": State.HELLO},
     State.SYN_SENT: {"synack": State.HELLO, "rst": State.CLOSED, "timeout": State.CLOSED,
-                     "close": State.CLOSED},
+                     "close": State.CLOSED, "retire": State.CLOSED},
     State.SYN_RCVD: {"ack": State.HELLO, "rst": State.CLOSED, "timeout": State.CLOSED,
-                     "close": State.CLOSED},
+                     "close": State.CLOSED, "retire": State.CLOSED},
     State.HELLO: {"hello_ok": State.ESTABLISHED, "rst": State.CLOSED, "fin": State.CLOSED,
-                  "timeout": State.CLOSED, "close": State.CLOSED},
+                  "timeout": State.CLOSED, "close": State.CLOSED, "retire": State.CLOSED},
     State.ESTABLISHED: {"rst": State.CLOSED, "fin": State.CLOSED, "dead": State.CLOSED,
-                        "close": State.CLOSED, "close_fin": State.FIN_WAIT},
+                        "close": State.CLOSED, "close_fin": State.FIN_WAIT, "retire": State.CLOSED},
     State.FIN_WAIT: {"fin": State.CLOSED, "rst": State.CLOSED, "timeout": State.CLOSED,
-                     "close": State.CLOSED, "dead": State.CLOSED},
+                     "close": State.CLOSED, "dead": State.CLOSED, "retire": State.CLOSED},
 }
 
 
@@ -191,7 +190,6 @@ class Connection:
         conn_index: int = 0,
         conn_count: int = 1,
         mss: int = 1460,
-        kernel_checksum: bool = False,
         rng: random.Random | None = None,
         clock_offset: float = 0.0,
         drops: Counter[str] | None = None,
@@ -206,7 +204,6 @@ class Connection:
         self.conn_index = conn_index
         self.conn_count = conn_count
         self.mss = mss
-        self.kernel_checksum = kernel_checksum
         self.rng = rng or random.Random()
         self.clock_offset = clock_offset
         self.drops = drops if drops is not None else new_drops()
@@ -218,10 +215,7 @@ class Connection:
         self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
         self.last_rx = self.last_tx = 0.0
         self._challenged = -1e9
-        self.io: Any = None  # for the owner: the daemon keeps this connection's send function here
-        self.io_batch: Any = None  # ... and its batch send function, when its send path has one
 
-        self._psum = pseudo_sum(local[0], remote[0]) if len(local[0]) == len(remote[0]) else 0
         self._iss = 0
         self.snd_nxt = 0
         self.rcv_nxt = 0
@@ -253,8 +247,9 @@ class Connection:
     # -- outputs --------------------------------------------------------------------------------
 
     def segments_to_send(self) -> list[bytes]:
-        """Wire payloads produced since the last call: TCP segments (header + payload, checksum
-        filled unless ``kernel_checksum``) or, for the udp transport, UDP payloads."""
+        """Wire payloads produced since the last call: TCP segments (header + payload) or, for the
+        udp transport, UDP payloads.  The TCP checksum field is 0: the send path fills it in (or
+        has the kernel do it), since only the send path knows which of the two it takes."""
         out, self._out = self._out, []
         return out
 
@@ -293,15 +288,9 @@ class Connection:
         seq, ack = self._advance(flags, len(payload) + (1 if flags & (SYN | FIN) else 0))
         if options is None and self._ts_ok:
             tsval = self._tsval(now)
-            fields = [self.local[1], self.remote[1], seq, ack, _OFF8 | flags, WINDOW, 0, 0,
-                      _TS_LEAD, tsval, self._ts_recent]
-            if self.kernel_checksum:
-                return _HDR_TS.pack(*fields) + payload
-            hdr = _HDR_TS.pack(*fields)
-            fields[6] = self._checksum(hdr, payload)
-            return _HDR_TS.pack(*fields) + payload
-        h = TcpHeader(self.local[1], self.remote[1], seq, ack, flags, WINDOW, options or b"")
-        return h.pack(payload, None if self.kernel_checksum else self._psum)
+            return _HDR_TS.pack(self.local[1], self.remote[1], seq, ack, _OFF8 | flags, WINDOW, 0, 0,
+                                _TS_LEAD, tsval, self._ts_recent) + payload
+        return TcpHeader(self.local[1], self.remote[1], seq, ack, flags, WINDOW, options or b"").pack(payload)
 
     def _advance(self, flags: int, length: int) -> tuple[int, int]:
         """Take ``length`` of sequence space for what is sent now (it acknowledges all received):
@@ -311,14 +300,6 @@ class Connection:
         self._unacked = 0
         self._ack_at = None
         return seq, (self.rcv_nxt if flags & ACK else 0)
-
-    def _checksum(self, hdr: bytes, payload: bytes) -> int:
-        # The header is 32 bytes (even), so header and payload sums add word-aligned.
-        n = len(hdr) + len(payload)
-        s = (self._psum + n + int.from_bytes(hdr, "big") % 0xFFFF
-             + ((int.from_bytes(payload, "big") << 8) if len(payload) & 1 else int.from_bytes(payload, "big"))
-             % 0xFFFF) % 0xFFFF
-        return (~s & 0xFFFF) if s else 0
 
     def _send(self, flags: int, payload: bytes, now: float, options: bytes | None = None) -> None:
         self._out.append(self._emit(flags, payload, now, options))
@@ -700,6 +681,15 @@ class Connection:
             return
         self._abort(now, reason, "closed", reconnect=False)
 
+    def retire(self) -> None:
+        """Server: a newer connection took this one's place (same tuple, or same client id and
+        index): close silently, without telling the peer or raising an event."""
+        if self.state != State.CLOSED:
+            self._goto("retire")
+        self.close_reason = "replaced"
+        self._deadline = self._ack_at = self._reconnect_at = None
+        self._sealer = self._opener = None
+
     def _abort(self, now: float, reason: CloseReason, why: str, *, reconnect: bool = True) -> None:
         """Tell the peer (authenticated CLOSE where we can) and reset."""
         if self.state in (State.HELLO, State.ESTABLISHED, State.FIN_WAIT) and self._sealer is not None:
@@ -790,7 +780,6 @@ class Acceptor:
         timing: Timing | None = None,
         backlog: int = 256,
         mss: int = 1460,
-        kernel_checksum_v6: bool = False,
         rng: random.Random | None = None,
         clock_offset: float = 0.0,
         drops: Counter[str] | None = None,
@@ -800,7 +789,6 @@ class Acceptor:
         self.timing = timing or Timing()
         self.backlog = backlog
         self.mss = mss
-        self.kernel_checksum_v6 = kernel_checksum_v6
         self.rng = rng or random.Random()
         self.clock_offset = clock_offset
         self.drops = drops if drops is not None else new_drops()
@@ -815,7 +803,6 @@ class Acceptor:
         return Connection(
             role="server", transport=transport, local=local, remote=remote, keyring=self.keyring,
             timing=self.timing, mss=self.mss - (20 if len(local[0]) == 16 else 0),  # self.mss is IPv4's
-            kernel_checksum=self.kernel_checksum_v6 and len(local[0]) == 16,
             rng=self.rng, clock_offset=self.clock_offset, drops=self.drops,
         )
 
@@ -898,8 +885,7 @@ class Acceptor:
         else:
             end = hdr.seq + length + (1 if hdr.flags & (SYN | FIN) else 0)
             rst = TcpHeader(local[1], remote[1], 0, end & MASK32, RST | ACK, 0)
-        kernel = self.kernel_checksum_v6 and len(local[0]) == 16
-        self._out.append((local, remote, rst.pack(b"", None if kernel else pseudo_sum(local[0], remote[0]))))
+        self._out.append((local, remote, rst.pack()))
 
 
 def _is_new_hello(payload: bytes | memoryview, conn: Connection) -> bool:

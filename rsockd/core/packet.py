@@ -20,6 +20,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..errors import PacketError
@@ -108,6 +109,30 @@ def transport_checksum(psum: int, segment: bytes | bytearray | memoryview) -> in
     s = (psum + _length_sum(len(segment)) + n) % 0xFFFF
     # psum > 0 (it holds the protocol), so the true sum is never +0: a result of 0 means 0xffff.
     return (~s & 0xFFFF) if s else 0
+
+
+def segment_checksum(psum: int, header: bytes | memoryview, payload: bytes | memoryview) -> int:
+    """``transport_checksum`` of ``header + payload`` without joining them (``header`` is of even
+    length, as a TCP header always is: 2**16 = 1 modulo 0xffff, so the parts add word-aligned)."""
+    p = int.from_bytes(payload, "big")
+    if len(payload) & 1:
+        p <<= 8
+    s = (psum + _length_sum(len(header) + len(payload)) + int.from_bytes(header, "big") + p) % 0xFFFF
+    return (~s & 0xFFFF) if s else 0
+
+
+def run_segments(header: bytes, payloads: list[bytes]) -> Iterator[tuple[bytes, bytes]]:
+    """The segments of a run (``endpoint.Transmit``), as (TCP header, payload): each header as
+    ``header`` with the sequence number moved on by the payloads before it, as the kernel's TCP
+    segmentation offload numbers them."""
+    if len(payloads) == 1:
+        yield header, payloads[0]
+        return
+    seq = int.from_bytes(header[4:8], "big")
+    head, tail = header[:4], header[8:]
+    for payload in payloads:
+        yield head + (seq & 0xFFFFFFFF).to_bytes(4, "big") + tail, payload
+        seq += len(payload)
 
 
 def transport_checksum_ok(psum: int, segment: bytes | bytearray | memoryview) -> bool:

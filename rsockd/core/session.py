@@ -5,8 +5,8 @@ of the client's connections, chosen by rendezvous hashing over the established o
 the set does not change, and only the flows of a dying connection move when it dies.
 
 Server: connections are grouped into *sessions* by the client id of their hello; a session owns
-its flows (one UDP socket towards the target each, kept by the daemon), so flows survive the
-reconnect of any connection.  Idle flows expire after ``duration`` seconds (rsock's flag).
+its flows (the I/O layer keeps one UDP socket towards the target for each, by (client id, flow
+id)), so flows survive the reconnect of any connection.  Idle flows expire after ``duration`` seconds (rsock's flag).
 
 Hellos are checked here (docs/security.md): the timestamp must be within ``hello_skew`` of our
 wall clock and newer than the last hello of the same (client id, connection index), so a captured
@@ -19,14 +19,14 @@ import hashlib
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from .counters import new_drops
 from .faketcp import Connection
 from .framing import PROTOCOL_VERSION, Hello
 
 Addr = tuple[Any, ...]  # a socket address as returned by recvfrom
-H = TypeVar("H")  # what the daemon attaches to a flow (its UDP socket on the server)
+FlowKey = tuple[bytes, int]  # server: (client id, flow id)
 
 
 def _weight(flow_id: int, conn_index: int) -> int:
@@ -117,27 +117,26 @@ class FlowTable:
 
 
 @dataclass(slots=True)
-class ServerFlow(Generic[H]):
+class ServerFlow:
     flow_id: int
     last_active: float
-    handle: H | None = None  # the daemon's UDP socket towards the target
     conn: Connection | None = None  # where the last datagram of the flow came from
     rx: int = 0
     tx: int = 0
 
 
 @dataclass(slots=True)
-class Session(Generic[H]):
+class Session:
     client_id: bytes
     created: float
     last_active: float
     connections: dict[int, Connection] = field(default_factory=dict)  # by conn_index
-    flows: dict[int, ServerFlow[H]] = field(default_factory=dict)
+    flows: dict[int, ServerFlow] = field(default_factory=dict)
 
     def live(self) -> list[Connection]:
         return [c for c in self.connections.values() if c.established]
 
-    def route(self, flow: ServerFlow[H]) -> Connection | None:
+    def route(self, flow: ServerFlow) -> Connection | None:
         """Reply on the connection the flow last came from, else any established one."""
         c = flow.conn
         if c is None or not c.established:
@@ -149,11 +148,11 @@ class Session(Generic[H]):
 class Admission:
     ok: bool
     reason: str = ""
-    session: Session[Any] | None = None
+    session: Session | None = None
     replaced: Connection | None = None
 
 
-class SessionTable(Generic[H]):
+class SessionTable:
     """Server: sessions by client id, with the limits of docs/design.md."""
 
     def __init__(self, *, max_sessions: int = 1024, max_flows: int = 4096, max_conns_per_client: int = 64,
@@ -166,8 +165,8 @@ class SessionTable(Generic[H]):
         self.idle = idle
         self.linger = linger  # a session without connections is kept this long for a reconnect
         self.drops = drops if drops is not None else new_drops()
-        self.sessions: dict[bytes, Session[H]] = {}
-        self._by_conn: dict[int, Session[H]] = {}
+        self.sessions: dict[bytes, Session] = {}
+        self._by_conn: dict[int, Session] = {}
         self._last_hello: dict[tuple[bytes, int], int] = {}
 
     def admit(self, hello: Hello, conn: Connection, now: float, wall: float) -> Admission:
@@ -185,7 +184,7 @@ class SessionTable(Generic[H]):
             if len(self.sessions) >= self.max_sessions:
                 self.drops["limit"] += 1
                 return Admission(False, "session limit reached")
-            session = Session[H](hello.client_id, now, now)
+            session = Session(hello.client_id, now, now)
             self.sessions[hello.client_id] = session
         replaced = session.connections.get(hello.conn_index)
         if replaced is None and len(session.connections) >= self.max_conns_per_client:
@@ -203,7 +202,7 @@ class SessionTable(Generic[H]):
         self.drops["refused"] += 1
         return Admission(False, reason)
 
-    def session_of(self, conn: Connection) -> Session[H] | None:
+    def session_of(self, conn: Connection) -> Session | None:
         return self._by_conn.get(id(conn))
 
     def remove_connection(self, conn: Connection) -> None:
@@ -211,7 +210,7 @@ class SessionTable(Generic[H]):
         if session is not None and session.connections.get(conn.conn_index) is conn:
             del session.connections[conn.conn_index]
 
-    def flow(self, session: Session[H], flow_id: int, now: float) -> tuple[ServerFlow[H] | None, bool]:
+    def flow(self, session: Session, flow_id: int, now: float) -> tuple[ServerFlow | None, bool]:
         """The flow ``flow_id`` of ``session`` (created when new): (flow or None at the limit, created)."""
         flow = session.flows.get(flow_id)
         created = False
@@ -219,23 +218,24 @@ class SessionTable(Generic[H]):
             if len(session.flows) >= self.max_flows:
                 self.drops["limit"] += 1
                 return None, False
-            flow = session.flows[flow_id] = ServerFlow[H](flow_id, now)
+            flow = session.flows[flow_id] = ServerFlow(flow_id, now)
             created = True
         flow.last_active = now
         session.last_active = now
         return flow, created
 
-    def expire(self, now: float, wall: float) -> tuple[list[ServerFlow[H]], list[Session[H]]]:
-        """Drop idle flows, and sessions with no connection left for ``linger`` seconds."""
-        flows: list[ServerFlow[H]] = []
-        dead: list[Session[H]] = []
+    def expire(self, now: float, wall: float) -> tuple[list[FlowKey], list[Session]]:
+        """Drop idle flows, and sessions with no connection left for ``linger`` seconds: the
+        keys of the flows dropped, and the sessions."""
+        flows: list[FlowKey] = []
+        dead: list[Session] = []
         for cid, session in list(self.sessions.items()):
             for fid, flow in list(session.flows.items()):
                 if now - flow.last_active > self.idle:
-                    flows.append(flow)
+                    flows.append((cid, fid))
                     del session.flows[fid]
             if not session.connections and now - session.last_active > self.linger:
-                flows.extend(session.flows.values())
+                flows.extend((cid, fid) for fid in session.flows)
                 session.flows.clear()
                 dead.append(session)
                 del self.sessions[cid]

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Callable
+from collections import Counter
 from dataclasses import dataclass
 
 from ..core.packet import PROTO_TCP, pseudo_sum
 from ..steer.rtnl import ARPHRD_ETHER, Rtnl
-from .rawsock import SNDBUF, SO_MARK, Sender, SocketSender
+from .rawsock import SNDBUF, SO_MARK, TCP_CHECK, Sender, SocketSender
 
 SOL_PACKET = 263
 PACKET_VNET_HDR = 15
@@ -38,11 +38,7 @@ ETH_P_IPV6 = 0x86DD
 _IP4 = struct.Struct("!BBHHHBBH4s4s")
 _IP6 = struct.Struct("!IHBB16s16s")
 _CHECK = struct.Struct("!H")
-_TCP_CHECK = 16  # offset of the checksum in the TCP header
-
-#: Sends one batch: the first segment's TCP header (checksum field ignored) and the payloads, all
-#: as long as the first except the last, which may be shorter.
-BatchSender = Callable[[bytes, list[bytes]], None]
+_TCP_CHECK = TCP_CHECK
 
 
 @dataclass(frozen=True)
@@ -80,6 +76,10 @@ class PacketSender(SocketSender):
 
     WHAT = "packet send"
 
+    def __init__(self, mark: int, errors: Counter[str] | None = None) -> None:
+        super().__init__(mark, errors)
+        self.batches = self.batched = 0  # GSO sends, and the segments they carried
+
     def _sock(self, route: L2Route) -> socket.socket:
         s = self._socks.get(route.ifindex)
         if s is None:
@@ -112,9 +112,10 @@ class PacketSender(SocketSender):
         for index in set(self._socks) - ifindexes:
             self._socks.pop(index).close()
 
-    def path(self, route: L2Route, src: bytes, dst: bytes) -> tuple[Sender, BatchSender]:
-        """Send functions for segments from ``src`` to ``dst`` (packed, one family): one segment
-        (header + payload, checksum field ignored), or a batch."""
+    def path(self, route: L2Route, src: bytes, dst: bytes) -> Sender:
+        """The send function for runs of segments from ``src`` to ``dst`` (packed, one family):
+        a run of one as one frame, a longer run as one GSO frame that the kernel splits (the
+        checksum field is ignored: the kernel computes it)."""
         sendmsg = self._sock(route).sendmsg
         failed = self._failed
         v4 = len(dst) == 4
@@ -140,15 +141,17 @@ class PacketSender(SocketSender):
 
         check = _CHECK.pack
 
-        def send(segment: bytes) -> None:
-            n = len(segment)
-            mv = memoryview(segment)
-            try:
-                sendmsg((single, iphdr(n), mv[:_TCP_CHECK], check(_fold(psum + n)), mv[_TCP_CHECK + 2:]))
-            except OSError as e:
-                failed(e)
-
-        def send_batch(header: bytes, payloads: list[bytes]) -> None:
+        def send(header: bytes, payloads: list[bytes]) -> None:
+            if len(payloads) == 1:
+                n = len(header) + len(payloads[0])
+                try:
+                    sendmsg((single, iphdr(n), header[:_TCP_CHECK], check(_fold(psum + n)), header[_TCP_CHECK + 2:],
+                             payloads[0]))
+                except OSError as e:
+                    failed(e)
+                return
+            self.batches += 1
+            self.batched += len(payloads)
             n = len(header) + sum(map(len, payloads))
             vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, gso_type, csum_start + len(header), len(payloads[0]),
                                  csum_start, _TCP_CHECK)
@@ -158,5 +161,5 @@ class PacketSender(SocketSender):
             except OSError as e:
                 failed(e)
 
-        return send, send_batch
+        return send
 

@@ -1,8 +1,10 @@
 """Raw sockets that send the crafted TCP segments (Linux).
 
-IPv4: ``SOCK_RAW``/``IPPROTO_RAW`` (implies ``IP_HDRINCL``).  Each path gets a 20-byte header
-template with total length, id and checksum 0: the kernel fills those in (raw(7)); the TCP
-checksum was computed by the connection.  IPv6: ``SOCK_RAW``/``IPPROTO_TCP`` with
+A path sends a run of segments (``endpoint.Transmit``: a header and payloads) one segment at a
+time.  IPv4: ``SOCK_RAW``/``IPPROTO_RAW`` (implies ``IP_HDRINCL``).  Each path gets a 20-byte
+header template with total length, id and checksum 0: the kernel fills those in (raw(7)); the TCP
+checksum is computed here, with the path's pseudo-header sum, and sent in place of the segment's
+zero field (no copy of the payload).  IPv6: ``SOCK_RAW``/``IPPROTO_TCP`` with
 ``IPV6_CHECKSUM`` at offset 16, so the kernel computes the checksum with the source address it
 picks; the source is pinned per path with ``IPV6_PKTINFO``.  A ``ret 0`` classic filter keeps the
 IPv6 socket from receiving a copy of every inbound TCP segment.  Both set ``SO_MARK`` so the
@@ -18,7 +20,7 @@ import struct
 from collections import Counter
 from collections.abc import Callable
 
-from ..core.packet import IPV4_HEADER, PROTO_TCP
+from ..core.packet import IPV4_HEADER, PROTO_TCP, pseudo_sum, run_segments, segment_checksum
 from ..errors import RsockdError
 from ..steer import cbpf
 
@@ -30,7 +32,9 @@ IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
 SNDBUF = 4 << 20
 IN6_PKTINFO = struct.Struct("=16sI")  # struct in6_pktinfo {struct in6_addr addr; unsigned int ifindex;}
 
-Sender = Callable[[bytes], None]
+#: Sends a run: (first segment's TCP header, payloads); see ``endpoint.Transmit``.
+Sender = Callable[[bytes, list[bytes]], None]
+TCP_CHECK = 16  # offset of the TCP checksum field
 
 
 class SocketSender:
@@ -96,7 +100,7 @@ class RawSender(SocketSender):
         return s
 
     def path(self, src: bytes, dst: bytes) -> Sender:
-        """A function sending one TCP segment from ``src`` to ``dst`` (packed addresses)."""
+        """A function sending runs of TCP segments from ``src`` to ``dst`` (packed addresses)."""
         if len(dst) == 4:
             return self._path4(self._sock(socket.AF_INET), src, dst)
         s6 = self._sock(socket.AF_INET6)
@@ -104,11 +108,12 @@ class RawSender(SocketSender):
         addr6 = (socket.inet_ntop(socket.AF_INET6, dst), 0, 0, 0)
         sendmsg6 = s6.sendmsg
 
-        def send6(segment: bytes) -> None:
-            try:
-                sendmsg6((segment,), cmsg, 0, addr6)
-            except OSError as e:
-                self._failed(e)
+        def send6(header: bytes, payloads: list[bytes]) -> None:
+            for hdr, payload in run_segments(header, payloads):
+                try:
+                    sendmsg6((hdr, payload), cmsg, 0, addr6)
+                except OSError as e:
+                    self._failed(e)
 
         return send6
 
@@ -117,12 +122,15 @@ class RawSender(SocketSender):
         tmpl = IPV4_HEADER.pack(0x45, 0, 0, 0, 0x4000, 64, PROTO_TCP, 0, src, dst)
         addr4 = (socket.inet_ntop(socket.AF_INET, dst), 0)
         sendmsg = sock.sendmsg
+        psum = pseudo_sum(src, dst)
 
-        def send4(segment: bytes) -> None:
-            try:
-                sendmsg((tmpl, segment), (), 0, addr4)
-            except OSError as e:
-                self._failed(e)
+        def send4(header: bytes, payloads: list[bytes]) -> None:
+            for hdr, payload in run_segments(header, payloads):
+                check = segment_checksum(psum, hdr, payload).to_bytes(2, "big")
+                try:
+                    sendmsg((tmpl, hdr[:TCP_CHECK], check, hdr[TCP_CHECK + 2:], payload), (), 0, addr4)
+                except OSError as e:
+                    self._failed(e)
 
         return send4
 

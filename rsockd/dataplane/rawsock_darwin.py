@@ -36,9 +36,9 @@ import logging
 import socket
 import struct
 
-from ..core.packet import IPV4_HEADER, IPV4_MIN_HEADER, PROTO_TCP
+from ..core.packet import IPV4_HEADER, IPV4_MIN_HEADER, PROTO_TCP, pseudo_sum, run_segments, segment_checksum
 from . import rawsock
-from .rawsock import Sender
+from .rawsock import TCP_CHECK, Sender
 
 __all__ = ["RawSender", "Sender", "ipv4_header"]
 
@@ -82,15 +82,19 @@ class RawSender(rawsock.RawSender):
         addr4 = (socket.inet_ntop(socket.AF_INET, dst), 0)
         sendmsg = sock.sendmsg
 
-        def send4(segment: bytes) -> None:
-            total = IPV4_MIN_HEADER + len(segment)
-            if total > 0xFFFF:
-                self._failed(OSError(errno.EMSGSIZE, "segment too long for IPv4"))
-                return
-            set_len(hdr, 2, total)  # sendmsg copies it, so one header serves the path
-            try:
-                sendmsg((hdr, segment), (), 0, addr4)
-            except OSError as e:
-                self._failed(e)
+        psum = pseudo_sum(src, dst)
+
+        def send4(header: bytes, payloads: list[bytes]) -> None:
+            for tcp, payload in run_segments(header, payloads):
+                total = IPV4_MIN_HEADER + len(tcp) + len(payload)
+                if total > 0xFFFF:
+                    self._failed(OSError(errno.EMSGSIZE, "segment too long for IPv4"))
+                    continue
+                set_len(hdr, 2, total)  # sendmsg copies it, so one header serves the path
+                check = segment_checksum(psum, tcp, payload).to_bytes(2, "big")
+                try:
+                    sendmsg((hdr, tcp[:TCP_CHECK], check, tcp[TCP_CHECK + 2:], payload), (), 0, addr4)
+                except OSError as e:
+                    self._failed(e)
 
         return send4

@@ -22,14 +22,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import __version__
-from ..core.framing import Keyring
-from ..dataplane.relay import ClientRelay, Relay, ServerRelay, timing_of
+from ..dataplane.relay import ClientRelay, Relay, ServerRelay
 from ..errors import ConfigError, RsockdError, SteerError
 from ..logs import setup as setup_logging
 from ..steer import STEER_COUNTERS, Steering, SteerPlan
 from .config import Config, load_invocation
 from .control import ControlServer
 from .notify import Notifier
+from .status import connection_rows, merge_status, relay_status, worker_row
+from .wiring import apply_live, policy_of
 from .worker import Worker, WorkerGone, share, spawn, stop_all
 
 LOG = logging.getLogger("rsockd")
@@ -125,85 +126,6 @@ def _unload_notrack(instance: str) -> None:
             nft.unload(instance)
 
 
-def apply_live(relay: Relay, new: Config, changed: set[str]) -> None:
-    """Apply the ``LIVE_KEYS`` in ``changed`` to a running relay (the daemon's or a worker's)."""
-    relay.cfg = new
-    if "log_level" in changed:
-        logging.getLogger().setLevel(new.log_level.upper())
-    if "key" in changed:
-        # New connections use the new key; established ones keep the key of their hello.
-        relay.keyring = Keyring.from_secret(new.key)
-        if isinstance(relay, ServerRelay):
-            relay.acceptor.keyring = relay.keyring
-        else:
-            for c in relay.connections():
-                c.keyring = relay.keyring
-    timing = timing_of(new)
-    relay.timing = timing
-    for c in relay.connections():
-        c.timing = timing
-    if isinstance(relay, ServerRelay):
-        relay.acceptor.timing = timing
-        relay.acceptor.backlog = new.backlog
-        s = relay.sessions
-        s.max_sessions, s.max_flows, s.max_conns_per_client = new.max_sessions, new.max_flows, \
-            new.max_conns_per_client
-        s.hello_skew, s.idle = new.hello_skew, new.duration
-        if "target" in changed and new.target is not None:
-            from ..dataplane.netinfo import resolve
-
-            relay.target = (resolve(new.target[0]), new.target[1])  # new flows; open ones keep theirs
-    else:
-        assert isinstance(relay, ClientRelay)
-        relay.flows.idle = new.duration
-
-
-def relay_status(relay: Relay) -> dict[str, Any]:
-    """The part of ``rsockctl status`` a relay answers (a worker sends this to the daemon)."""
-    detail: dict[str, Any] = relay.status()  # type: ignore[attr-defined]
-    conns = detail.pop("connections")
-    states: dict[str, int] = {}
-    for c in conns:
-        states[c["state"]] = states.get(c["state"], 0) + 1
-    detail["connections"] = {"total": len(conns), "by_state": states}
-    detail["traffic"] = {
-        "from_app_packets": relay.app_rx, "from_app_bytes": relay.app_rx_bytes,
-        "to_app_packets": relay.app_tx, "to_app_bytes": relay.app_tx_bytes,
-        "tunnel_rx_packets": sum(c["rx_packets"] for c in conns),
-        "tunnel_rx_bytes": sum(c["rx_bytes"] for c in conns),
-        "tunnel_tx_packets": sum(c["tx_packets"] for c in conns),
-        "tunnel_tx_bytes": sum(c["tx_bytes"] for c in conns),
-        "tunnel_tx_batches": relay.tx_batches, "tunnel_tx_batched": relay.tx_batched,
-    }
-    detail["drops"] = dict(relay.drops)
-    detail["tx_errors"] = dict(relay.tx_errors)
-    return detail
-
-
-#: Status fields that add up over workers (numbers, and dicts of numbers).
-_SUMMED = ("sessions", "flows", "half_open", "connections", "traffic", "drops", "tx_errors")
-
-
-def _add(into: dict[str, Any], other: dict[str, Any]) -> None:
-    """Add ``other``'s numbers into ``into``, recursing into dicts (made anew, never shared)."""
-    for k, v in other.items():
-        if isinstance(v, dict):
-            _add(into.setdefault(k, {}), v)
-        else:
-            into[k] = into.get(k, 0) + v
-
-
-def merge_status(mine: dict[str, Any], theirs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The daemon's relay status with its workers' added in (``mine`` is left as it was)."""
-    summed: dict[str, Any] = {}
-    for st in (mine, *theirs):
-        _add(summed, {k: st[k] for k in _SUMMED if k in mine and k in st})
-    out = {**mine, **summed}
-    if "peers" in out:
-        out["peers"] = sorted({p for st in [mine, *theirs] for p in st.get("peers", [])})
-    return out
-
-
 def _stall() -> dict[str, Any]:
     time.sleep(2.0)
     return {"stalled": 2.0}
@@ -258,11 +180,11 @@ class Daemon:
         cfg = self.cfg
         relay: Relay
         if cfg.role == "server":
-            relay = ServerRelay(cfg, share(cfg.ports, cfg.workers, 0))
+            relay = ServerRelay(cfg, policy_of(cfg), share(cfg.ports, cfg.workers, 0))
         elif isinstance(keep, ClientRelay):
-            relay = ClientRelay(cfg, keep.client_id, keep.flows)
+            relay = ClientRelay(cfg, policy_of(cfg), keep.client_id, keep.flows)
         else:
-            relay = ClientRelay(cfg)
+            relay = ClientRelay(cfg, policy_of(cfg))
         self.relay = relay
         relay.on_change = self._refresh_status
         if isinstance(relay, ServerRelay):
@@ -522,7 +444,7 @@ class Daemon:
         assert isinstance(relay, ClientRelay)
         conns = relay.connections()
         up = sum(1 for c in conns if c.established)
-        return f"client, {backend}: {up}/{len(conns)} connections up, {len(relay.flows.by_id)} flows"
+        return f"client, {backend}: {up}/{len(conns)} connections up, {len(relay.endpoint.flows.by_id)} flows"
 
     def status(self) -> dict[str, Any]:
         relay = self.relay
@@ -560,7 +482,7 @@ class Daemon:
         if not self.workers:
             return mine
         theirs: list[dict[str, Any]] = []
-        rows = [_worker_row(0, os.getpid(), getattr(self.relay, "ports", ()), mine)]
+        rows = [worker_row(0, os.getpid(), getattr(self.relay, "ports", ()), mine)]
         for w in self.workers:
             try:
                 st = self._ask(w, "status")
@@ -568,7 +490,7 @@ class Daemon:
                 rows.append({"index": w.index, "pid": w.pid, "ports": list(w.ports), "error": str(e)})
                 continue
             theirs.append(st)
-            rows.append(_worker_row(w.index, w.pid, w.ports, st))
+            rows.append(worker_row(w.index, w.pid, w.ports, st))
         out = merge_status(mine, theirs)
         out["by_worker"] = rows
         if any("receiver_dropped" in st for st in theirs):  # their own capture sockets (nft)
@@ -579,8 +501,7 @@ class Daemon:
         relay = self.relay
         if relay is None:
             return {"connections": []}
-        now = asyncio.get_running_loop().time()
-        conns = [relay.conn_info(c, now) for c in relay.connections()]
+        conns = connection_rows(relay)
         if self.workers:
             for c in conns:
                 c["worker"] = 0
@@ -588,12 +509,6 @@ class Daemon:
                 with contextlib.suppress(RsockdError):
                     conns += [{**c, "worker": w.index} for c in self._ask(w, "ports")]
         return {"role": self.cfg.role, "connections": conns}
-
-
-def _worker_row(index: int, pid: int, ports: Sequence[int], st: dict[str, Any]) -> dict[str, Any]:
-    return {"index": index, "pid": pid, "ports": list(ports),
-            "connections": st["connections"]["by_state"].get("established", 0),
-            "sessions": st["sessions"], "flows": st["flows"], "half_open": st["half_open"]}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

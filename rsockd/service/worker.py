@@ -36,6 +36,8 @@ from ..dataplane.relay import ServerRelay
 from ..errors import RsockdError
 from ..steer import PacketSocketReceiver, SteerPlan
 from .config import Config
+from .status import connection_rows, relay_status
+from .wiring import apply_live, policy_of
 
 LOG = logging.getLogger(__name__)
 
@@ -204,7 +206,7 @@ class Child:
         # the whole cgroup, or a terminal's SIGINT, must not make a worker look as if it died.
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, lambda: None)
-        relay = ServerRelay(self.cfg, ports=self.ports)
+        relay = ServerRelay(self.cfg, policy_of(self.cfg), self.ports)
         try:
             try:
                 relay.bind(self.spec.interfaces)
@@ -237,8 +239,6 @@ class Child:
             send_msg(self.sock, reply)
 
     def _handle(self, msg: tuple[Any, ...]) -> Any:
-        from .daemon import apply_live, relay_status
-
         kind = msg[0]
         relay = self.relay
         assert relay is not None
@@ -251,8 +251,7 @@ class Child:
                 st["receiver_dropped"] = self._capture_dropped
             return st
         if kind == "ports":
-            now = asyncio.get_running_loop().time()
-            return [relay.conn_info(c, now) for c in relay.connections()]
+            return connection_rows(relay)
         if kind == "capture":  # the daemon attached a capture backend: receive our ports' segments
             plan: SteerPlan = msg[1]
             self._open_capture(replace(plan, receive_ports=frozenset(self.ports)))

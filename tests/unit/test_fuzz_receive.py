@@ -6,29 +6,27 @@ attacker could (flip bytes, then fix the checksum; truncate; extend; change flag
 numbers; replay an earlier segment; or send garbage instead).  Whatever happens, nothing raises,
 and no datagram is ever delivered that the other end did not send, nor delivered twice.
 
-The last test drives the daemon's own ``ServerRelay`` (both receive paths: whole IP packets as
+The last tests drive the server's ``ServerEndpoint`` (both receive paths: whole IP packets as
 the nft backend's packet socket yields them, and UDP payloads as the XDP rewrite leaves them)
-with such traffic from a real client ``Connection``, the raw sender replaced by a list.
+with such traffic from a real client ``Connection``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import struct
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from rsockd.core.endpoint import Policy, ServerEndpoint
 from rsockd.core.faketcp import Connection, State
 from rsockd.core.framing import Hello, Keyring
 from rsockd.core.packet import ipv4_header, parse_tcp, pseudo_sum, steer_rewrite, transport_checksum
 from rsockd.core.session import SessionTable
-from rsockd.dataplane.relay import ServerRelay
 from rsockd.errors import PacketError
-from rsockd.service.config import load
 
-from .tunnelpair import CLI, SRV, Pair
+from .tunnelpair import CLI, SRV, Pair, checksummed, wire_segments
 
 Mutation = tuple[Any, ...]
 
@@ -81,42 +79,31 @@ def _deliver(p: Pair, direction: str, seg: bytes) -> None:
     """Hand one (possibly hostile) segment to the receiving end, as the relay would."""
     if p.transport == "udp":
         if direction == "c2s":
-            if seg[:1] != b"\x01":
-                return  # the relay counts it malformed before any connection sees it
-            conn, data = p.acceptor.datagram(SRV, CLI, seg, p.now)
-            p.got_s.extend((f, bytes(d)) for f, d in data)
-            if conn is not None:
-                p.server_events(conn)
+            p.to_server(seg)
         elif seg[:1] == b"\x01":
-            p.got_c.extend((f, bytes(d)) for f, d in p.client.receive_datagram(seg, p.now))
+            p.to_client(seg)
         return
     try:
-        hdr, payload = parse_tcp(seg)
+        hdr, _payload = parse_tcp(seg)
     except PacketError:
-        return  # counted malformed by the relay
+        return  # counted malformed by the receive path
     if direction == "c2s":
-        conn, data = p.acceptor.segment(SRV, (CLI[0], hdr.sport), hdr, payload, p.now)
-        p.got_s.extend((f, bytes(d)) for f, d in data)
-        if conn is not None:
-            p.server_events(conn)
+        p.to_server(seg, (CLI[0], hdr.sport))
     elif (hdr.sport, hdr.dport) == (SRV[1], CLI[1]):
-        p.got_c.extend((f, bytes(d)) for f, d in p.client.receive(hdr, payload, p.now))
+        p.to_client(seg)
 
 
 def _pump(p: Pair) -> None:
     """Move what both ends answered, through ``_deliver`` (an RST to a mutated port reaches nobody)."""
     for _ in range(20):
         out = [("c2s", s) for s in p.client.segments_to_send()]
-        out += [("s2c", s) for c in p.acceptor.all() for s in c.segments_to_send()]
-        out += [("s2c", s) for _l, _r, s in p.acceptor.segments_to_send()]
+        out += [("s2c", s) for s in p.server_segments()]
         if not out:
             return
         for direction, seg in out:
             _deliver(p, direction, seg)
         while p.client.next_event() is not None:
             pass
-        for c in p.acceptor.all():
-            p.server_events(c)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -161,7 +148,7 @@ def test_hostile_changes_to_live_traffic_never_raise_nor_deliver_what_was_not_se
        st.floats(0, 2e9), st.integers(1, 4))
 def test_any_authenticated_hello_is_admitted_or_refused(hello: Hello, wall: float, limit: int) -> None:
     """A client holding the key may still send nonsense in its hello: admission decides, never raises."""
-    table: SessionTable[None] = SessionTable(max_sessions=limit, max_conns_per_client=limit)
+    table = SessionTable(max_sessions=limit, max_conns_per_client=limit)
     conn = Connection(role="server", local=SRV, remote=CLI, keyring=Keyring.from_secret("k"))
     for _ in range(2):  # the second time it is a replay
         adm = table.admit(hello, conn, 1.0, wall)
@@ -170,18 +157,14 @@ def test_any_authenticated_hello_is_admitted_or_refused(hello: Hello, wall: floa
 
 
 # ---------------------------------------------------------------------------------------------
-# The daemon's relay
+# The server endpoint, on both receive paths
 
 
-async def _relay_run(steps: list[tuple[str, Mutation | None, bool]], xdp: bool) -> None:
-    cfg = load(["--role", "server", "-t", "127.0.0.1:9", "--key", "k", "--ports", str(SRV[1])], environ={})
-    relay = ServerRelay(cfg)
-    relay.local_addrs = frozenset({SRV[0]})  # what a capture backend's attach would have found
-    out: list[tuple[bytes, bytes]] = []
-    relay.raw.path = lambda src, dst: (lambda seg: out.append((dst, seg)))  # type: ignore[method-assign]
-    now = relay.loop.time()
-    client = Connection(role="client", local=CLI, remote=SRV, keyring=Keyring.from_secret("k"), client_id=b"fuzzing!",
-                        clock_offset=relay.clock_offset)
+def _endpoint_run(steps: list[tuple[str, Mutation | None, bool]], xdp: bool) -> None:
+    server = ServerEndpoint(Policy(key="k"))
+    server.set_local_addresses({SRV[0]})  # what a capture backend's attach would have found
+    now = 1000.0
+    client = Connection(role="client", local=CLI, remote=SRV, keyring=Keyring.from_secret("k"), client_id=b"fuzzing!")
     history: list[bytes] = []
 
     def to_server(seg: bytes) -> None:
@@ -190,75 +173,67 @@ async def _relay_run(steps: list[tuple[str, Mutation | None, bool]], xdp: bool) 
                 dgram = steer_rewrite(seg)
             except PacketError:
                 return
-            relay._tunnel_datagram(memoryview(dgram)[8:], SRV, CLI, now)
+            server.receive_steered(SRV, CLI, memoryview(dgram)[8:], now)
         else:
-            relay._packet(memoryview(ipv4_header(CLI[0], SRV[0], len(seg)) + seg), now)
-        relay._after_batch()
+            server.receive_packet(memoryview(ipv4_header(CLI[0], SRV[0], len(seg)) + seg), now)
 
     def to_client() -> None:
-        for _dst, seg in out:
-            try:
-                hdr, payload = parse_tcp(seg)
-            except PacketError:
-                continue
-            client.receive(hdr, payload, now)
-        out.clear()
+        for t in server.transmits(now):
+            for seg in wire_segments(t):
+                try:
+                    hdr, payload = parse_tcp(seg)
+                except PacketError:
+                    continue
+                client.receive(hdr, payload, now)
+        server.deliveries()
+        while server.next_event() is not None:
+            pass
 
-    try:
-        client.connect(now)
-        for i, (_direction, m, also_original) in enumerate([("c2s", None, False)] * 3 + steps):
-            segs = client.segments_to_send()
-            seg = client.send_datagram(1 + i % 3, b"x" * (i % 50), now)
-            segs += [seg] if seg is not None else []
-            for s in segs:
-                history.append(s)
-                hostile = mutate(s, m, history, True, CLI[0], SRV[0])
-                to_server(hostile)
-                if also_original and hostile != s:
-                    to_server(s)
-            to_client()
-            while client.next_event() is not None:
-                pass
-            now += 0.5
-            client.handle_timer(now)
-            relay._on_timer()
-        assert all(isinstance(v, int) and v >= 0 for v in relay.drops.values())
-        assert len(relay.acceptor.pending) <= cfg.backlog
-        if all(m is None for _d, m, _o in steps) and steps:
-            assert relay.app_tx > 0  # the harness really gets traffic through
-    finally:
-        relay.close()
+    client.connect(now)
+    for i, (_direction, m, also_original) in enumerate([("c2s", None, False)] * 3 + steps):
+        segs = client.segments_to_send()
+        seg = client.send_datagram(1 + i % 3, b"x" * (i % 50), now)
+        segs += [seg] if seg is not None else []
+        for s in segs:
+            s = checksummed(s, CLI[0], SRV[0])
+            history.append(s)
+            hostile = mutate(s, m, history, True, CLI[0], SRV[0])
+            to_server(hostile)
+            if also_original and hostile != s:
+                to_server(s)
+        to_client()
+        while client.next_event() is not None:
+            pass
+        now += 0.5
+        client.handle_timer(now)
+        server.handle_timer(now)
+    assert all(isinstance(v, int) and v >= 0 for v in server.drops.values())
+    assert len(server.acceptor.pending) <= server.policy.backlog
+    if all(m is None for _d, m, _o in steps) and steps:
+        assert server.app_tx > 0  # the harness really gets traffic through
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops, st.booleans())
-def test_the_server_relay_takes_hostile_traffic_on_both_receive_paths(
+def test_the_server_endpoint_takes_hostile_traffic_on_both_receive_paths(
         steps: list[tuple[str, Mutation | None, bool]], xdp: bool) -> None:
-    asyncio.run(_relay_run(steps, xdp))
+    _endpoint_run(steps, xdp)
 
 
-async def _handshake() -> str:
-    cfg = load(["--role", "server", "-t", "127.0.0.1:9", "--ports", str(SRV[1])], environ={})
-    relay = ServerRelay(cfg)
-    relay.local_addrs = frozenset({SRV[0]})
-    out: list[bytes] = []
-    relay.raw.path = lambda src, dst: out.append  # type: ignore[method-assign]
-    now = relay.loop.time()
-    client = Connection(role="client", local=CLI, remote=SRV, keyring=Keyring.from_secret(None),
-                        clock_offset=relay.clock_offset)
-    try:
-        client.connect(now)
-        for _ in range(3):  # SYN, then ACK + HELLO: each answered by the relay's own processing only
-            for seg in client.segments_to_send():
-                relay._packet(memoryview(ipv4_header(CLI[0], SRV[0], len(seg)) + seg), now)
-            for seg in out:
+def test_the_server_answers_a_hello_within_the_round_trip() -> None:
+    """SYN, then ACK + HELLO: each answered by the endpoint's own processing only (the HELLO_ACK
+    leaves with the transmits of the batch that carried the hello)."""
+    server = ServerEndpoint(Policy())
+    server.set_local_addresses({SRV[0]})
+    now = 1000.0
+    client = Connection(role="client", local=CLI, remote=SRV, keyring=Keyring.from_secret(None))
+    client.connect(now)
+    for _ in range(3):
+        for seg in client.segments_to_send():
+            seg = checksummed(seg, CLI[0], SRV[0])
+            server.receive_packet(memoryview(ipv4_header(CLI[0], SRV[0], len(seg)) + seg), now)
+        for t in server.transmits(now):
+            for seg in wire_segments(t):
                 hdr, payload = parse_tcp(seg)
                 client.receive(hdr, payload, now)
-            out.clear()
-        return client.state.name
-    finally:
-        relay.close()
-
-
-def test_the_relay_answers_a_hello_within_the_round_trip() -> None:
-    assert asyncio.run(_handshake()) == "ESTABLISHED"
+    assert client.state == State.ESTABLISHED

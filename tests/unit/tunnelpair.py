@@ -1,8 +1,13 @@
-"""Two ends of a tunnel connected in memory: a client Connection and a server Acceptor.
+"""Two ends of a tunnel connected in memory.
 
-Every segment crosses as wire bytes: the client's are parsed with ``rsockd.core.packet`` (checksum
-verified) exactly as a capture backend would, the server's too.  A ``wire`` hook may drop,
-duplicate or hold back segments to model loss and reordering.
+``Pair``: a client ``Connection`` against the real ``ServerEndpoint`` (its acceptor, admission,
+replacement and sessions: the server's policy is the endpoint's, not a copy).  ``EndpointPair``:
+a ``ClientEndpoint`` against a ``ServerEndpoint``, both whole.
+
+Every segment crosses as wire bytes.  ``wire_segments`` does what a send path does (splits a run,
+fills in the TCP checksum); the server reads each one as an IPv4 packet from a capture backend
+(checksum verified), the client parses it.  A ``wire`` hook may drop, duplicate or hold back
+segments to model loss and reordering.
 """
 
 from __future__ import annotations
@@ -13,10 +18,16 @@ from dataclasses import dataclass, field
 
 from rsockd.core import framing
 from rsockd.core.counters import new_drops
-from rsockd.core.faketcp import Acceptor, Connected, Connection, ConnectionClosed, Event, HelloReceived, Timing
+from rsockd.core.endpoint import EndpointEvent, Policy, ServerEndpoint, Transmit
+from rsockd.core.faketcp import Connected, Connection, Event, Timing
 from rsockd.core.framing import Keyring
-from rsockd.core.packet import parse_tcp, pseudo_sum, transport_checksum_ok
-from rsockd.core.session import SessionTable
+from rsockd.core.packet import (
+    ipv4_header,
+    parse_tcp,
+    pseudo_sum,
+    run_segments,
+    segment_checksum,
+)
 
 CLI = (bytes([10, 0, 0, 1]), 40001)
 SRV = (bytes([10, 0, 0, 2]), 10001)
@@ -26,6 +37,23 @@ Wire = Callable[[str, bytes], list[bytes]]  # (direction "c2s"/"s2c", segment) -
 
 def passthrough(direction: str, seg: bytes) -> list[bytes]:
     return [seg]
+
+
+def checksummed(seg: bytes, src: bytes, dst: bytes) -> bytes:
+    """``seg`` with its TCP checksum filled in, as the raw send path does (too short to be a
+    segment: as it is)."""
+    if len(seg) < 20:
+        return seg
+    hl = (seg[12] >> 4) * 4
+    check = segment_checksum(pseudo_sum(src, dst), seg[:16] + b"\0\0" + seg[18:hl], seg[hl:])
+    return seg[:16] + check.to_bytes(2, "big") + seg[18:]
+
+
+def wire_segments(t: Transmit) -> list[bytes]:
+    """What a ``Transmit`` puts on the wire: TCP segments with checksums, or udp datagrams."""
+    if t.transport == "udp":
+        return [t.header + p for p in t.payloads]
+    return [checksummed(h + p, t.local[0], t.remote[0]) for h, p in run_segments(t.header, t.payloads)]
 
 
 @dataclass
@@ -44,15 +72,17 @@ class Pair:
         self.drops_c = new_drops()
         self.drops_s = new_drops()
         self.client = self.new_client()
-        self.acceptor = Acceptor(keyring=Keyring.from_secret(self.server_key), timing=self.timing,
-                                 backlog=self.backlog, rng=self.rng, drops=self.drops_s)
-        self.sessions: SessionTable[None] = SessionTable(drops=self.drops_s)
+        self.server = ServerEndpoint(Policy(key=self.server_key, timing=self.timing, backlog=self.backlog,
+                                            transports=(self.transport,)), rng=self.rng)
+        self.server.set_local_addresses({SRV[0]})
+        self.acceptor = self.server.acceptor
+        self.sessions = self.server.sessions
+        self.drops_s = self.server.drops
         self.got_c: list[tuple[int, bytes]] = []
         self.got_s: list[tuple[int, bytes]] = []
         self.events_c: list[Event] = []
-        self.events_s: list[Event] = []
+        self.events_s: list[EndpointEvent] = []
         self.log: list[tuple[str, bytes]] = []  # every segment put on the wire
-        self._last_words: list[bytes] = []
 
     def new_client(self, local: tuple[bytes, int] = CLI, index: int = 0) -> Connection:
         return Connection(role="client", local=local, remote=SRV, keyring=Keyring.from_secret(self.client_key),
@@ -68,44 +98,34 @@ class Pair:
         return conns[0]
 
     def to_server(self, seg: bytes, src: tuple[bytes, int] = CLI) -> None:
+        """``seg`` as a connection made it (checksum field 0) reaches the server."""
         if self.transport == "udp":
-            conn, data = self.acceptor.datagram(SRV, src, seg, self.now)
+            self.server.receive_steered(SRV, src, memoryview(seg), self.now)
         else:
-            assert transport_checksum_ok(pseudo_sum(src[0], SRV[0]), seg), "client sent a bad checksum"
-            hdr, payload = parse_tcp(seg)
-            assert hdr.dport == SRV[1]
-            conn, data = self.acceptor.segment(SRV, src, hdr, payload, self.now)
-        self.got_s.extend((f, bytes(d)) for f, d in data)
-        if conn is not None:
-            self.server_events(conn)
+            seg = checksummed(seg, src[0], SRV[0])
+            self.server.receive_packet(memoryview(ipv4_header(src[0], SRV[0], len(seg)) + seg), self.now)
+        self.got_s.extend((key[1], d) for key, d in self.server.deliveries())
+        while (ev := self.server.next_event()) is not None:
+            self.events_s.append(ev)
+
+    def server_segments(self) -> list[bytes]:
+        """What the server has to send now, as wire bytes (and what a test made one of its
+        connections produce by calling the connection directly)."""
+        direct = [checksummed(s, c.local[0], c.remote[0]) if c.transport == "tcp" else s
+                  for c in self.acceptor.all() for s in c.segments_to_send()]
+        return [s for t in self.server.transmits(self.now) for s in wire_segments(t)] + direct
 
     def to_client(self, seg: bytes, client: Connection | None = None) -> None:
         client = client or self.client
         if self.transport == "udp":
             data = client.receive_datagram(seg, self.now)
         else:
-            assert transport_checksum_ok(pseudo_sum(SRV[0], client.local[0]), seg), "server sent a bad checksum"
+            seg = checksummed(seg, SRV[0], client.local[0])
             hdr, payload = parse_tcp(seg)
-            assert hdr.sport == SRV[1] and hdr.dport == client.local[1]
             data = client.receive(hdr, payload, self.now)
         self.got_c.extend((f, bytes(d)) for f, d in data)
         while (ev := client.next_event()) is not None:
             self.events_c.append(ev)
-
-    def server_events(self, conn: Connection) -> None:
-        while (ev := conn.next_event()) is not None:
-            self.events_s.append(ev)
-            if isinstance(ev, HelloReceived):
-                adm = self.sessions.admit(ev.hello, conn, self.now, self.now)
-                if adm.ok:
-                    conn.accept(self.now)
-                    self.acceptor.promote(conn)
-                else:
-                    conn.refuse(self.now)
-            elif isinstance(ev, ConnectionClosed):
-                self._last_words.extend(conn.segments_to_send())  # flushed before it is forgotten
-                self.acceptor.forget(conn)
-                self.sessions.remove_connection(conn)
 
     def pump(self, rounds: int = 20) -> None:
         """Move segments both ways until nothing is left to send."""
@@ -118,17 +138,11 @@ class Pair:
                     self.to_server(s)
             while (ev := self.client.next_event()) is not None:
                 self.events_c.append(ev)
-            out = [(c, s) for c in self.acceptor.all() for s in c.segments_to_send()]
-            out += [(None, s) for _l, _r, s in self.acceptor.segments_to_send()]
-            out += [(None, s) for s in self._last_words]
-            self._last_words = []
-            for _c, seg in out:
+            for seg in self.server_segments():
                 moved = True
                 self.log.append(("s2c", seg))
                 for s in self.wire("s2c", seg):
                     self.to_client(s)
-            for c in self.acceptor.all():
-                self.server_events(c)
             if not moved:
                 return
 
@@ -137,12 +151,12 @@ class Pair:
         end = self.now + dt
         while self.now < end:
             self.now = min(end, self.now + step)
-            for c in [self.client, *self.acceptor.all()]:
-                t = c.get_timer()
-                if t is not None and t <= self.now:
-                    c.handle_timer(self.now)
-                    if c is not self.client:
-                        self.server_events(c)
+            t = self.client.get_timer()
+            if t is not None and t <= self.now:
+                self.client.handle_timer(self.now)
+            t = self.server.get_timer()
+            if t is not None and t <= self.now:
+                self.server.handle_timer(self.now)
             self.pump()
 
     def establish(self) -> Connection:
