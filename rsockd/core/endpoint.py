@@ -116,10 +116,10 @@ class Transmit:
 
     Segment *i* is ``header_i + payloads[i]``: ``header`` is the first segment's TCP header, and
     each later one is the same with the sequence number moved on by the payloads before it
-    (``packet.run_headers``).  All payloads but the last are equally long, so a run can go to the
-    kernel as one GSO send.  A lone control segment comes whole in ``header`` with one empty
-    payload; so does a ``udp``-transport datagram.  The TCP checksum field is 0: the send path
-    fills it in, or has the kernel do it.
+    (``packet.run_segments``).  All payloads but the last are equally long, so a run can go to the
+    kernel as one GSO send.  ``header`` is always a whole TCP header (even-length, its data offset
+    long).  A ``udp``-transport datagram comes whole in ``header`` with one empty payload.  The TCP
+    checksum field is 0: the send path fills it in, or has the kernel do it.
     """
 
     transport: Transport
@@ -172,6 +172,14 @@ class Oversized:
 
 
 EndpointEvent = ConnectionUp | ConnectionDown | HelloRefused | FlowOpened | FlowGone | Oversized
+
+
+def _whole(transport: Transport, local: Endpoint, remote: Endpoint, seg: bytes) -> Transmit:
+    """One segment (or udp datagram) as a ``Transmit``: its TCP header apart from its payload."""
+    if transport == "udp":
+        return Transmit(transport, local, remote, seg, [b""])
+    hl = (seg[12] >> 4) * 4
+    return Transmit(transport, local, remote, seg[:hl], [seg[hl:]])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +334,7 @@ class _Endpoint:
         event may produce segments (accepting a hello makes the HELLO_ACK)."""
         while True:
             for seg in conn.segments_to_send():
-                self._transmits.append(Transmit(conn.transport, conn.local, conn.remote, seg, [b""]))
+                self._transmits.append(_whole(conn.transport, conn.local, conn.remote, seg))
             ev = conn.next_event()
             if ev is None:
                 break
@@ -377,7 +385,7 @@ class _Endpoint:
             for record, _k in records[i:j]:  # one record, or a connection without timestamps / udp
                 seg = conn.send_frames(record, now)
                 if seg is not None:
-                    self._transmits.append(Transmit(transport, local, remote, seg, [b""]))
+                    self._transmits.append(_whole(transport, local, remote, seg))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,7 +452,7 @@ class ServerEndpoint(_Endpoint):
 
     def _take_resets(self) -> None:
         for local, remote, seg in self.acceptor.segments_to_send():
-            self._transmits.append(Transmit("tcp", local, remote, seg, [b""]))
+            self._transmits.append(_whole("tcp", local, remote, seg))
 
     def send_target(self, key: FlowKey, datagram: bytes | memoryview, now: float) -> None:
         """A datagram from the target for flow ``key``: back to its client."""

@@ -112,8 +112,10 @@ def transport_checksum(psum: int, segment: bytes | bytearray | memoryview) -> in
 
 
 def segment_checksum(psum: int, header: bytes | memoryview, payload: bytes | memoryview) -> int:
-    """``transport_checksum`` of ``header + payload`` without joining them (``header`` is of even
-    length, as a TCP header always is: 2**16 = 1 modulo 0xffff, so the parts add word-aligned)."""
+    """``transport_checksum`` of ``header + payload`` without joining them: a TCP header is of even
+    length, and 2**16 = 1 modulo 0xffff, so the two parts add word-aligned."""
+    if len(header) & 1:
+        return transport_checksum(psum, bytes(header) + bytes(payload))
     p = int.from_bytes(payload, "big")
     if len(payload) & 1:
         p <<= 8

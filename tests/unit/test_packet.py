@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, in4_chksum
 from scapy.layers.inet6 import IPv6, in6_chksum
 
+from rsockd.core.batching import runs
 from rsockd.core.packet import (
     ACK,
     PROTO_UDP,
@@ -28,6 +29,8 @@ from rsockd.core.packet import (
     parse_options,
     parse_tcp,
     pseudo_sum,
+    run_segments,
+    segment_checksum,
     steer_rewrite,
     tcp_checksum_ok,
     transport_checksum,
@@ -188,3 +191,31 @@ def test_steered_rewrite_keeps_checksum_validity(v6: bool, opts: bytes, payload:
 
 def test_flags_constants() -> None:
     assert (SYN | ACK | PSH) == 0x1A
+
+
+@given(st.binary(min_size=4, max_size=4), st.binary(min_size=4, max_size=4),
+       st.sampled_from([20, 32, 40, 60]), st.binary(max_size=1500), st.data())
+def test_segment_checksum_of_the_parts_equals_the_whole(src: bytes, dst: bytes, hl: int, payload: bytes,
+                                                         data: st.DataObject) -> None:
+    """The raw send path checksums a header and a payload it never joins (one sendmsg of both)."""
+    header = data.draw(st.binary(min_size=hl, max_size=hl))
+    header = header[:16] + b"\0\0" + header[18:]
+    psum = pseudo_sum(src, dst)
+    assert segment_checksum(psum, header, payload) == transport_checksum(psum, header + payload)
+    assert segment_checksum(psum, header + b"x", payload) == transport_checksum(psum, header + b"x" + payload)
+
+
+def test_run_segments_number_each_payload_on() -> None:
+    hdr = TcpHeader(1, 2, 0xFFFFFFF0, 7, ACK | PSH, 100).pack()
+    segs = list(run_segments(hdr, [b"a" * 10, b"b" * 10, b"c" * 3]))
+    assert [parse_tcp(h + p)[0].seq for h, p in segs] == [0xFFFFFFF0, 0xFFFFFFFA, 4]
+    assert all(h[8:] == hdr[8:] and h[:4] == hdr[:4] for h, _p in segs)
+    assert list(run_segments(hdr, [b"only"])) == [(hdr, b"only")]
+
+
+def test_runs_are_equal_sized_with_a_shorter_last_within_the_bounds() -> None:
+    assert list(runs([5, 5, 5, 3, 5, 5], 64)) == [(0, 4), (4, 6)]
+    assert list(runs([5, 5, 5, 5], 2)) == [(0, 2), (2, 4)]
+    assert list(runs([5, 6, 6], 64)) == [(0, 1), (1, 3)]  # a longer item starts a new run
+    assert list(runs([0, 0, 4], 64)) == [(0, 1), (1, 2), (2, 3)]  # empty items stand alone
+    assert list(runs([1000] * 10, 64, max_bytes=3500, overhead=100)) == [(0, 3), (3, 6), (6, 9), (9, 10)]

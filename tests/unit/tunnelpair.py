@@ -15,10 +15,11 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from rsockd.core import framing
 from rsockd.core.counters import new_drops
-from rsockd.core.endpoint import EndpointEvent, Policy, ServerEndpoint, Transmit
+from rsockd.core.endpoint import ClientEndpoint, EndpointEvent, Policy, ServerEndpoint, Transmit
 from rsockd.core.faketcp import Connected, Connection, Event, Timing
 from rsockd.core.framing import Keyring
 from rsockd.core.packet import (
@@ -53,6 +54,7 @@ def wire_segments(t: Transmit) -> list[bytes]:
     """What a ``Transmit`` puts on the wire: TCP segments with checksums, or udp datagrams."""
     if t.transport == "udp":
         return [t.header + p for p in t.payloads]
+    assert len(t.header) == (t.header[12] >> 4) * 4, "a Transmit's header is one whole TCP header"
     return [checksummed(h + p, t.local[0], t.remote[0]) for h, p in run_segments(t.header, t.payloads)]
 
 
@@ -175,3 +177,92 @@ class Pair:
         """The frame types inside one client->server segment (without authenticating)."""
         payload = seg[1:] if self.transport == "udp" else bytes(parse_tcp(seg)[1])
         return [t for _c, _t, fr in framing.split_records(payload) for t, _b in framing.iter_frames(fr)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Both endpoints whole
+
+
+APP = ("127.0.0.1", 5000)  # an application's source address on the client
+
+
+@dataclass
+class EndpointPair:
+    """A ``ClientEndpoint`` with one connection per server port, against a ``ServerEndpoint``."""
+
+    client_policy: Policy = field(default_factory=Policy)
+    server_policy: Policy = field(default_factory=Policy)
+    ports: tuple[int, ...] = (10001, 10002, 10003)
+    seed: int = 1
+    now: float = 1000.0
+    wire: Wire = passthrough
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.local_ports = [40001 + i for i in range(len(self.ports))]
+        self.server = self.new_server()
+        self.client = self.new_client(b"client01")
+        self.app_got: list[tuple[Any, bytes]] = []
+        self.target_got: list[tuple[Any, bytes]] = []
+        self.events_c: list[EndpointEvent] = []
+        self.events_s: list[EndpointEvent] = []
+
+    def new_server(self, policy: Policy | None = None) -> ServerEndpoint:
+        server = ServerEndpoint(policy or self.server_policy, rng=self.rng)
+        server.set_local_addresses({SRV[0]})
+        return server
+
+    def new_client(self, client_id: bytes, policy: Policy | None = None) -> ClientEndpoint:
+        client = ClientEndpoint(policy or self.client_policy, server=SRV[0], ports=self.ports,
+                                client_id=client_id, rng=self.rng)
+        client.set_local_addresses({CLI[0]})
+        client.bind(CLI[0], self.local_ports)
+        return client
+
+    def start(self) -> None:
+        self.client.connect(self.now)
+        self.pump()
+
+    def up(self, side: ServerEndpoint | ClientEndpoint | None = None) -> int:
+        side = side or self.client
+        return sum(1 for c in side.connections() if c.established)
+
+    def _arrive(self, to: ServerEndpoint | ClientEndpoint, t: Transmit, seg: bytes) -> None:
+        src, dst = t.local, t.remote
+        if t.transport == "udp":
+            to.receive_steered((dst[0] if to is self.server else b"", dst[1]), src, memoryview(seg), self.now)
+        else:
+            to.receive_packet(memoryview(ipv4_header(src[0], dst[0], len(seg)) + seg), self.now)
+
+    def _collect(self) -> None:
+        self.target_got += self.server.deliveries()
+        self.app_got += self.client.deliveries()
+        while (ev := self.server.next_event()) is not None:
+            self.events_s.append(ev)
+        while (ev := self.client.next_event()) is not None:
+            self.events_c.append(ev)
+
+    def pump(self, rounds: int = 20) -> None:
+        """Move segments both ways until neither end has anything to send."""
+        for _ in range(rounds):
+            moved = False
+            for src, dst, direction in ((self.client, self.server, "c2s"), (self.server, self.client, "s2c")):
+                for t in src.transmits(self.now):
+                    for seg in wire_segments(t):
+                        moved = True
+                        for s in self.wire(direction, seg):
+                            self._arrive(dst, t, s)
+                self._collect()
+            if not moved:
+                return
+
+    def advance(self, dt: float, step: float = 0.05) -> None:
+        """Let ``dt`` seconds pass, running both ends' timers on the way."""
+        end = self.now + dt
+        while self.now < end:
+            self.now = min(end, self.now + step)
+            for side in (self.client, self.server):
+                t = side.get_timer()
+                if t is not None and t <= self.now:
+                    side.handle_timer(self.now)
+            self.pump()
