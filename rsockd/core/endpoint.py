@@ -58,9 +58,9 @@ from .faketcp import (
     Connected,
     Connection,
     ConnectionClosed,
-    Endpoint,
     FlowClosed,
     HelloReceived,
+    HostPort,
     State,
     Timing,
     Transport,
@@ -123,8 +123,8 @@ class Transmit:
     """
 
     transport: Transport
-    local: Endpoint
-    remote: Endpoint
+    local: HostPort
+    remote: HostPort
     header: bytes
     payloads: list[bytes]
 
@@ -174,7 +174,7 @@ class Oversized:
 EndpointEvent = ConnectionUp | ConnectionDown | HelloRefused | FlowOpened | FlowGone | Oversized
 
 
-def _whole(transport: Transport, local: Endpoint, remote: Endpoint, seg: bytes) -> Transmit:
+def _whole(transport: Transport, local: HostPort, remote: HostPort, seg: bytes) -> Transmit:
     """One segment (or udp datagram) as a ``Transmit``: its TCP header apart from its payload."""
     if transport == "udp":
         return Transmit(transport, local, remote, seg, [b""])
@@ -244,7 +244,7 @@ class _Endpoint:
         """The addresses (packed) that captured packets may be addressed to."""
         self.local_addrs = frozenset(addrs)
 
-    def receive_steered(self, local: Endpoint, remote: Endpoint, data: memoryview, now: float) -> None:
+    def receive_steered(self, local: HostPort, remote: HostPort, data: memoryview, now: float) -> None:
         """One datagram from a tunnel UDP socket: a steered segment or a udp-transport datagram."""
         if not data:
             self.drops["malformed"] += 1
@@ -317,10 +317,10 @@ class _Endpoint:
 
     # -- the shared machinery -------------------------------------------------------------------
 
-    def _segment(self, local: Endpoint, remote: Endpoint, hdr: TcpHeader, payload: memoryview, now: float) -> None:
+    def _segment(self, local: HostPort, remote: HostPort, hdr: TcpHeader, payload: memoryview, now: float) -> None:
         raise NotImplementedError
 
-    def _datagram(self, local: Endpoint, remote: Endpoint, data: memoryview, now: float) -> None:
+    def _datagram(self, local: HostPort, remote: HostPort, data: memoryview, now: float) -> None:
         raise NotImplementedError
 
     def _expire(self, now: float) -> None:
@@ -432,7 +432,7 @@ class ServerEndpoint(_Endpoint):
 
     # -- inputs ---------------------------------------------------------------------------------
 
-    def _segment(self, local: Endpoint, remote: Endpoint, hdr: TcpHeader, payload: memoryview, now: float) -> None:
+    def _segment(self, local: HostPort, remote: HostPort, hdr: TcpHeader, payload: memoryview, now: float) -> None:
         conn, data = self.acceptor.segment(local, remote, hdr, payload, now)
         if conn is not None:
             if data:
@@ -440,7 +440,7 @@ class ServerEndpoint(_Endpoint):
             self._service(conn, now)
         self._take_resets()
 
-    def _datagram(self, local: Endpoint, remote: Endpoint, data: memoryview, now: float) -> None:
+    def _datagram(self, local: HostPort, remote: HostPort, data: memoryview, now: float) -> None:
         if "udp" not in self.policy.transports:
             self.drops["unexpected"] += 1
             return
@@ -626,13 +626,13 @@ class ClientEndpoint(_Endpoint):
 
     # -- inputs ---------------------------------------------------------------------------------
 
-    def receive_steered(self, local: Endpoint, remote: Endpoint, data: memoryview, now: float) -> None:
+    def receive_steered(self, local: HostPort, remote: HostPort, data: memoryview, now: float) -> None:
         if remote[0] != self.server:
             self.drops["no_connection"] += 1
             return
         super().receive_steered(local, remote, data, now)
 
-    def _segment(self, local: Endpoint, remote: Endpoint, hdr: TcpHeader, payload: memoryview, now: float) -> None:
+    def _segment(self, local: HostPort, remote: HostPort, hdr: TcpHeader, payload: memoryview, now: float) -> None:
         conn = self._by_port.get(("tcp", local[1], remote[1]))
         if conn is None or remote[0] != self.server:
             self.drops["no_connection"] += 1
@@ -642,7 +642,7 @@ class ClientEndpoint(_Endpoint):
             self._deliver(data)
         self._service(conn, now)
 
-    def _datagram(self, local: Endpoint, remote: Endpoint, data: memoryview, now: float) -> None:
+    def _datagram(self, local: HostPort, remote: HostPort, data: memoryview, now: float) -> None:
         conn = self._by_port.get(("udp", local[1], remote[1]))
         if conn is None:
             self.drops["no_connection"] += 1

@@ -30,6 +30,12 @@ Rules (the table below encodes the state changes; everything else is a counted d
    back-off that doubles from ``reconnect_min`` up to ``reconnect_max`` (±20 % jitter), and
    resets once a hello succeeds.
 
+7. Retirement.  A server connection that a newer one replaced (the endpoint decides: same
+   4-tuple, or same client id and connection index) closes silently with ``retire()``.
+
+Segments leave with a TCP checksum field of 0: the send path fills it in, or has the kernel do
+it (only the send path knows which).
+
 With the ``udp`` transport there is no TCP: a connection starts in HELLO and its datagrams are
 ``UDP_MARKER`` followed by records.
 """
@@ -61,7 +67,7 @@ from .packet import (
 
 Role = Literal["client", "server"]
 Transport = Literal["tcp", "udp"]
-Endpoint = tuple[bytes, int]  # packed address, port
+HostPort = tuple[bytes, int]  # packed address, port
 
 CHALLENGE_INTERVAL = 0.1  # at most 10 challenge ACKs a second per connection
 WSCALE = 7  # Linux's usual shift; 65535 << 7 ~ 8 MiB advertised
@@ -181,8 +187,8 @@ class Connection:
         self,
         *,
         role: Role,
-        local: Endpoint,
-        remote: Endpoint,
+        local: HostPort,
+        remote: HostPort,
         keyring: Keyring,
         transport: Transport = "tcp",
         timing: Timing | None = None,
@@ -797,16 +803,16 @@ class Acceptor:
         self._rst_rate = rst_rate
         self._rst_tokens = rst_rate
         self._rst_time = 0.0
-        self._out: list[tuple[Endpoint, Endpoint, bytes]] = []
+        self._out: list[tuple[HostPort, HostPort, bytes]] = []
 
-    def _new(self, transport: Transport, local: Endpoint, remote: Endpoint) -> Connection:
+    def _new(self, transport: Transport, local: HostPort, remote: HostPort) -> Connection:
         return Connection(
             role="server", transport=transport, local=local, remote=remote, keyring=self.keyring,
             timing=self.timing, mss=self.mss - (20 if len(local[0]) == 16 else 0),  # self.mss is IPv4's
             rng=self.rng, clock_offset=self.clock_offset, drops=self.drops,
         )
 
-    def segment(self, local: Endpoint, remote: Endpoint, hdr: TcpHeader, payload: bytes | memoryview,
+    def segment(self, local: HostPort, remote: HostPort, hdr: TcpHeader, payload: bytes | memoryview,
                 now: float) -> tuple[Connection | None, list[tuple[int, memoryview]]]:
         """Route one TCP segment; returns the connection that took it and its DATA frames."""
         key: ConnKey = ("tcp", local[0], local[1], remote[0], remote[1])
@@ -830,7 +836,7 @@ class Acceptor:
             return None, []
         return target, target.receive(hdr, payload, now)
 
-    def datagram(self, local: Endpoint, remote: Endpoint, payload: bytes | memoryview,
+    def datagram(self, local: HostPort, remote: HostPort, payload: bytes | memoryview,
                  now: float) -> tuple[Connection | None, list[tuple[int, memoryview]]]:
         """Route one datagram of the udp transport (first byte ``UDP_MARKER``)."""
         key: ConnKey = ("udp", local[0], local[1], remote[0], remote[1])
@@ -869,12 +875,12 @@ class Acceptor:
     def all(self) -> list[Connection]:
         return [*self.pending.values(), *self.connections.values()]
 
-    def segments_to_send(self) -> list[tuple[Endpoint, Endpoint, bytes]]:
+    def segments_to_send(self) -> list[tuple[HostPort, HostPort, bytes]]:
         """RSTs for segments that matched no connection: (local, remote, segment)."""
         out, self._out = self._out, []
         return out
 
-    def _reset(self, local: Endpoint, remote: Endpoint, hdr: TcpHeader, length: int, now: float) -> None:
+    def _reset(self, local: HostPort, remote: HostPort, hdr: TcpHeader, length: int, now: float) -> None:
         self._rst_tokens = min(self._rst_rate, self._rst_tokens + (now - self._rst_time) * self._rst_rate)
         self._rst_time = now
         if self._rst_tokens < 1:

@@ -1,4 +1,4 @@
-"""Raw sockets that send the crafted TCP segments (macOS); the same API as ``rsockd.rawsock``.
+"""Raw sockets that send the crafted TCP segments (macOS); the same API as ``rsockd.dataplane.rawsock``.
 
 IPv4: ``SOCK_RAW``/``IPPROTO_RAW`` with ``IP_HDRINCL`` set explicitly (xnu's ``rip_attach`` does
 not imply it for ``IPPROTO_RAW`` the way Linux does).  BSD raw IP output takes ``ip_len`` and

@@ -40,7 +40,7 @@ from ..core.endpoint import (
     Transmit,
     max_datagram,
 )
-from ..core.faketcp import Connection, Endpoint, State
+from ..core.faketcp import Connection, HostPort, State
 from ..core.packet import pack_address
 from ..core.session import FlowKey, FlowTable
 from ..errors import RsockdError
@@ -109,7 +109,7 @@ def _errname(e: OSError) -> str:
     return errno.errorcode.get(e.errno or 0, "error").lower()
 
 
-def peer_text(remote: Endpoint) -> str:
+def peer_text(remote: HostPort) -> str:
     """``address:port`` (IPv6 in brackets) of a packed endpoint."""
     fam = socket.AF_INET if len(remote[0]) == 4 else socket.AF_INET6
     a = socket.inet_ntop(fam, remote[0])
@@ -138,7 +138,8 @@ class Relay:
             from .packetsend import PacketSender
 
             self.packet = PacketSender(cfg.mark, self.tx_errors)
-        self._paths: dict[tuple[bytes, bytes], Sender] = {}  # (local, remote) address -> send function
+        # (local, remote) address -> its send function and kind ("packet" or "raw")
+        self._paths: dict[tuple[bytes, bytes], tuple[Sender, str]] = {}
         self.started = time.time()
         self._sockets: list[socket.socket] = []
         self._readers: list[int] = []
@@ -201,31 +202,30 @@ class Relay:
             self._l2.setdefault(dst, None)
 
     def _refresh_l2(self) -> None:
-        """Look every connection's destination up again; the send paths of a destination whose
-        route changed (a new next hop, the neighbour resolved or lost) are made anew at its next
-        send."""
+        """Look every connection's destination up again.  Only the send paths of current
+        connections' destinations whose route did not change stay: the others (a new next hop,
+        the neighbour resolved or lost, a peer gone) are made anew at their next send, so none
+        is left holding the socket of a link that no route uses any more."""
         dsts = {c.remote[0] for c in self.connections() if c.transport == "tcp" and c.state != State.CLOSED}
-        old, self._l2 = self._l2, {}  # only the destinations of current connections stay
+        old, self._l2 = self._l2, {}
         self._resolve_l2(dsts)
-        changed = {dst for dst in dsts if self._l2[dst] != old.get(dst)}
-        if changed:
-            self._paths = {k: v for k, v in self._paths.items() if k[1] not in changed}
+        keep = {dst for dst in dsts if self._l2[dst] == old.get(dst)}
+        self._paths = {k: v for k, v in self._paths.items() if k[1] in keep}
         if self.packet is not None:
             self.packet.keep_only({r.ifindex for r in self._l2.values() if r is not None})
 
     def _path(self, local: bytes, remote: bytes) -> Sender:
         """The send function from ``local`` to ``remote``: the packet path when it has a route,
         else the raw one."""
-        send = self._paths.get((local, remote))
-        if send is not None:
-            return send
+        entry = self._paths.get((local, remote))
+        if entry is not None:
+            return entry[0]
         if len(self._paths) >= PATHS_MAX:
             self._paths.clear()
         send = self._packet_path(local, remote) if self.packet is not None else None
-        if send is None:
-            send = self.raw.path(local, remote)
-        self._paths[(local, remote)] = send
-        return send
+        entry = (send, "packet") if send is not None else (self.raw.path(local, remote), "raw")
+        self._paths[(local, remote)] = entry
+        return entry[0]
 
     def _packet_path(self, local: bytes, remote: bytes) -> Sender | None:
         assert self.packet is not None
@@ -248,7 +248,8 @@ class Relay:
         """How ``conn``'s segments leave: "udp", "packet" or "raw"."""
         if conn.transport == "udp":
             return "udp"
-        return "packet" if self.packet is not None and self._l2.get(conn.remote[0]) is not None else "raw"
+        entry = self._paths.get((conn.local[0], conn.remote[0]))
+        return entry[1] if entry is not None else "raw"
 
     @property
     def tx_batches(self) -> tuple[int, int]:
@@ -323,7 +324,7 @@ class Relay:
             except OSError as e:
                 self.tx_errors[_errname(e)] += 1
 
-    def _udp_socket(self, local: Endpoint) -> socket.socket:
+    def _udp_socket(self, local: HostPort) -> socket.socket:
         raise NotImplementedError
 
     def _deliver(self, deliveries: list[tuple[Any, bytes]]) -> None:
@@ -469,7 +470,7 @@ class ServerRelay(Relay):
         except OSError:
             return False
 
-    def _udp_socket(self, local: Endpoint) -> socket.socket:
+    def _udp_socket(self, local: HostPort) -> socket.socket:
         return self._tunnel[(socket.AF_INET if len(local[0]) == 4 else socket.AF_INET6, local[1])]
 
     def _on_tunnel(self, sock: socket.socket, family: int, port: int) -> None:
@@ -718,7 +719,7 @@ class ClientRelay(Relay):
             return port, udp
         raise RsockdError(f"no local port free for both TCP and UDP on {src}")
 
-    def _udp_socket(self, local: Endpoint) -> socket.socket:
+    def _udp_socket(self, local: HostPort) -> socket.socket:
         return self._tunnel[local[1]]
 
     def _on_tunnel(self, sock: socket.socket, family: int, lport: int) -> None:

@@ -1,4 +1,4 @@
-"""rsockd/packetsend.py against the real kernel: frames sent into a veth arrive on its peer as
+"""rsockd/dataplane/packetsend.py against the real kernel: frames sent into a veth arrive on its peer as
 correct TCP segments, the kernel having computed every checksum and split every batch."""
 
 from __future__ import annotations
@@ -75,16 +75,16 @@ def test_single_segments_and_batches_arrive_as_correct_segments(family: int) -> 
             route = resolve(nl, pdst, MARK)
             assert route is not None and route.ifname == net.dev["c"]
             sender = PacketSender(MARK)
-            send, send_batch = sender.path(route, psrc, pdst)
+            send = sender.path(route, psrc, pdst)
         cap = capture(net, "s")
         try:
             # one segment (its checksum field is garbage: the kernel's counts)
-            one = TcpHeader(40000, 10001, 1000, 77, ACK | PSH, 65535, TS_OPTS, checksum=0xBEEF).pack(b"single!")
-            send(one)
+            one = TcpHeader(40000, 10001, 1000, 77, ACK | PSH, 65535, TS_OPTS, checksum=0xBEEF).pack()
+            send(one, [b"single!"])
             # a batch: five full payloads and a shorter last one
             payloads = [os.urandom(1000) for _ in range(5)] + [os.urandom(321)]
             header = TcpHeader(40000, 10001, 2000, 88, ACK | PSH, 65535, TS_OPTS, checksum=0xBEEF).pack()
-            send_batch(header, payloads)
+            send(header, payloads)
             got = [check(p) for p in frames(cap, 1 + len(payloads))]
         finally:
             cap.close()
@@ -115,15 +115,15 @@ def test_sockets_of_links_no_longer_used_are_closed() -> None:
             route = resolve(nl, pack_address(net.srv4), MARK)
             assert route is not None
             sender = PacketSender(MARK)
-            send, _ = sender.path(route, pack_address(net.cli4), pack_address(net.srv4))
+            send = sender.path(route, pack_address(net.cli4), pack_address(net.srv4))
         try:
             assert sender.links == {route.ifindex}
             sender.keep_only({route.ifindex})  # still routed through it: kept, and it still sends
-            send(TcpHeader(40000, 10001, 1, 2, ACK, 65535).pack(b"kept"))
+            send(TcpHeader(40000, 10001, 1, 2, ACK, 65535).pack(), [b"kept"])
             assert not sender.errors and sender.links == {route.ifindex}
             sender.keep_only(set())  # the link is gone from every route: its socket is closed
             assert sender.links == frozenset()
-            send(TcpHeader(40000, 10001, 1, 2, ACK, 65535).pack(b"late"))  # a stale sender fails, counted
+            send(TcpHeader(40000, 10001, 1, 2, ACK, 65535).pack(), [b"late"])  # a stale sender fails, counted
             assert sender.errors == {"ebadf": 1}
         finally:
             sender.close()

@@ -1,4 +1,4 @@
-"""Server workers (``workers = N``, rsockd/worker.py): each process serves every N-th tunnel
+"""Server workers (``workers = N``, rsockd/service/worker.py): each process serves every N-th tunnel
 port, the daemon reports them all, and a worker's death takes the service down cleanly."""
 
 from __future__ import annotations

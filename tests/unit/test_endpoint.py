@@ -67,8 +67,8 @@ def test_a_burst_leaves_as_records_in_one_run_and_arrives_whole() -> None:
     seqs = [parse_tcp(s)[0].seq for s in segs]
     assert all((b - a) % 2**32 == len(x) for a, b, x in zip(seqs, seqs[1:], run.payloads, strict=False))
     for s in segs:
-        p._arrive(p.server, run, s)
-    p._collect()
+        p.arrive(p.server, run, s)
+    p.collect()
     assert [d for _k, d in p.target_got] == sent
 
 
@@ -181,13 +181,13 @@ def test_reconfigure_a_new_key_takes_new_connections_and_established_ones_keep_t
     stale.connect(p.now)
     for t in stale.transmits(p.now):
         for seg in wire_segments(t):
-            p._arrive(p.server, t, seg)
+            p.arrive(p.server, t, seg)
     for t in p.server.transmits(p.now):  # the SYN-ACKs: the old-key client's hello fails next
         for seg in wire_segments(t):
-            p._arrive(stale, t, seg)
+            p.arrive(stale, t, seg)
     for t in stale.transmits(p.now):
         for seg in wire_segments(t):
-            p._arrive(p.server, t, seg)
+            p.arrive(p.server, t, seg)
     assert p.server.drops["bad_auth"] >= 3 and b"client02" not in p.server.sessions.sessions
     p.client.close_connections(p.now)
     p.pump()

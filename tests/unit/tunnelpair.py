@@ -227,14 +227,14 @@ class EndpointPair:
         side = side or self.client
         return sum(1 for c in side.connections() if c.established)
 
-    def _arrive(self, to: ServerEndpoint | ClientEndpoint, t: Transmit, seg: bytes) -> None:
+    def arrive(self, to: ServerEndpoint | ClientEndpoint, t: Transmit, seg: bytes) -> None:
         src, dst = t.local, t.remote
         if t.transport == "udp":
             to.receive_steered((dst[0] if to is self.server else b"", dst[1]), src, memoryview(seg), self.now)
         else:
             to.receive_packet(memoryview(ipv4_header(src[0], dst[0], len(seg)) + seg), self.now)
 
-    def _collect(self) -> None:
+    def collect(self) -> None:
         self.target_got += self.server.deliveries()
         self.app_got += self.client.deliveries()
         while (ev := self.server.next_event()) is not None:
@@ -251,8 +251,8 @@ class EndpointPair:
                     for seg in wire_segments(t):
                         moved = True
                         for s in self.wire(direction, seg):
-                            self._arrive(dst, t, s)
-                self._collect()
+                            self.arrive(dst, t, s)
+                self.collect()
             if not moved:
                 return
 
