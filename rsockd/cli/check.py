@@ -56,10 +56,10 @@ def check_caps() -> list[Result]:
 
 
 def check_backend(cfg: Config) -> list[Result]:
-    from ..steer import nft, xdp
+    from ..steer.choose import unavailable
 
-    bcc = xdp.bcc_available()
-    nftr = nft.nft_available()
+    bcc = unavailable("xdp")
+    nftr = unavailable("nft")
     if cfg.backend == "xdp" and bcc:
         return [Result("FAIL", f"backend xdp: {bcc}", "install python3-bpfcc and kernel headers, or backend = nft")]
     if cfg.backend == "nft" and nftr:
