@@ -72,7 +72,7 @@ def check_backend(cfg: Config) -> list[Result]:
 
 
 def check_network(cfg: Config) -> list[Result]:
-    from ..dataplane.netinfo import default_interfaces, interface_addresses, interface_exists, resolve, route_to
+    from ..dataplane.platform import default_interfaces, interface_addresses, interface_exists, resolve, route_to
     from ..errors import RsockdError
 
     out = []
@@ -190,8 +190,8 @@ def check_send_path(cfg: Config) -> list[Result]:
     if cfg.role != "client":
         return [Result("ok", 'send_path = "packet": each client\'s route is looked up when it connects')]
     from ..core.packet import pack_address
-    from ..dataplane.netinfo import resolve
     from ..dataplane.packetsend import resolve as resolve_l2
+    from ..dataplane.platform import resolve
     from ..steer.rtnl import Rtnl
 
     assert cfg.server is not None

@@ -200,7 +200,7 @@ class Daemon:
         asyncio.get_running_loop().create_task(self._rebuild(self.cfg))
 
     def _server_interfaces(self) -> tuple[str, ...]:
-        from ..dataplane.netinfo import default_interfaces, interface_exists, interface_of
+        from ..dataplane.platform import default_interfaces, interface_exists, interface_of
 
         cfg = self.cfg
         if cfg.dev:
