@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..caps import CAP_BPF, CAP_NET_ADMIN, CAP_NET_RAW, CAP_SYS_ADMIN, effective_caps
-from ..service.config import Config
+from ..service.config import Config, format_ports
 
 
 @dataclass
@@ -123,7 +123,7 @@ def check_ports(cfg: Config) -> list[Result]:
             out.append(Result("FAIL", f"tunnel ports not free: {', '.join(busy)}",
                               "stop what uses them or change ports"))
         else:
-            out.append(Result("ok", f"tunnel ports {_ports(cfg.ports)} free (tcp and udp)"))
+            out.append(Result("ok", f"tunnel ports {format_ports(cfg.ports)} free (tcp and udp)"))
     else:
         assert cfg.listen is not None
         host, port = cfg.listen
@@ -132,12 +132,6 @@ def check_ports(cfg: Config) -> list[Result]:
         out.append(Result("FAIL", f"listen {host}:{port}/udp {why}", "change listen") if why
                    else Result("ok", f"listen {host}:{port}/udp free"))
     return out
-
-
-def _ports(ports: tuple[int, ...]) -> str:
-    from ..steer.cbpf import port_ranges
-
-    return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in port_ranges(ports))
 
 
 def check_firewall(cfg: Config) -> list[Result]:
@@ -158,14 +152,16 @@ def check_firewall(cfg: Config) -> list[Result]:
         return [Result("ok", "host firewall: no input chain drops by policy")]
     text = out.stdout
     ports = set(cfg.ports) if cfg.role == "server" else set()
+    spec = format_ports(cfg.ports)
+    ufw = spec.replace("-", ":")  # ufw writes a range as 10001:10010
     if cfg.role == "client" or (any(str(p) in text for p in ports) and '"udp"' in text):
         return [Result("warn", "host firewall: an input chain drops by default; make sure it accepts the tunnel "
                                "ports as udp too (segments arrive as UDP after the XDP rewrite)",
-                       f"e.g. ufw allow {_ports(cfg.ports).replace('-', ':')}")]
+                       f"e.g. ufw allow {ufw}")]
     names = ", ".join(f"{c['family']} {c['table']} {c['name']}" for c in drops)
     return [Result("FAIL", f"host firewall: input chain {names} drops by policy and does not accept "
-                           f"udp {_ports(cfg.ports)}",
-                   f"allow tcp and udp {_ports(cfg.ports)} (e.g. ufw allow {_ports(cfg.ports).replace('-', ':')})")]
+                           f"udp {spec}",
+                   f"allow tcp and udp {spec} (e.g. ufw allow {ufw})")]
 
 
 def check_workers(cfg: Config) -> list[Result]:
