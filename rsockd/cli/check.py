@@ -55,20 +55,33 @@ def check_caps() -> list[Result]:
     return out
 
 
-def check_backend(cfg: Config) -> list[Result]:
-    from ..steer.choose import unavailable
+#: What to do when a backend is unavailable.
+_BACKEND_FIX = {"xdp": "install python3-bpfcc and kernel headers, or backend = nft",
+                "nft": "apt install nftables python3-nftables",
+                "bpfdev": "run as root on macOS"}
 
-    bcc = unavailable("xdp")
-    nftr = unavailable("nft")
-    if cfg.backend == "xdp" and bcc:
-        return [Result("FAIL", f"backend xdp: {bcc}", "install python3-bpfcc and kernel headers, or backend = nft")]
-    if cfg.backend == "nft" and nftr:
-        return [Result("FAIL", f"backend nft: {nftr}", "apt install nftables python3-nftables")]
-    if bcc is None:
+
+def check_backend(cfg: Config) -> list[Result]:
+    """The backend the daemon would attach, asked the way it asks (``rsockd.steer.choose``)."""
+    from ..errors import SteerError
+    from ..steer.choose import candidates, unavailable
+
+    try:
+        names = candidates(cfg.backend)
+    except SteerError as e:
+        return [Result("FAIL", str(e), "backend = auto")]
+    why = {name: unavailable(name) for name in names}
+    usable = [name for name in names if why[name] is None]
+    if not usable:
+        if len(names) == 1:
+            return [Result("FAIL", f"backend {names[0]}: {why[names[0]]}", _BACKEND_FIX[names[0]])]
+        return [Result("FAIL", "no backend: " + "; ".join(f"{n}: {why[n]}" for n in names),
+                       "install python3-bpfcc + headers or nftables")]
+    if usable[0] != names[0]:
+        return [Result("warn", f"{names[0]} backend unavailable ({why[names[0]]}): will use the {usable[0]} backend")]
+    if usable[0] == "xdp":
         return [Result("ok", "bcc and kernel headers: xdp backend available")]
-    if nftr is None:
-        return [Result("warn", f"xdp backend unavailable ({bcc}): will use the nft backend")]
-    return [Result("FAIL", f"no backend: xdp: {bcc}; nft: {nftr}", "install python3-bpfcc + headers or nftables")]
+    return [Result("ok", f"{usable[0]} backend available")]
 
 
 def check_network(cfg: Config) -> list[Result]:

@@ -1,9 +1,9 @@
 """Choosing a steering backend and removing what a dead daemon left attached.
 
 The one place that knows which backends a platform has and in what order ``auto`` tries them:
-the daemon attaches through ``choose_steering``, ``rsockd --check`` asks ``unavailable`` the same
-questions without attaching anything.  Each backend module is imported only when it is asked
-about, so importing this module loads no platform library.
+the daemon attaches through ``choose_steering``; ``rsockd --check`` asks ``candidates`` and
+``unavailable`` the same questions without attaching anything.  Each backend module is imported
+only when it is asked about, so importing this module loads no platform library.
 """
 
 from __future__ import annotations
@@ -18,21 +18,32 @@ from . import Steering, SteerPlan
 LOG = logging.getLogger("rsockd")
 
 
-def unavailable(backend: str) -> str | None:
-    """None when ``backend`` (xdp, nft or bpfdev) can work here, else a one-line reason."""
-    if backend == "xdp":
+def candidates(backend: str, platform: str = sys.platform) -> tuple[str, ...]:
+    """The backends the config's ``backend`` tries, in order: ``auto`` is xdp then nft on Linux
+    and bpfdev on macOS.  ``SteerError`` for a Linux backend asked for on macOS."""
+    if backend == "bpfdev" or (backend == "auto" and platform == "darwin"):
+        return ("bpfdev",)
+    if platform == "darwin":
+        raise SteerError(f"backend {backend}: Linux only; on macOS use auto or bpfdev")
+    return ("xdp", "nft") if backend == "auto" else (backend,)
+
+
+def unavailable(name: str) -> str | None:
+    """None when the backend ``name`` (xdp, nft or bpfdev) can work here, else a one-line reason."""
+    if name == "xdp":
         from . import xdp
 
         return xdp.bcc_available()
-    if backend == "nft":
+    if name == "nft":
         from . import nft
 
         return nft.nft_available()
-    if backend == "bpfdev":
+    if name == "bpfdev":
         from . import bpfdev
 
-        return bpfdev.bpfdev_available()
-    return f"{backend}: no such backend"
+        why = bpfdev.bpfdev_available()
+        return None if why is None else why.removeprefix("bpfdev: ")
+    return "no such backend"
 
 
 def cleanup_stale(instance: str) -> list[str]:
@@ -57,45 +68,46 @@ def cleanup_stale(instance: str) -> list[str]:
 
 
 def choose_steering(backend: str, plan: SteerPlan) -> Steering:
-    """The steering for ``backend`` (the config's ``backend``), attached.  ``auto`` falls back
-    from xdp to nft, saying why; on macOS ``auto`` means bpfdev."""
-    if backend == "bpfdev" or (backend == "auto" and sys.platform == "darwin"):
+    """The steering for the config's ``backend``, attached: the first of its ``candidates`` that
+    is available and attaches.  ``auto`` falls back from xdp to nft, saying why."""
+    names = candidates(backend)
+    for name, then in zip(names, (*names[1:], None), strict=True):
+        why = unavailable(name)
+        if why is None:
+            try:
+                return _attach(name, plan)
+            except SteerError as e:
+                if then is None:
+                    raise
+                why = str(e)
+        elif then is None:
+            raise SteerError(f"backend {name}: {why}")
+        LOG.warning("%s backend unavailable (%s); using the %s backend", name, why, then)
+    raise AssertionError("candidates() is never empty")
+
+
+def _attach(name: str, plan: SteerPlan) -> Steering:
+    steering: Steering
+    if name == "bpfdev":
         from . import bpfdev
 
-        why = unavailable("bpfdev")
-        if why is not None:
-            raise SteerError(f"backend {why}")
-        mac = bpfdev.BpfDevSteering(plan)
-        mac.attach()
-        return mac
-    if sys.platform == "darwin":
-        raise SteerError(f"backend {backend}: Linux only; on macOS use auto or bpfdev")
-    from . import nft, xdp
+        steering = bpfdev.BpfDevSteering(plan)
+        steering.attach()
+    elif name == "xdp":
+        from . import xdp
 
-    if backend in ("auto", "xdp"):
-        reason = unavailable("xdp")
-        if reason is None:
-            steering = xdp.XdpSteering(plan)
-            try:
-                steering.attach()
-                load_notrack(plan)
-                return steering
-            except SteerError as e:
-                if backend == "xdp":
-                    raise
-                reason = str(e)
-        elif backend == "xdp":
-            raise SteerError(f"backend xdp: {reason}")
-        LOG.warning("xdp backend unavailable (%s); using the nft backend", reason)
-    why = unavailable("nft")
-    if why is not None:
-        raise SteerError(f"backend nft: {why}")
-    if plan.role == "server" and plan.syn_rate:
-        LOG.warning("the nft backend cannot enforce syn_rate: under a SYN flood established sessions slow down "
-                    "(docs/design.md, SYN admission)")
-    n = nft.NftSteering(plan)
-    n.attach()
-    return n
+        steering = xdp.XdpSteering(plan)
+        steering.attach()
+        load_notrack(plan)
+    else:
+        from . import nft
+
+        if plan.role == "server" and plan.syn_rate:
+            LOG.warning("the nft backend cannot enforce syn_rate: under a SYN flood established sessions slow down "
+                        "(docs/design.md, SYN admission)")
+        steering = nft.NftSteering(plan)
+        steering.attach()
+    return steering
 
 
 def load_notrack(plan: SteerPlan) -> None:
