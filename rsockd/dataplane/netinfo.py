@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 
+from ..core.packet import family_of
 from ..errors import RsockdError
 from ..steer.rtnl import Rtnl
 
@@ -22,7 +23,7 @@ from .netcommon import resolve as resolve
 
 
 def _text(packed: bytes) -> str:
-    return socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)
+    return socket.inet_ntop(family_of(packed), packed)
 
 
 def route_to(dest: str) -> Route:
