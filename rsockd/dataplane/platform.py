@@ -15,6 +15,8 @@ from .netcommon import Route, interface_exists, resolve
 
 #: Running on macOS: the Darwin implementations below are the ones in use.
 DARWIN = sys.platform == "darwin"
+#: The kernel makes the datagrams of a run sent in one ``sendmsg`` (``UDP_SEGMENT``): Linux only.
+UDP_GSO = sys.platform == "linux"
 
 if sys.platform == "darwin":  # spelled out (not DARWIN) so mypy checks the branch of its --platform
     from .netinfo_darwin import default_interfaces, interface_addresses, interface_mtu, interface_of, route_to
@@ -25,6 +27,7 @@ else:
 
 __all__ = [
     "DARWIN",
+    "UDP_GSO",
     "RawSender",
     "Route",
     "Sender",

@@ -28,6 +28,7 @@ def test_each_platform_gets_its_implementation(monkeypatch: pytest.MonkeyPatch, 
                                                raw: ModuleType) -> None:
     mod = _load_platform_as(monkeypatch, name)
     assert mod.DARWIN is (name == "darwin")
+    assert mod.UDP_GSO is (name == "linux")
     for fn in ("route_to", "interface_mtu", "interface_addresses", "interface_of", "default_interfaces"):
         assert getattr(mod, fn) is getattr(net, fn), fn
     assert mod.RawSender is raw.RawSender
