@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..caps import CAP_BPF, CAP_NET_ADMIN, CAP_NET_RAW, CAP_SYS_ADMIN, effective_caps
-from ..service.config import Config
+from ..service.config import Config, format_ports
 
 
 @dataclass
@@ -55,24 +55,37 @@ def check_caps() -> list[Result]:
     return out
 
 
-def check_backend(cfg: Config) -> list[Result]:
-    from ..steer import nft, xdp
+#: What to do when a backend is unavailable.
+_BACKEND_FIX = {"xdp": "install python3-bpfcc and kernel headers, or backend = nft",
+                "nft": "apt install nftables python3-nftables",
+                "bpfdev": "run as root on macOS"}
 
-    bcc = xdp.bcc_available()
-    nftr = nft.nft_available()
-    if cfg.backend == "xdp" and bcc:
-        return [Result("FAIL", f"backend xdp: {bcc}", "install python3-bpfcc and kernel headers, or backend = nft")]
-    if cfg.backend == "nft" and nftr:
-        return [Result("FAIL", f"backend nft: {nftr}", "apt install nftables python3-nftables")]
-    if bcc is None:
+
+def check_backend(cfg: Config) -> list[Result]:
+    """The backend the daemon would attach, asked the way it asks (``rsockd.steer.choose``)."""
+    from ..errors import SteerError
+    from ..steer.choose import candidates, unavailable
+
+    try:
+        names = candidates(cfg.backend)
+    except SteerError as e:
+        return [Result("FAIL", str(e), "backend = auto")]
+    why = {name: unavailable(name) for name in names}
+    usable = [name for name in names if why[name] is None]
+    if not usable:
+        if len(names) == 1:
+            return [Result("FAIL", f"backend {names[0]}: {why[names[0]]}", _BACKEND_FIX[names[0]])]
+        return [Result("FAIL", "no backend: " + "; ".join(f"{n}: {why[n]}" for n in names),
+                       "install python3-bpfcc + headers or nftables")]
+    if usable[0] != names[0]:
+        return [Result("warn", f"{names[0]} backend unavailable ({why[names[0]]}): will use the {usable[0]} backend")]
+    if usable[0] == "xdp":
         return [Result("ok", "bcc and kernel headers: xdp backend available")]
-    if nftr is None:
-        return [Result("warn", f"xdp backend unavailable ({bcc}): will use the nft backend")]
-    return [Result("FAIL", f"no backend: xdp: {bcc}; nft: {nftr}", "install python3-bpfcc + headers or nftables")]
+    return [Result("ok", f"{usable[0]} backend available")]
 
 
 def check_network(cfg: Config) -> list[Result]:
-    from ..dataplane.netinfo import default_interfaces, interface_addresses, interface_exists, resolve, route_to
+    from ..dataplane.platform import default_interfaces, interface_addresses, interface_exists, resolve, route_to
     from ..errors import RsockdError
 
     out = []
@@ -123,7 +136,7 @@ def check_ports(cfg: Config) -> list[Result]:
             out.append(Result("FAIL", f"tunnel ports not free: {', '.join(busy)}",
                               "stop what uses them or change ports"))
         else:
-            out.append(Result("ok", f"tunnel ports {_ports(cfg.ports)} free (tcp and udp)"))
+            out.append(Result("ok", f"tunnel ports {format_ports(cfg.ports)} free (tcp and udp)"))
     else:
         assert cfg.listen is not None
         host, port = cfg.listen
@@ -132,12 +145,6 @@ def check_ports(cfg: Config) -> list[Result]:
         out.append(Result("FAIL", f"listen {host}:{port}/udp {why}", "change listen") if why
                    else Result("ok", f"listen {host}:{port}/udp free"))
     return out
-
-
-def _ports(ports: tuple[int, ...]) -> str:
-    from ..steer.cbpf import port_ranges
-
-    return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in port_ranges(ports))
 
 
 def check_firewall(cfg: Config) -> list[Result]:
@@ -158,14 +165,16 @@ def check_firewall(cfg: Config) -> list[Result]:
         return [Result("ok", "host firewall: no input chain drops by policy")]
     text = out.stdout
     ports = set(cfg.ports) if cfg.role == "server" else set()
+    spec = format_ports(cfg.ports)
+    ufw = spec.replace("-", ":")  # ufw writes a range as 10001:10010
     if cfg.role == "client" or (any(str(p) in text for p in ports) and '"udp"' in text):
         return [Result("warn", "host firewall: an input chain drops by default; make sure it accepts the tunnel "
                                "ports as udp too (segments arrive as UDP after the XDP rewrite)",
-                       f"e.g. ufw allow {_ports(cfg.ports).replace('-', ':')}")]
+                       f"e.g. ufw allow {ufw}")]
     names = ", ".join(f"{c['family']} {c['table']} {c['name']}" for c in drops)
     return [Result("FAIL", f"host firewall: input chain {names} drops by policy and does not accept "
-                           f"udp {_ports(cfg.ports)}",
-                   f"allow tcp and udp {_ports(cfg.ports)} (e.g. ufw allow {_ports(cfg.ports).replace('-', ':')})")]
+                           f"udp {spec}",
+                   f"allow tcp and udp {spec} (e.g. ufw allow {ufw})")]
 
 
 def check_workers(cfg: Config) -> list[Result]:
@@ -190,8 +199,8 @@ def check_send_path(cfg: Config) -> list[Result]:
     if cfg.role != "client":
         return [Result("ok", 'send_path = "packet": each client\'s route is looked up when it connects')]
     from ..core.packet import pack_address
-    from ..dataplane.netinfo import resolve
     from ..dataplane.packetsend import resolve as resolve_l2
+    from ..dataplane.platform import resolve
     from ..steer.rtnl import Rtnl
 
     assert cfg.server is not None

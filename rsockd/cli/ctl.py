@@ -32,7 +32,7 @@ from typing import Any
 from .. import __version__
 from ..core.packet import TCP_MIN_HEADER, pseudo_sum, transport_checksum_ok
 from ..errors import InputError, RsockdError
-from ..service.config import DEFAULT_RUNTIME_DIR
+from ..service.config import DEFAULT_RUNTIME_DIR, format_ports
 from ..service.control import request
 
 EXIT_NOT_RUNNING = 3
@@ -223,12 +223,6 @@ def duration(seconds: float) -> str:
     return ago(seconds).removesuffix(" ago") if seconds >= 1 else "0 s"
 
 
-def ranges(ports: Sequence[int]) -> str:
-    from ..steer.cbpf import port_ranges
-
-    return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in port_ranges(ports))
-
-
 def render_status(st: dict[str, Any], style: Style) -> str:
     """The human form of a status payload (docs/control.md)."""
     rows: list[tuple[str, str]] = []
@@ -237,7 +231,7 @@ def render_status(st: dict[str, Any], style: Style) -> str:
     rows.append(("role", str(st["role"])))
     name = backend.get("name") or "none (udp transport only)"
     rows.append(("backend", name + (f" on {ifaces}" if ifaces else "")))
-    rows.append(("ports", f"{ranges(st['ports'])} ({'+'.join(st['transports'])})"))
+    rows.append(("ports", f"{format_ports(st['ports'])} ({'+'.join(st['transports'])})"))
     if st["role"] == "server":
         rows.append(("target", str(st.get("target"))))
         rows.append(("peers", ", ".join(st.get("peers", [])) or "none"))
@@ -254,7 +248,7 @@ def render_status(st: dict[str, Any], style: Style) -> str:
         rows.append(("sessions", f"{st.get('sessions', 0)}, {st.get('half_open', 0)} half-open"))
     rows.append(("flows", str(st.get("flows", 0))))
     if st.get("by_worker"):
-        parts = [f"{w['index']} (pid {w['pid']}, ports {ranges(w['ports'])}: "
+        parts = [f"{w['index']} (pid {w['pid']}, ports {format_ports(w['ports'])}: "
                  + (style.bad(w["error"]) if "error" in w else f"{w['connections']} up, {w['flows']} flows") + ")"
                  for w in st["by_worker"]]
         rows.append(("workers", f"{len(parts)}: " + "; ".join(parts)))

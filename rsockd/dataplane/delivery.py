@@ -6,11 +6,11 @@ import errno
 import logging
 import socket
 import struct
-import sys
 from collections import Counter
 from typing import Any
 
 from ..core.batching import runs
+from .platform import UDP_GSO
 
 LOG = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class Delivery:
 
     def __init__(self, errors: Counter[str]) -> None:
         self.errors = errors
-        self.gso = sys.platform == "linux"
+        self.gso = UDP_GSO
         self.queues: dict[tuple[socket.socket, Any], tuple[str, list[bytes]]] = {}
 
     def add(self, sock: socket.socket, addr: Any, label: str, data: bytes) -> None:

@@ -2,40 +2,32 @@
 
 Linux asks rtnetlink directly (``rsockd.rtnl``): pyroute2 would cost the daemon 10 MB of memory,
 and interface facts must come from netlink, not /sys (a daemon placed in a namespace by systemd's
-``NetworkNamespacePath=`` still sees the host's sysfs).  On macOS the same functions come from
-``rsockd.netinfo_darwin`` (``route``, ``ifconfig``).
+``NetworkNamespacePath=`` still sees the host's sysfs).  ``netinfo_darwin`` has the same
+functions for macOS; ``rsockd.dataplane.platform`` picks one of the two (import from there).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
-import sys
-from dataclasses import dataclass
 
+from ..core.packet import family_of
 from ..errors import RsockdError
 from ..steer.rtnl import Rtnl
 
-_DARWIN = sys.platform == "darwin"
-
-
-@dataclass(frozen=True)
-class Route:
-    interface: str
-    source: str | None
-    mtu: int
+# Re-exported for the callers that still import them from here (rsockd.dataplane.platform is
+# where they belong).
+from .netcommon import Route as Route
+from .netcommon import interface_exists as interface_exists
+from .netcommon import resolve as resolve
 
 
 def _text(packed: bytes) -> str:
-    return socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)
+    return socket.inet_ntop(family_of(packed), packed)
 
 
 def route_to(dest: str) -> Route:
     """The interface and source address the kernel would use to reach ``dest``."""
-    if _DARWIN:
-        from . import netinfo_darwin
-
-        return netinfo_darwin.route_to(dest)
     packed = ipaddress.ip_address(dest).packed
     with Rtnl() as nl:
         try:
@@ -51,10 +43,6 @@ def route_to(dest: str) -> Route:
 
 
 def interface_mtu(name: str) -> int:
-    if _DARWIN:
-        from . import netinfo_darwin
-
-        return netinfo_darwin.interface_mtu(name)
     with Rtnl() as nl:
         link = nl.link(name)
     if link is None:
@@ -62,20 +50,8 @@ def interface_mtu(name: str) -> int:
     return int(link.mtu) or 1500
 
 
-def interface_exists(name: str) -> bool:
-    try:
-        socket.if_nametoindex(name)
-        return True
-    except OSError:
-        return False
-
-
 def interface_addresses(name: str) -> list[str]:
     """Every address on ``name`` (IPv4 and IPv6, link-local included)."""
-    if _DARWIN:
-        from . import netinfo_darwin
-
-        return netinfo_darwin.interface_addresses(name)
     try:
         index = socket.if_nametoindex(name)
     except OSError:
@@ -86,10 +62,6 @@ def interface_addresses(name: str) -> list[str]:
 
 def interface_of(address: str) -> str | None:
     """The interface holding ``address``, if any."""
-    if _DARWIN:
-        from . import netinfo_darwin
-
-        return netinfo_darwin.interface_of(address)
     want = ipaddress.ip_address(address).packed
     with Rtnl() as nl:
         for index, addr in nl.addresses():
@@ -100,10 +72,6 @@ def interface_of(address: str) -> str | None:
 
 def default_interfaces() -> list[str]:
     """Interfaces holding a default route (IPv4 first), without duplicates."""
-    if _DARWIN:
-        from . import netinfo_darwin
-
-        return netinfo_darwin.default_interfaces()
     out: list[str] = []
     with Rtnl() as nl:
         for family in (socket.AF_INET, socket.AF_INET6):
@@ -112,16 +80,3 @@ def default_interfaces() -> list[str]:
                 if name not in out:
                     out.append(name)
     return out
-
-
-def resolve(host: str, family: int = 0) -> str:
-    """An IP literal for ``host`` (IP literals are returned as they are)."""
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None, family, socket.SOCK_DGRAM)
-    except socket.gaierror as e:
-        raise RsockdError(f"cannot resolve {host}: {e.strerror}") from None
-    return str(infos[0][4][0])

@@ -1,8 +1,8 @@
 """What the host's network looks like on macOS: routes, interfaces, addresses, MTUs.
 
-The same functions as ``rsockd.netinfo`` (which dispatches here on Darwin), from the two tools
-every macOS has: ``route -n get`` (route(8): the routing socket's answer for one destination)
-and ``ifconfig`` (interfaces, their MTU and addresses).  Their output is parsed by the pure
+The same functions as ``netinfo`` (Linux; ``rsockd.dataplane.platform`` picks one of the two),
+from the two tools every macOS has: ``route -n get`` (route(8): the routing socket's answer for
+one destination) and ``ifconfig`` (interfaces, their MTU and addresses).  Their output is parsed by the pure
 ``parse_*`` functions; the source address towards a destination comes from the kernel's own
 source selection, by connecting a UDP socket (which sends nothing).
 """
@@ -16,7 +16,7 @@ import subprocess
 from dataclasses import dataclass, field
 
 from ..errors import RsockdError
-from .netinfo import Route
+from .netcommon import Route
 
 ROUTE = "/sbin/route"
 IFCONFIG = "/sbin/ifconfig"

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from ..core.packet import PROTO_TCP, pseudo_sum
 from ..steer.rtnl import ARPHRD_ETHER, Rtnl
-from .rawsock import SNDBUF, SO_MARK, TCP_CHECK, Sender, SocketSender
+from .rawsock import SO_MARK, TCP_CHECK, Sender, SocketSender, grow_sndbuf
 
 SOL_PACKET = 263
 PACKET_VNET_HDR = 15
@@ -89,10 +89,7 @@ class PacketSender(SocketSender):
             try:
                 s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
                 s.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
-                try:
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
-                except OSError:
-                    pass  # above the system's maximum: keep the default
+                grow_sndbuf(s)
                 s.bind((route.ifname, 0))
                 s.setblocking(False)
             except BaseException:

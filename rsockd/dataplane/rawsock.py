@@ -37,6 +37,15 @@ Sender = Callable[[bytes, list[bytes]], None]
 TCP_CHECK = 16  # offset of the TCP checksum field
 
 
+def grow_sndbuf(s: socket.socket) -> None:
+    """Give ``s`` a send buffer of ``SNDBUF`` bytes where the system allows it: Linux caps a larger
+    value at ``net.core.wmem_max``, macOS refuses it (``ENOBUFS``) and the default stays."""
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+    except OSError:
+        pass
+
+
 class SocketSender:
     """Sockets opened on first use, by a number (an address family, a link); send failures
     counted into ``errors`` by errno name, and logged once per kind."""
@@ -80,10 +89,7 @@ class RawSender(SocketSender):
                 s = self._open(family)
             except PermissionError:
                 raise RsockdError(self.NEED_ROOT) from None
-            try:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
-            except OSError:
-                pass  # above the system's maximum: keep the default
+            grow_sndbuf(s)
             s.setblocking(False)
             self._socks[family] = s
         return s

@@ -41,18 +41,14 @@ from ..core.endpoint import (
     max_datagram,
 )
 from ..core.faketcp import Connection, HostPort, State
-from ..core.packet import pack_address
+from ..core.packet import family_of, pack_address
 from ..core.session import FlowKey, FlowTable
 from ..errors import RsockdError
 from ..logs import RateLimit
 from ..steer import Receiver
 from .delivery import Delivery
-from .netinfo import Route, interface_mtu, resolve, route_to
+from .platform import DARWIN, RawSender, Route, Sender, interface_addresses, interface_mtu, resolve, route_to
 
-if sys.platform == "darwin":
-    from .rawsock_darwin import RawSender, Sender
-else:
-    from .rawsock import RawSender, Sender
 if TYPE_CHECKING:
     from ..service.config import Config
     from .packetsend import L2Route, PacketSender
@@ -61,10 +57,9 @@ LOG = logging.getLogger(__name__)
 
 # Fallbacks for a Python built without them: Linux's values, or macOS's (<netinet/in.h>,
 # <netinet6/in6.h> with RFC 3542: they differ).
-_DARWIN = sys.platform == "darwin"
-IP_PKTINFO = getattr(socket, "IP_PKTINFO", 26 if _DARWIN else 8)
-IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 61 if _DARWIN else 49)
-IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 46 if _DARWIN else 50)
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 26 if DARWIN else 8)
+IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 61 if DARWIN else 49)
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 46 if DARWIN else 50)
 BUF = 65536 + 64
 BATCH = 256  # datagrams read per socket per wake-up before yielding to the loop
 SOCKBUF = 4 << 20
@@ -111,7 +106,7 @@ def _errname(e: OSError) -> str:
 
 def peer_text(remote: HostPort) -> str:
     """``address:port`` (IPv6 in brackets) of a packed endpoint."""
-    fam = socket.AF_INET if len(remote[0]) == 4 else socket.AF_INET6
+    fam = family_of(remote[0])
     a = socket.inet_ntop(fam, remote[0])
     return f"{a}:{remote[1]}" if fam == socket.AF_INET else f"[{a}]:{remote[1]}"
 
@@ -261,8 +256,6 @@ class Relay:
         if self.cfg.local_ip:
             self.endpoint.set_local_addresses({pack_address(self.cfg.local_ip)})
             return
-        from .netinfo import interface_addresses
-
         found: set[bytes] = set()
         for name in self.interfaces:
             try:
@@ -316,8 +309,7 @@ class Relay:
             self._path(t.local[0], t.remote[0])(t.header, t.payloads)
             return
         sock = self._udp_socket(t.local)
-        fam = socket.AF_INET if len(t.remote[0]) == 4 else socket.AF_INET6
-        dst = (socket.inet_ntop(fam, t.remote[0]), t.remote[1])
+        dst = (socket.inet_ntop(family_of(t.remote[0]), t.remote[0]), t.remote[1])
         for p in t.payloads:
             try:
                 sock.sendto(t.header + p if p else t.header, dst)
@@ -471,7 +463,7 @@ class ServerRelay(Relay):
             return False
 
     def _udp_socket(self, local: HostPort) -> socket.socket:
-        return self._tunnel[(socket.AF_INET if len(local[0]) == 4 else socket.AF_INET6, local[1])]
+        return self._tunnel[(family_of(local[0]), local[1])]
 
     def _on_tunnel(self, sock: socket.socket, family: int, port: int) -> None:
         buf, view = self._buf, self._view

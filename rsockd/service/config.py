@@ -34,7 +34,7 @@ Host names: ``target``, ``server`` and ``listen`` accept IP literals and host na
 checked for syntax only here and resolved by the daemon.  ``local_ip`` must be an IP literal.
 IP literals are returned normalised (``str(ipaddress.ip_address(...))``).
 
-``parse_ports`` is the project's one port-range parser; ``parse_hostport`` and
+``parse_ports`` is the project's one port-range parser (``format_ports`` writes its form); ``parse_hostport`` and
 ``parse_address`` are the address parsers.  This module reads one file and nothing else.
 """
 
@@ -49,21 +49,21 @@ import os
 import re
 import sys
 import textwrap
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Literal, NoReturn, TypeVar, cast
 
 from .. import __version__
+from ..core.faketcp import Role, Transport
 from ..errors import ConfigError
-from ..steer import Role
+from ..steer.cbpf import port_ranges
 
 if sys.version_info >= (3, 11):  # noqa: UP036 - tomli stays the fallback the packaging names
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-Transport = Literal["tcp", "udp"]
 TransportType = Literal["tcp", "udp", "all"]
 Backend = Literal["auto", "xdp", "nft", "bpfdev"]
 XdpMode = Literal["auto", "native", "skb"]
@@ -590,6 +590,11 @@ def parse_ports(spec: str | int | Sequence[int | str], *, source: str | None = N
     range``), ports outside 1..65535, anything not a number, nothing at all.
     """
     return _ports(spec, source, key)
+
+
+def format_ports(ports: Iterable[int]) -> str:
+    """``parse_ports`` backwards: sorted ports as merged ranges, ``80,443-444,10001-10010``."""
+    return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in port_ranges(ports))
 
 
 # ---------------------------------------------------------------------------------------------

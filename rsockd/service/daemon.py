@@ -26,6 +26,7 @@ from ..dataplane.relay import ClientRelay, Relay, ServerRelay
 from ..errors import ConfigError, RsockdError, SteerError
 from ..logs import setup as setup_logging
 from ..steer import STEER_COUNTERS, Steering, SteerPlan
+from ..steer.choose import choose_steering, cleanup_stale, unload_notrack
 from .config import Config, load_invocation
 from .control import ControlServer
 from .notify import Notifier
@@ -39,91 +40,6 @@ LOG = logging.getLogger("rsockd")
 LIVE_KEYS = {"key", "keepalive", "dead_timeout", "syn_timeout", "reconnect_min", "reconnect_max", "log_level",
              "duration", "target", "hello_skew", "max_sessions", "max_flows", "max_conns_per_client", "backlog",
              "syn_rate", "syn_burst"}
-
-
-def cleanup_stale(instance: str) -> list[str]:
-    """Remove what a dead daemon of ``instance`` left attached (any backend)."""
-    removed: list[str] = []
-    if sys.platform == "darwin":
-        from ..steer import bpfdev
-
-        with contextlib.suppress(SteerError, OSError):
-            removed += bpfdev.cleanup_stale(instance)
-        return removed
-    if sys.platform != "linux":
-        return removed
-    from ..steer import nft, xdp
-
-    with contextlib.suppress(SteerError, OSError, ImportError):
-        removed += xdp.cleanup_stale(instance)
-    with contextlib.suppress(SteerError, OSError, ImportError):
-        if nft.nft_available() is None and nft.cleanup_stale(instance):
-            removed.append(f"nft table {nft.table_name(instance)}")
-    return removed
-
-
-def choose_steering(cfg: Config, plan: SteerPlan) -> Steering:
-    """The backend for ``cfg.backend``, attached.  ``auto`` falls back from xdp to nft, saying why;
-    on macOS ``auto`` means bpfdev."""
-    if cfg.backend == "bpfdev" or (cfg.backend == "auto" and sys.platform == "darwin"):
-        from ..steer import bpfdev
-
-        why = bpfdev.bpfdev_available()
-        if why is not None:
-            raise SteerError(f"backend {why}")
-        mac = bpfdev.BpfDevSteering(plan)
-        mac.attach()
-        return mac
-    if sys.platform == "darwin":
-        raise SteerError(f"backend {cfg.backend}: Linux only; on macOS use auto or bpfdev")
-    from ..steer import nft, xdp
-
-    if cfg.backend in ("auto", "xdp"):
-        reason = xdp.bcc_available()
-        if reason is None:
-            steering = xdp.XdpSteering(plan)
-            try:
-                steering.attach()
-                _load_notrack(plan)
-                return steering
-            except SteerError as e:
-                if cfg.backend == "xdp":
-                    raise
-                reason = str(e)
-        elif cfg.backend == "xdp":
-            raise SteerError(f"backend xdp: {reason}")
-        LOG.warning("xdp backend unavailable (%s); using the nft backend", reason)
-    why = nft.nft_available()
-    if why is not None:
-        raise SteerError(f"backend nft: {why}")
-    if plan.role == "server" and plan.syn_rate:
-        LOG.warning("the nft backend cannot enforce syn_rate: under a SYN flood established sessions slow down "
-                    "(docs/design.md, SYN admission)")
-    n = nft.NftSteering(plan)
-    n.attach()
-    return n
-
-
-def _load_notrack(plan: SteerPlan) -> None:
-    """Exempt our marked raw sends from the host's conntrack (docs/design.md, Marks and conntrack)."""
-    from ..steer import nft
-
-    why = nft.nft_available()
-    if why is not None:
-        LOG.warning("no notrack rule for our packets (%s): a firewall dropping INVALID in output would drop them", why)
-        return
-    try:
-        nft.load_notrack(plan.instance, plan.mark)
-    except SteerError as e:
-        LOG.warning("no notrack rule for our packets: %s", e)
-
-
-def _unload_notrack(instance: str) -> None:
-    from ..steer import nft
-
-    with contextlib.suppress(SteerError, OSError, ImportError):
-        if nft.nft_available() is None:
-            nft.unload(instance)
 
 
 def _stall() -> dict[str, Any]:
@@ -284,7 +200,7 @@ class Daemon:
         asyncio.get_running_loop().create_task(self._rebuild(self.cfg))
 
     def _server_interfaces(self) -> tuple[str, ...]:
-        from ..dataplane.netinfo import default_interfaces, interface_exists, interface_of
+        from ..dataplane.platform import default_interfaces, interface_exists, interface_of
 
         cfg = self.cfg
         if cfg.dev:
@@ -312,7 +228,7 @@ class Daemon:
         self.notifier.extend_timeout(30)
         ticker = loop.call_later(10, self._extend_while_attaching)
         try:
-            return await loop.run_in_executor(None, choose_steering, self.cfg, plan)
+            return await loop.run_in_executor(None, choose_steering, self.cfg.backend, plan)
         finally:
             ticker.cancel()
 
@@ -407,7 +323,7 @@ class Daemon:
         if steering is not None:
             steering.detach()
             if steering.name == "xdp":
-                _unload_notrack(self.cfg.instance)
+                unload_notrack(self.cfg.instance)
 
     # -- watchdog and status --------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-Role = Literal["server", "client"]
+from ..core.faketcp import Role
 
 #: Counter names every backend reports (missing ones read as 0).
 STEER_COUNTERS = (

@@ -33,6 +33,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NoReturn
 
+from ..core.faketcp import Role
 from ..core.packet import pack_address
 
 # ---------------------------------------------------------------------------------------------
@@ -421,7 +422,7 @@ def port_ranges(ports: Iterable[int]) -> list[tuple[int, int]]:
 
 
 def tunnel_filter(
-    role: Literal["server", "client"],
+    role: Role,
     tunnel_ports: Iterable[int],
     local_ports: Iterable[int] = (),
     peers: Iterable[str | bytes] = (),

@@ -21,6 +21,8 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ..core.packet import family_of
+
 SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10
 NETLINK_EXT_ACK = 11
@@ -282,7 +284,7 @@ class Rtnl:
     def route_get(self, dst: bytes, mark: int = 0) -> RouteInfo | None:
         """``ip route get`` for a packed IPv4/IPv6 address (``mark``: as for a packet with that
         SO_MARK); None when there is no route."""
-        family = socket.AF_INET if len(dst) == 4 else socket.AF_INET6
+        family = family_of(dst)
         payload = _RTMSG.pack(family, len(dst) * 8, 0, 0, 0, 0, 0, 0, 0) + _attr(RTA_DST, dst)
         if mark:
             payload += _attr(RTA_MARK, struct.pack("=I", mark))
@@ -309,7 +311,7 @@ class Rtnl:
     def neighbour(self, ifindex: int, addr: bytes) -> bytes | None:
         """The link-layer address of neighbour ``addr`` on link ``ifindex`` when the kernel has a
         usable one (``ip neigh get``); None when it has none or is still resolving it."""
-        family = socket.AF_INET if len(addr) == 4 else socket.AF_INET6
+        family = family_of(addr)
         payload = _NDMSG.pack(family, ifindex, 0, 0, 0) + _attr(NDA_DST, addr)
         try:
             replies = self._request("neighbour get", RTM_GETNEIGH, NLM_F_REQUEST, payload)

@@ -31,7 +31,7 @@ import pytest
 from rsockd.core.packet import ACK
 from rsockd.steer import SteerPlan, bpfdev, cbpf
 from rsockd.steer.bpfdev import DLT_EN10MB, DLT_NULL, DLT_RAW
-from tests.integration.test_cbpf_kernel import LOCAL, PORTS, Sender, cases, segment, wrong_peers
+from tests.integration.test_cbpf_kernel import LOCAL, PORTS, Sender, cases, pair_with_wrong_peers, segment
 from tests.netns import NetnsPair
 from tests.unit.test_bpfdev_records import bpf_buffer
 
@@ -44,10 +44,7 @@ AF_INET_DARWIN, AF_INET6_DARWIN = 2, 30
 
 @pytest.fixture(scope="module")
 def net() -> Iterator[NetnsPair]:
-    with NetnsPair() as pair:
-        x4, x6 = wrong_peers(pair)
-        pair.run("c", ["ip", "addr", "add", f"{x4}/24", "dev", pair.dev["c"]])
-        pair.run("c", ["ip", "addr", "add", f"{x6}/64", "dev", pair.dev["c"], "nodad"])
+    with pair_with_wrong_peers() as pair:
         yield pair
 
 

@@ -14,6 +14,7 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -86,12 +87,19 @@ def wrong_peers(net: NetnsPair) -> tuple[str, str]:
     return net.cli4.rsplit(".", 1)[0] + ".7", net.cli6.rsplit(":", 1)[0] + ":7"
 
 
-@pytest.fixture(scope="module")
-def net() -> Iterator[NetnsPair]:
+@contextmanager
+def pair_with_wrong_peers() -> Iterator[NetnsPair]:
+    """A namespace pair whose client also holds the ``wrong_peers`` addresses."""
     with NetnsPair() as pair:
         x4, x6 = wrong_peers(pair)
         pair.run("c", ["ip", "addr", "add", f"{x4}/24", "dev", pair.dev["c"]])
         pair.run("c", ["ip", "addr", "add", f"{x6}/64", "dev", pair.dev["c"], "nodad"])
+        yield pair
+
+
+@pytest.fixture(scope="module")
+def net() -> Iterator[NetnsPair]:
+    with pair_with_wrong_peers() as pair:
         yield pair
 
 

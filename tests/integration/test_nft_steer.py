@@ -22,7 +22,7 @@ from rsockd.core.packet import ACK, PSH, RST, SYN, parse_ip, parse_tcp
 from rsockd.errors import PacketError, SteerError
 from rsockd.steer import SteerPlan
 from rsockd.steer.nft import NftSteering, cleanup_stale, load_notrack, nft_available, ruleset, table_name, unload
-from tests.integration.test_cbpf_kernel import Sender, segment, wrong_peers
+from tests.integration.test_cbpf_kernel import Sender, pair_with_wrong_peers, segment, wrong_peers
 from tests.netns import NetnsPair
 
 PORTS = frozenset({443, *range(10001, 10011)})
@@ -38,10 +38,8 @@ Probe = tuple[str, str, int, int]  # src, dst, sport, dport of a segment sent
 
 @pytest.fixture(scope="module")
 def net() -> Iterator[NetnsPair]:
-    with NetnsPair() as pair:
+    with pair_with_wrong_peers() as pair:
         x4, x6 = wrong_peers(pair)
-        pair.run("c", ["ip", "addr", "add", f"{x4}/24", "dev", pair.dev["c"]])
-        pair.run("c", ["ip", "addr", "add", f"{x6}/64", "dev", pair.dev["c"], "nodad"])
         mac = json.loads(pair.run("c", ["ip", "-j", "link", "show", pair.dev["c"]]).stdout)[0]["address"]
         for addr in (x4, x6):  # the server answers the wrong peer at once, without ARP/ND
             pair.run("s", ["ip", "neigh", "replace", addr, "lladdr", mac, "dev", pair.dev["s"], "nud", "permanent"])

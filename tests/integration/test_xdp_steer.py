@@ -302,6 +302,19 @@ class Env:
         result: dict[str, int] = self.helper.call("counters")
         return result
 
+    def close(self) -> None:
+        """Close the sockets, then detach and stop the helper (detached even when closing fails)."""
+        try:
+            for s in self.socks.values():
+                s.close()
+            self.send.close()
+            self.cap.close()
+        finally:
+            try:
+                self.helper.call("detach")
+            finally:
+                self.helper.close()
+
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[Env]:
@@ -322,14 +335,7 @@ def server() -> Iterator[Env]:
             }
             yield env
         finally:
-            for s in env.socks.values():
-                s.close()
-            send.close()
-            cap.close()
-            try:
-                helper.call("detach")
-            finally:
-                helper.close()
+            env.close()
 
 
 def test_server_attached_native(server: Env) -> None:
@@ -529,14 +535,7 @@ def client() -> Iterator[Env]:
                 env.socks["tcp"].bind((net.cli4, LOCAL_PORT))
             yield env
         finally:
-            for s in env.socks.values():
-                s.close()
-            send.close()
-            cap.close()
-            try:
-                helper.call("detach")
-            finally:
-                helper.close()
+            env.close()
 
 
 def test_client_attached_skb(client: Env) -> None:

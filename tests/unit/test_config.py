@@ -25,6 +25,7 @@ from rsockd.service.config import (
     Config,
     Invocation,
     example_toml,
+    format_ports,
     load,
     load_invocation,
     parse_address,
@@ -603,6 +604,12 @@ def test_parse_ports_round_trip(items: list[tuple[tuple[str, set[int]], str, str
     # The result, written back as a list or as text, parses to itself.
     assert parse_ports(list(result)) == result
     assert parse_ports(",".join(map(str, result))) == result
+    assert parse_ports(format_ports(result)) == result
+
+
+def test_format_ports_merges_runs() -> None:
+    assert format_ports([10003, 80, 10001, 443, 10002, 444]) == "80,443-444,10001-10003"
+    assert format_ports((8388,)) == "8388"
 
 
 _garbage = st.one_of(
