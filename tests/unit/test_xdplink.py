@@ -7,7 +7,9 @@ tests/integration/test_pyroute2_gaps.py shows the same gaps against the kernel.
 
 from __future__ import annotations
 
+import json
 import struct
+import subprocess
 import sys
 
 import pytest
@@ -55,3 +57,13 @@ def test_pyroute2_does_not_decode_tca_bpf_id() -> None:
     assert decoded.get_attr("TCA_BPF_NAME") == "rsockd_guard"
     assert decoded.get_attr("TCA_BPF_ID") is None
     assert 42 not in [v for _name, v, *_ in decoded["attrs"]]  # not under another name either
+
+
+def test_pyroute2_is_imported_only_when_netlink_is_asked() -> None:
+    """pyroute2 is Linux-only and costs the daemon ~11 MB: importing rsockd's modules (as on
+    macOS) loads none of it."""
+    code = ("import json, sys, rsockd.dataplane.relay, rsockd.dataplane.packetsend, rsockd.cli.check, "
+            "rsockd.steer.xdp, rsockd.steer.bcc_loader\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'pyroute2')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []
