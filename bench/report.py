@@ -6,6 +6,9 @@ from collections.abc import Callable
 from typing import Any
 
 MET, NOT_MET, NA = "met", "not met", "n/a"
+#: The daemon's memory budget, MB (VmRSS).  pyroute2 0.7, which answers the daemon's route, link
+#: and neighbour questions, loads all of its modules on import (about 11 MB).
+RSS_BUDGET_MB = 45.0
 
 
 def _get(d: Any, *path: str) -> Any:
@@ -78,6 +81,10 @@ def evaluate_targets(data: dict[str, Any]) -> list[dict[str, Any]]:
     nvx = _get(r, "nft_vs_xdp") or {}
     add("nft_vs_xdp", "nft backend vs xdp backend, sustained rate (worst size)", ">= 70 % of xdp",
         min(nvx.values()) if nvx and None not in nvx.values() else None, lambda v: v >= 0.70, "ratio", detail=nvx)
+    rss = [v for label in data.get("rsockd", {}) for who in ("server", "client")
+           if isinstance(v := _get(data, "rsockd", label, "rss", who, "rss_mb"), (int, float))]
+    add("rss_daemons", "RSS of each daemon, every backend (largest)", f"<= {RSS_BUDGET_MB:.0f} MB",
+        max(rss) if rss else None, lambda v: v <= RSS_BUDGET_MB, "MB")
     return out
 
 

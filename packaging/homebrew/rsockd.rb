@@ -23,7 +23,7 @@ class Rsockd < Formula
   # The example's runtime_dir line, and what it becomes in a macOS etc/rsockd/rsockd.toml.
   MACOS_RUNTIME_DIR = ['#runtime_dir = "/run/rsockd"', 'runtime_dir = "/var/run/rsockd"'].freeze
 
-  # No resource blocks: of pyproject.toml's dependencies, sdnotify is marked
+  # No resource blocks: of pyproject.toml's dependencies, pyroute2 and sdnotify are marked
   # sys_platform == 'linux' and tomli python_version < '3.11', so on macOS with Python 3.12 rsockd
   # needs nothing from PyPI at run time.  (The build backend, setuptools, comes into pip's
   # isolated build environment: virtualenv_install_with_resources builds with isolation.)

@@ -199,14 +199,13 @@ def check_send_path(cfg: Config) -> list[Result]:
     if cfg.role != "client":
         return [Result("ok", 'send_path = "packet": each client\'s route is looked up when it connects')]
     from ..core.packet import pack_address
-    from ..dataplane.packetsend import resolve as resolve_l2
+    from ..dataplane.packetsend import resolve_all
     from ..dataplane.platform import resolve
-    from ..steer.rtnl import Rtnl
 
     assert cfg.server is not None
     server = resolve(cfg.server)
-    with Rtnl() as nl:
-        route = resolve_l2(nl, pack_address(server), cfg.mark)
+    dst = pack_address(server)
+    route = resolve_all([dst], cfg.mark)[dst]
     if route is None:
         return [Result("warn", f'send_path = "packet": no Ethernet route with a known next hop to {server} yet; '
                        "raw sockets until there is", "fine when the next hop is not resolved yet")]

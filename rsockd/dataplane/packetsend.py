@@ -21,10 +21,11 @@ from __future__ import annotations
 import socket
 import struct
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..core.packet import PROTO_TCP, pseudo_sum
-from ..steer.rtnl import ARPHRD_ETHER, Rtnl
+from ..netlink import ARPHRD_ETHER, Host
 from .rawsock import SO_MARK, TCP_CHECK, Sender, SocketSender, grow_sndbuf
 
 SOL_PACKET = 263
@@ -51,19 +52,26 @@ class L2Route:
     dst_mac: bytes
 
 
-def resolve(nl: Rtnl, dst: bytes, mark: int) -> L2Route | None:
+def resolve(host: Host, dst: bytes, mark: int) -> L2Route | None:
     """The Ethernet route to ``dst`` (packed) as the kernel would send a packet with ``mark``;
     None when the route's link is not Ethernet or the next hop's MAC is not known yet."""
-    info = nl.route_get(dst, mark)
+    info = host.route_get(dst, mark)
     if info is None:
         return None
-    link = nl.link(index=info.oif)
+    link = host.link(index=info.oif)
     if link is None or link.type != ARPHRD_ETHER or len(link.address) != 6:
         return None
-    mac = nl.neighbour(info.oif, info.gateway or dst)
+    mac = host.neighbour(info.oif, info.gateway or dst)
     if mac is None or len(mac) != 6:
         return None
     return L2Route(info.oif, link.name, link.address, mac)
+
+
+def resolve_all(dsts: Iterable[bytes], mark: int) -> dict[bytes, L2Route | None]:
+    """``resolve`` for every destination, through one netlink socket.  Raises ``OSError`` when
+    netlink cannot be asked at all."""
+    with Host() as host:
+        return {dst: resolve(host, dst, mark) for dst in dsts}
 
 
 def _fold(s: int) -> int:

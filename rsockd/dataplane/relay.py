@@ -184,13 +184,10 @@ class Relay:
 
     def _resolve_l2(self, dsts: set[bytes]) -> None:
         """Look the Ethernet routes of ``dsts`` up (one netlink socket for them all) into the cache."""
-        from ..steer.rtnl import Rtnl
-        from .packetsend import resolve as resolve_l2
+        from .packetsend import resolve_all
 
         try:
-            with Rtnl() as nl:
-                for dst in dsts:
-                    self._l2[dst] = resolve_l2(nl, dst, self.cfg.mark)
+            self._l2.update(resolve_all(dsts, self.cfg.mark))
         except OSError as e:
             LOG.warning("packet send path: cannot look up routes: %s", e)
         for dst in dsts:

@@ -43,18 +43,20 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import SteerError
+from ..netlink import Host, Link
 from . import bpfsys
 from .bpfsys import MAP_NAMES, PinnedMaps
-from .rtnl import (
-    ETH_P_ALL,
-    TC_PARENT_EGRESS,
-    XDP_FLAGS_UPDATE_IF_NOEXIST,
-    XDP_MODE_FLAGS,
-    Link,
-    Rtnl,
-    TcFilter,
+from .xdp import (
+    GUARD_PROG_NAME,
+    XDP_PROG_NAME,
+    bcc_available,
+    clsact_add,
+    drop_empty_clsact,
+    filter_del,
+    guard_add,
+    guard_handle,
 )
-from .xdp import GUARD_PRIO, GUARD_PROG_NAME, XDP_PROG_NAME, bcc_available, drop_empty_clsact, guard_handle
+from .xdplink import XDP_FLAGS_UPDATE_IF_NOEXIST, XDP_MODE_FLAGS, TcFilter, xdp_set
 
 SOURCES = ("rsockd.h", "ingress.c", "egress.c")  # compiled as one text, in this order (see rsockd.h)
 
@@ -196,13 +198,13 @@ class Undo:
                 print(f"bcc loader: undoing {what}: {bpfsys.os_error_text(e)}", file=sys.stderr)
 
 
-def attach_xdp(rtnl: Rtnl, link: Link, fd: int, mode: str) -> str:
+def attach_xdp(link: Link, fd: int, mode: str) -> str:
     """Attach in ``mode``; under ``auto`` native first, then skb.  Returns the mode used."""
     errors: list[str] = []
     for m in ("native", "skb") if mode == "auto" else (mode,):
         try:
-            rtnl.xdp_set(link.index, fd, XDP_MODE_FLAGS[m] | XDP_FLAGS_UPDATE_IF_NOEXIST,
-                         what=f"{link.name}: attach XDP ({m})")
+            xdp_set(link.index, fd, XDP_MODE_FLAGS[m] | XDP_FLAGS_UPDATE_IF_NOEXIST,
+                    what=f"{link.name}: attach XDP ({m})")
             return m
         except OSError as e:
             errors.append(bpfsys.os_error_text(e))
@@ -211,10 +213,10 @@ def attach_xdp(rtnl: Rtnl, link: Link, fd: int, mode: str) -> str:
     raise LoaderError("; ".join(errors))
 
 
-def _lookup_links(rtnl: Rtnl, names: tuple[str, ...]) -> list[Link]:
+def _lookup_links(host: Host, names: tuple[str, ...]) -> list[Link]:
     links = []
     for name in names:
-        link = rtnl.link(name)
+        link = host.link(name)
         if link is None:
             raise LoaderError(f"interface {name} does not exist")
         for mode, prog_id in link.xdp.items():
@@ -227,13 +229,13 @@ def _lookup_links(rtnl: Rtnl, names: tuple[str, ...]) -> list[Link]:
 def load(req: Request) -> dict[str, Any]:
     """Do the work; returns the success reply.  Raises ``LoaderError``; undoes on failure."""
     started = time.monotonic()
-    with Rtnl() as rtnl:
-        links = _lookup_links(rtnl, req.interfaces)  # before the slow compile
+    with Host() as host:
+        links = _lookup_links(host, req.interfaces)  # before the slow compile
         bpf, xdp_fn, guard_fn = compile_programs()
         compile_s = time.monotonic() - started
         undo = Undo()
         try:
-            reply = _install(rtnl, req, links, bpf, xdp_fn, guard_fn, undo)
+            reply = _install(host, req, links, bpf, xdp_fn, guard_fn, undo)
         except (LoaderError, SteerError, OSError) as e:
             undo.run()
             raise LoaderError(bpfsys.os_error_text(e) if isinstance(e, OSError) else str(e)) from None
@@ -248,7 +250,7 @@ def load(req: Request) -> dict[str, Any]:
     return reply
 
 
-def _install(rtnl: Rtnl, req: Request, links: list[Link], bpf: Any, xdp_fn: Any, guard_fn: Any,
+def _install(host: Host, req: Request, links: list[Link], bpf: Any, xdp_fn: Any, guard_fn: Any,
              undo: Undo) -> dict[str, Any]:
     try:
         bpfsys.ensure_bpffs(bpfsys.BPFFS)
@@ -271,35 +273,33 @@ def _install(rtnl: Rtnl, req: Request, links: list[Link], bpf: Any, xdp_fn: Any,
     guard_id = bpfsys.prog_info(guard_fn.fd).id
     attached = []
     for link in links:
-        mode = attach_xdp(rtnl, link, xdp_fn.fd, req.xdp_mode)
-        undo.push(f"XDP on {link.name}", _xdp_detacher(rtnl, link, mode, xdp_fn.fd))
+        mode = attach_xdp(link, xdp_fn.fd, req.xdp_mode)
+        undo.push(f"XDP on {link.name}", _xdp_detacher(link, mode, xdp_fn.fd))
         attached.append({"interface": link.name, "ifindex": link.index, "mode": mode, "prog_id": xdp_id})
 
     guard = []
     if req.guard:
         handle = guard_handle(req.instance_tag)
         for link in links:
-            if rtnl.clsact_add(link.index):
-                undo.push(f"clsact on {link.name}", _clsact_dropper(rtnl, link))
-            rtnl.filter_add_bpf(link.index, TC_PARENT_EGRESS, prio=GUARD_PRIO, handle=handle,
-                                fd=guard_fn.fd, name=GUARD_PROG_NAME)
-            f = TcFilter(link.index, TC_PARENT_EGRESS, GUARD_PRIO, handle, ETH_P_ALL, "bpf", GUARD_PROG_NAME)
-            undo.push(f"guard on {link.name}", _filter_remover(rtnl, f))
+            if clsact_add(host, link.index):
+                undo.push(f"clsact on {link.name}", _clsact_dropper(host, link))
+            f = guard_add(host, link.index, handle, guard_fn.fd)
+            undo.push(f"guard on {link.name}", _filter_remover(host, f))
             guard.append({"interface": link.name, "ifindex": link.index, "prog_id": guard_id})
     return {"ok": True, "pin_dir": req.pin_dir, "attached": attached, "guard": guard}
 
 
 # Undo steps bind their arguments now, not when they run.
-def _xdp_detacher(rtnl: Rtnl, link: Link, mode: str, fd: int) -> Callable[[], object]:
-    return lambda: rtnl.xdp_set(link.index, -1, XDP_MODE_FLAGS[mode], expected_fd=fd)
+def _xdp_detacher(link: Link, mode: str, fd: int) -> Callable[[], object]:
+    return lambda: xdp_set(link.index, -1, XDP_MODE_FLAGS[mode], expected_fd=fd)
 
 
-def _clsact_dropper(rtnl: Rtnl, link: Link) -> Callable[[], object]:
-    return lambda: drop_empty_clsact(rtnl, link.index)
+def _clsact_dropper(host: Host, link: Link) -> Callable[[], object]:
+    return lambda: drop_empty_clsact(host, link.index)
 
 
-def _filter_remover(rtnl: Rtnl, f: TcFilter) -> Callable[[], object]:
-    return lambda: rtnl.filter_del(f)
+def _filter_remover(host: Host, f: TcFilter) -> Callable[[], object]:
+    return lambda: filter_del(host, f)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,9 +32,10 @@ from typing import Any
 
 from ..caps import CAP_NET_ADMIN, CAP_SYS_ADMIN, effective_caps
 from ..errors import SteerError
-from . import STEER_COUNTERS, SteerPlan, bpfsys
+from ..netlink import Host
+from . import STEER_COUNTERS, SteerPlan, bpfsys, xdplink
 from .bpfsys import CONFIG_TAG_END, PORT_LOCAL, PORT_PEER, PORT_SERVER, PROG_PREFIX, BpfMap, PinnedMaps, RsockdConfig
-from .rtnl import TC_PARENT_EGRESS, TC_PARENT_INGRESS, XDP_MODE_FLAGS, Rtnl
+from .xdplink import ETH_P_ALL, TC_PARENT_EGRESS, TC_PARENT_INGRESS, XDP_MODE_FLAGS, TcFilter
 
 LOG = logging.getLogger(__name__)
 
@@ -157,10 +158,10 @@ def _u64_at(raw: bytes, offset: int) -> int:
     return ctypes.c_uint64.from_buffer_copy(raw, offset).value
 
 
-def _sweep(rtnl: Rtnl, want: Callable[[_Prog], bool]) -> list[str]:
+def _sweep(host: Host, want: Callable[[_Prog], bool]) -> list[str]:
     """Detach every XDP program and egress guard filter of this netns that ``want`` claims."""
     removed: list[str] = []
-    for link in rtnl.links():
+    for link in host.links():
         for mode, prog_id in sorted(link.xdp.items()):
             prog = _open_prog(prog_id)
             if prog is None:
@@ -168,8 +169,8 @@ def _sweep(rtnl: Rtnl, want: Callable[[_Prog], bool]) -> list[str]:
             try:
                 if want(prog):
                     # REPLACE with the expected fd: never removes a program that replaced ours
-                    rtnl.xdp_set(link.index, -1, XDP_MODE_FLAGS[mode], expected_fd=prog.fd,
-                                 what=f"{link.name}: detach XDP ({mode})")
+                    xdplink.xdp_set(link.index, -1, XDP_MODE_FLAGS[mode], expected_fd=prog.fd,
+                                    what=f"{link.name}: detach XDP ({mode})")
                     removed.append(f"{link.name}: xdp {mode} program {prog.info.name} id {prog_id}")
             except OSError as e:
                 if e.errno not in (*_GONE, errno.EEXIST):
@@ -177,7 +178,7 @@ def _sweep(rtnl: Rtnl, want: Callable[[_Prog], bool]) -> list[str]:
             finally:
                 os.close(prog.fd)
         dropped = False
-        for f in rtnl.filters(link.index, TC_PARENT_EGRESS):
+        for f in xdplink.filters(link.index, TC_PARENT_EGRESS):
             if f.kind != "bpf" or not f.prog_id:
                 continue
             prog = _open_prog(f.prog_id)
@@ -185,7 +186,7 @@ def _sweep(rtnl: Rtnl, want: Callable[[_Prog], bool]) -> list[str]:
                 continue
             try:
                 if want(prog):
-                    rtnl.filter_del(f)
+                    filter_del(host, f)
                     removed.append(f"{link.name}: tc egress filter {f.name} prio {f.prio} id {f.prog_id}")
                     dropped = True
             except OSError as e:
@@ -194,16 +195,42 @@ def _sweep(rtnl: Rtnl, want: Callable[[_Prog], bool]) -> list[str]:
             finally:
                 os.close(prog.fd)
         if dropped:
-            drop_empty_clsact(rtnl, link.index)
+            drop_empty_clsact(host, link.index)
     return removed
 
 
-def drop_empty_clsact(rtnl: Rtnl, ifindex: int) -> bool:
+# -- the TC guard through pyroute2 (listing filters is xdplink's: pyroute2 0.7 drops TCA_BPF_ID)
+
+
+def clsact_add(host: Host, ifindex: int) -> bool:
+    """Add the clsact qdisc; False when the link already has one."""
+    try:
+        host.call(f"ifindex {ifindex}: add clsact", host.ipr.tc, "add", "clsact", ifindex)
+    except FileExistsError:
+        return False
+    return True
+
+
+def guard_add(host: Host, ifindex: int, handle: int, fd: int) -> TcFilter:
+    """Add the guard, program ``fd``, as a direct-action ``cls_bpf`` filter on clsact egress."""
+    host.call(f"ifindex {ifindex}: add tc filter {GUARD_PROG_NAME}", host.ipr.tc, "add-filter", "bpf", ifindex,
+              handle, parent=TC_PARENT_EGRESS, prio=GUARD_PRIO, protocol=ETH_P_ALL, fd=fd, name=GUARD_PROG_NAME,
+              direct_action=True)
+    return TcFilter(ifindex, TC_PARENT_EGRESS, GUARD_PRIO, handle, ETH_P_ALL, "bpf", GUARD_PROG_NAME)
+
+
+def filter_del(host: Host, f: TcFilter) -> None:
+    host.call(f"ifindex {f.ifindex}: delete tc filter {f.name or f.kind}", host.ipr.tc, "del-filter", f.kind,
+              f.ifindex, f.handle, parent=f.parent, prio=f.prio, protocol=f.protocol)
+
+
+def drop_empty_clsact(host: Host, ifindex: int) -> bool:
     """Delete the link's clsact qdisc when no filter is left on it; True when deleted."""
-    if rtnl.filters(ifindex, TC_PARENT_EGRESS) or rtnl.filters(ifindex, TC_PARENT_INGRESS):
+    # ifindex 0 is never a link here, and pyroute2's "del" would delete the qdiscs of every link
+    if ifindex <= 0 or xdplink.filters(ifindex, TC_PARENT_EGRESS) or xdplink.filters(ifindex, TC_PARENT_INGRESS):
         return False
     try:
-        rtnl.clsact_del(ifindex)
+        host.call(f"ifindex {ifindex}: delete clsact", host.ipr.tc, "del", "clsact", ifindex)
     except OSError as e:
         if e.errno in (*_GONE, errno.EINVAL):
             return False
@@ -221,8 +248,8 @@ def cleanup_stale(instance: str) -> list[str]:
     _check_instance(instance)
     tag = instance_tag(instance)
     try:
-        with Rtnl() as rtnl:
-            removed = _sweep(rtnl, lambda p: p.tag == tag)
+        with Host() as host:
+            removed = _sweep(host, lambda p: p.tag == tag)
     except OSError as e:
         raise SteerError(f"removing stale programs of instance {instance}: {bpfsys.os_error_text(e)}") from None
     directory = bpfsys.pin_dir(instance)
@@ -402,8 +429,8 @@ class XdpSteering:
         problems: list[str] = []
         if ids:
             try:
-                with Rtnl() as rtnl:
-                    for line in _sweep(rtnl, lambda p: p.info.id in ids):
+                with Host() as host:
+                    for line in _sweep(host, lambda p: p.info.id in ids):
                         LOG.info("detached %s", line)
             except OSError as e:
                 problems.append(bpfsys.os_error_text(e))

@@ -73,7 +73,7 @@ def test_quick_run_writes_every_field(tmp_path: Path) -> None:
     targets = {t["key"]: t for t in data["targets"]}
     assert set(targets) == {"rate_1200_xdp", "rate_xdp_all_cores", "rate_64_xdp", "cpu_1200_xdp", "rtt_p50_added",
                             "rtt_p99_added", "nft_vs_xdp", "rate_1200_xdp_packet", "rate_64_xdp_packet",
-                            "cpu_1200_xdp_packet"}
+                            "cpu_1200_xdp_packet", "rss_daemons"}
     for t in targets.values():
         assert t["status"] in ("met", "not met", "n/a"), t
     assert targets["rate_64_xdp"]["status"] == "n/a"  # 64 B is not in a quick run

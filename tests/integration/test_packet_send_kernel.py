@@ -20,8 +20,8 @@ from rsockd.core.packet import (
     parse_tcp,
     tcp_checksum_ok,
 )
-from rsockd.dataplane.packetsend import PacketSender, resolve
-from rsockd.steer.rtnl import Rtnl
+from rsockd.dataplane.packetsend import PacketSender, resolve, resolve_all
+from rsockd.netlink import Host
 from tests.netns import NetnsPair
 
 pytestmark = pytest.mark.root
@@ -71,8 +71,8 @@ def test_single_segments_and_batches_arrive_as_correct_segments(family: int) -> 
         net.run("c", ["ethtool", "-K", net.dev["c"], "tso", "off"])
         src, dst = (net.cli4, net.srv4) if family == 4 else (net.cli6, net.srv6)
         psrc, pdst = pack_address(src), pack_address(dst)
-        with net.inside("c"), Rtnl() as nl:
-            route = resolve(nl, pdst, MARK)
+        with net.inside("c"), Host() as host:
+            route = resolve(host, pdst, MARK)
             assert route is not None and route.ifname == net.dev["c"]
             sender = PacketSender(MARK)
             send = sender.path(route, psrc, pdst)
@@ -101,18 +101,20 @@ def test_single_segments_and_batches_arrive_as_correct_segments(family: int) -> 
 
 
 def test_no_route_or_no_neighbour_resolves_to_none() -> None:
-    with NetnsPair() as net, net.inside("c"), Rtnl() as nl:
-        assert resolve(nl, pack_address("192.0.2.1"), MARK) is None  # no route at all
-        assert resolve(nl, pack_address("127.0.0.1"), MARK) is None  # loopback: not Ethernet
-        # on-link but never resolved
-        other = net.cli4.rsplit(".", 1)[0] + ".99"
-        assert resolve(nl, pack_address(other), MARK) is None
+    with NetnsPair() as net, net.inside("c"):
+        other = net.cli4.rsplit(".", 1)[0] + ".99"  # on-link but never resolved
+        dsts = [pack_address(a) for a in ("192.0.2.1", "127.0.0.1", other, net.srv4)]
+        # no route at all, loopback (not Ethernet), no neighbour; the server's is resolved
+        routes = resolve_all(dsts, MARK)
+        assert list(routes) == dsts
+        assert routes[dsts[0]] is routes[dsts[1]] is routes[dsts[2]] is None
+        assert routes[dsts[3]] is not None and routes[dsts[3]].ifname == net.dev["c"]
 
 
 def test_sockets_of_links_no_longer_used_are_closed() -> None:
     with NetnsPair() as net:
-        with net.inside("c"), Rtnl() as nl:
-            route = resolve(nl, pack_address(net.srv4), MARK)
+        with net.inside("c"):
+            route = resolve_all([pack_address(net.srv4)], MARK)[pack_address(net.srv4)]
             assert route is not None
             sender = PacketSender(MARK)
             send = sender.path(route, pack_address(net.cli4), pack_address(net.srv4))

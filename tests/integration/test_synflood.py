@@ -265,7 +265,7 @@ def test_syn_flood_established_sessions_keep_their_throughput(tmp_path: Path) ->
         bulk, flood, delta, sampler = flood_run(rig, "limited", flood_secs)
         assert_no_traceback(server, rig.client)
         steer, drops = delta["steering"], delta["drops"]
-        assert steer["syn_limited"] > 0, "nothing limited: does rsockd/service/daemon.py put syn_rate into the SteerPlan?"
+        assert steer["syn_limited"] > 0, "nothing limited: does the daemon put syn_rate into the SteerPlan?"
         seen = flood["sent"] - delta["veth_drops"]  # SYNs that reached the server's XDP
         admitted = seen - steer["syn_limited"]
         budget = SYN_RATE * flood["seconds"] + SYN_BURST

@@ -16,7 +16,7 @@ What counts, and why:
   graph fails, except those listed in ``KNOWN_CYCLES``.
 - **core is pure**: a ``rsockd/core/`` module imports nothing of rsockd outside ``rsockd/core/``
   and ``rsockd/errors.py`` (the standard library is fine), lazily or not.
-- **Layer order**: base (``rsockd``, ``errors``, ``caps``, ``logs``) and core <- steer <-
+- **Layer order**: base (``rsockd``, ``errors``, ``caps``, ``logs``, ``netlink``) and core <- steer <-
   dataplane <- service <- cli: a module imports only its own layer or lower ones.  The data
   plane receives what steering hands it (``Receiver``) and uses steering's netlink and classic
   BPF helpers (``rtnl``, ``cbpf``); steering never imports the data plane.  The exceptions of
@@ -52,7 +52,7 @@ LAYER_EXCEPTIONS: dict[tuple[str, str], str] = {
 }
 
 #: Layer of each top-level part of the package; a module may import its own layer or lower.
-LAYER_OF = {"core": 0, "errors": 0, "caps": 0, "logs": 0, "": 0, "steer": 1, "dataplane": 2, "service": 3, "cli": 4}
+LAYER_OF = {"core": 0, "errors": 0, "caps": 0, "logs": 0, "netlink": 0, "": 0, "steer": 1, "dataplane": 2, "service": 3, "cli": 4}
 LAYER_NAMES = {0: "base/core", 1: "steer", 2: "dataplane", 3: "service", 4: "cli"}
 
 

@@ -151,7 +151,7 @@ def test_control() -> None:
     ]
     assert relations(binary["Depends"]) == [
         "${python3:Depends}", "${misc:Depends}", "python3-bpfcc", "python3-nftables",
-        "python3-sdnotify", "nftables", "iproute2",
+        "python3-pyroute2", "python3-sdnotify", "nftables", "iproute2",
     ]
     assert relations(binary["Recommends"])[0].startswith("linux-headers-amd64 |")
 

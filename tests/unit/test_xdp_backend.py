@@ -1,5 +1,5 @@
 """The pure parts of the XDP backend: plan -> map contents, instance tags, the loader's request
-parsing, netlink attribute coding.  The kernel side is tests/integration/test_xdp_steer.py."""
+parsing.  The kernel side is tests/integration/test_xdp_steer.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from rsockd.steer import SteerPlan, bpfsys, rtnl
+from rsockd.steer import SteerPlan, bpfsys
 from rsockd.steer.bcc_loader import LoaderError, Request
 from rsockd.steer.xdp import XdpSteering, guard_handle, instance_tag, plan_ports, plan_syn_limit
 
@@ -95,11 +95,3 @@ def test_request_parse_rejects(change: dict[str, object]) -> None:
 def test_request_not_json() -> None:
     with pytest.raises(LoaderError, match="not JSON"):
         Request.parse("{")
-
-
-def test_netlink_attributes_round_trip() -> None:
-    data = rtnl._attr(3, b"eth0\0") + rtnl._attr(43 | rtnl.NLA_F_NESTED, rtnl._attr(4, (7).to_bytes(4, sys.byteorder)))
-    attrs = list(rtnl._attrs(data))
-    assert attrs[0] == (3, b"eth0\0")
-    assert attrs[1][0] == 43
-    assert list(rtnl._attrs(attrs[1][1])) == [(4, (7).to_bytes(4, sys.byteorder))]
