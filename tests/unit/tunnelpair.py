@@ -153,12 +153,10 @@ class Pair:
         end = self.now + dt
         while self.now < end:
             self.now = min(end, self.now + step)
-            t = self.client.get_timer()
-            if t is not None and t <= self.now:
-                self.client.handle_timer(self.now)
-            t = self.server.get_timer()
-            if t is not None and t <= self.now:
-                self.server.handle_timer(self.now)
+            for side in (self.client, self.server):
+                t = side.get_timer()
+                if t is not None and t <= self.now:
+                    side.handle_timer(self.now)
             self.pump()
 
     def establish(self) -> Connection:
