@@ -103,7 +103,8 @@ def parse_args(argv: Sequence[str]) -> Options:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Results: a table on stdout, JSON in bench/results/<timestamp>.json.")
     p.add_argument("--quick", action="store_true",
-                   help="1200 B only, 1 s steps, coarse search, short pings; no iperf3, re-check or profile")
+                   help="1200 B only, 1 s steps, coarse search, short pings; no iperf3 UDP reference, re-check or "
+                        "profile (WireGuard stays: ~20-60 s of it)")
     p.add_argument("--sizes", help="payload sizes, comma-separated (default 64,512,1200; quick: 1200)")
     p.add_argument("--backends", help="rsockd backends, comma-separated (default xdp,nft; none: plain UDP only)")
     p.add_argument("--step-seconds", type=float, help="measured seconds per search step (default 2; quick: 1)")
