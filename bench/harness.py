@@ -734,12 +734,23 @@ class Bench:
         return out
 
     def wg_path(self, path: WgPath, mtu: int, tmp: Path) -> dict[str, Any]:
-        """Both WireGuard ends of ``path`` up, one bounded iperf3 TCP run through them, everything torn down."""
-        self.wait_idle(20)  # iperf3 and wireguard-go take both CPUs: start on a calm machine at least
+        """Both WireGuard ends of ``path`` up, a bounded iperf3 TCP run through them, everything torn down.
+        Like a step, the run is made again (up to ``retries`` times, once the machine is calm) when other
+        programs used more than ``max_other`` CPU during it: iperf3 and wireguard-go need both CPUs."""
+        o = self.o
+        self.wait_idle(20)
         with WgTunnel(self.net, path, mtu, tmp / path.name) as t:
             pids = {**t.pids(), **self.pids()}  # the rsockd daemons too, when over rsockd
-            res = wireguard.iperf3_tcp(self.net, path.server_addr, self.o.wg_seconds, pids,
-                                       tmp / path.name / "iperf3.json")
+            for attempt in range(o.retries + 1):
+                res = wireguard.iperf3_tcp(self.net, path.server_addr, o.wg_seconds, pids,
+                                           tmp / path.name / "iperf3.json")
+                res["retries"] = attempt
+                other = float(res["cpu_cores"].get("other", 0.0))
+                if other <= o.max_other or attempt == o.retries:
+                    break
+                self.log(f"    (other programs used {other:.2f} CPU during WireGuard over {path.name}: "
+                         "measuring again)")
+                self.wait_idle(20)
         res["interfaces"] = t.ifname
         self.log(f"  WireGuard over {path.name:>6}: {res['mbit_s']:8.1f} Mbit/s, {res['retransmits']} retransmits"
                  f" (other programs {res['cpu_cores'].get('other', 0):.2f} CPU)")

@@ -160,7 +160,7 @@ def _wireguard_lines(data: dict[str, Any]) -> list[str]:
         cpu = p.get("cpu_cores", {})
         return (f"{name} {p['mbit_s']:.0f} Mbit/s ({p.get('retransmits')} retransmits; wireguard-go c/s "
                 f"{_f(cpu.get('wireguard_client'), '.2f')}/{_f(cpu.get('wireguard_server'), '.2f')} CPU, "
-                f"busy {_f(cpu.get('machine_busy'), '.2f')})")
+                f"busy {_f(cpu.get('machine_busy'), '.2f')}, other programs {_f(cpu.get('other'), '.2f')})")
 
     ratio = _get(data, "ratios", "wireguard")
     return [f"WireGuard ({wg.get('tool', 'wireguard-go')}, MTU {wg.get('mtu', '?')} = rsockd's max_datagram "
