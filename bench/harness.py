@@ -1,4 +1,4 @@
-"""rsockd benchmark: plain UDP and rsockd through the same veth, in the same run (issue 7).
+"""rsockd benchmark: plain UDP and rsockd through the same veth, in the same run.
 
     sudo ./bench/run              full run (~10 min): 64, 512, 1200 B; xdp and nft
     sudo ./bench/run --quick      1200 B only, coarse search (~1-2 min)
@@ -12,7 +12,8 @@ to the client's listen address and the server forwards to the sink on 127.0.0.1.
 
 For every path and payload size: the sustained rate (the highest offered rate whose loss, counted
 by sequence number at the sink, is at most 1 %, found by search), round-trip latency at a light
-fixed rate, CPU of each daemon per GB and per million datagrams, RSS, and time to READY.  Every
+fixed rate, CPU of each daemon per GB and per million datagrams, RSS, and time to READY; then iperf3 TCP
+through WireGuard (wireguard-go) over rsockd and straight over UDP (``bench.wireguard``).  Every
 comparison is a ratio to plain UDP measured in the same run.  docs/bench.md explains each number.
 """
 
@@ -36,10 +37,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
-from bench import pyspy
+from bench import pyspy, wireguard
 from bench.procstat import Snapshot, rss_mb
 from bench.report import evaluate_targets, render
 from bench.tools import REPO, Tool
+from bench.wireguard import WG_OVERHEAD, WgError, WgPath, WgTunnel
 from tests.integration.rig import LISTEN_PORT, Rig, Rsockd, nstat
 from tests.netns import NetnsPair
 
@@ -51,6 +53,8 @@ MIN_RATE = 1000.0
 PING_WARM = 10  # pings sent before the measured ones (flow set-up, caches)
 NSTAT = ("UdpRcvbufErrors", "UdpSndbufErrors", "UdpInCsumErrors", "UdpNoPorts")
 KEY = "rsockd-bench"
+WG_PLAIN_PORT = 51820  # the server-side wireguard-go's port, WireGuard straight over UDP
+WG_RSOCKD_PORT = 51821  # the server-side wireguard-go's port, WireGuard over rsockd (the server's target)
 T = TypeVar("T")
 
 
@@ -81,6 +85,8 @@ class Options:
     profile_size: int = 1200
     ceiling: float = 2.0  # seconds per size of the generator-alone ceiling
     iperf3: bool = True
+    wireguard: bool = True
+    wg_seconds: float = 5.0  # seconds of iperf3 TCP through WireGuard, per path
     recheck: bool = True
     wait_idle: float = 0.0
     out: Path = REPO / "bench" / "results"
@@ -97,7 +103,8 @@ def parse_args(argv: Sequence[str]) -> Options:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Results: a table on stdout, JSON in bench/results/<timestamp>.json.")
     p.add_argument("--quick", action="store_true",
-                   help="1200 B only, 1 s steps, coarse search, short pings; no iperf3, re-check or profile")
+                   help="1200 B only, 1 s steps, coarse search, short pings; no iperf3 UDP reference, re-check or "
+                        "profile (the WireGuard stage stays: ~20 s on a quiet machine)")
     p.add_argument("--sizes", help="payload sizes, comma-separated (default 64,512,1200; quick: 1200)")
     p.add_argument("--backends", help="rsockd backends, comma-separated (default xdp,nft; none: plain UDP only)")
     p.add_argument("--step-seconds", type=float, help="measured seconds per search step (default 2; quick: 1)")
@@ -120,6 +127,10 @@ def parse_args(argv: Sequence[str]) -> Options:
                    "(default 8; quick: 0 = off)")
     p.add_argument("--ceiling-seconds", type=float, help="generator-alone ceiling per size (default 2; quick: 1)")
     p.add_argument("--no-iperf3", action="store_true", help="skip the iperf3 reference")
+    p.add_argument("--no-wireguard", action="store_true",
+                   help="skip iperf3 TCP through WireGuard (wireguard-go) over rsockd and over plain UDP")
+    p.add_argument("--wireguard-seconds", type=float, default=5.0, metavar="SECS",
+                   help="seconds of iperf3 TCP through WireGuard, per path (default 5)")
     p.add_argument("--no-recheck", action="store_true", help="skip re-measuring plain UDP at the end (drift)")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECS",
                    help="first wait up to SECS for other programs' CPU use to drop below 0.15 CPU")
@@ -152,6 +163,7 @@ def parse_args(argv: Sequence[str]) -> Options:
     o.gen_procs = max(1, a.gen_procs)
     o.offload, o.ports = a.offload == "on", a.ports
     o.iperf3 = o.iperf3 and not a.no_iperf3
+    o.wireguard, o.wg_seconds = not a.no_wireguard, max(1.0, a.wireguard_seconds)
     o.recheck = o.recheck and not a.no_recheck
     o.wait_idle, o.keep_logs, o.rsockd_rev, o.max_other = a.wait_idle, a.keep_logs, a.rsockd_rev, a.max_other
     if a.retries is not None:
@@ -627,6 +639,11 @@ class Bench:
             self.log(f"rsockd, {label}:")
             data["rsockd"][label] = self.backend(backend, o.sizes, o.workers, label)
         data["all_cores"] = self.all_cores(data)
+        if o.wireguard:
+            self.log("WireGuard (wireguard-go), iperf3 TCP:")
+            data["wireguard"] = self.wireguard()
+        else:
+            data["wireguard"] = {"skipped": "--no-wireguard"}
         if o.recheck:
             size = max(o.sizes)
             self.log("plain UDP again (drift):")
@@ -662,6 +679,83 @@ class Bench:
         finally:
             o.flows = flows0
         return {"workers": n, "flows": total, "size": size, "plain": plain, "xdp": rs}
+
+    def wireguard(self) -> dict[str, Any]:
+        """iperf3 TCP through WireGuard (wireguard-go), over rsockd, then straight over UDP, at one MTU: the
+        largest datagram the rsockd pair reports it carries (``max_datagram``) minus WireGuard's 32 bytes.
+
+        Over rsockd, the client-side WireGuard's endpoint is the rsockd client's listen address and the
+        rsockd server's target is the server-side WireGuard's port.  A path that fails is reported as an
+        error in the result; the rest of the run stands."""
+        o = self.o
+        why = wireguard.available()
+        if why:
+            return {"skipped": why}
+        if not o.backends:
+            return {"skipped": "no rsockd backend in this run (--backends none)"}
+        spec = "xdp" if "xdp" in o.backends else o.backends[0]
+        backend, _, send_path = spec.partition("+")
+        tmp = self.tmp / "wireguard"
+        t0 = time.monotonic()
+        out: dict[str, Any] = {"tool": f"{wireguard.version()}; iperf3 TCP, 1 stream", "backend": spec,
+                               "workers": o.workers, "seconds": o.wg_seconds, "overhead_b": WG_OVERHEAD}
+        over = WgPath("rsockd", "192.168.242", WG_RSOCKD_PORT, ("127.0.0.1", LISTEN_PORT))
+        plain = WgPath("plain", "192.168.241", WG_PLAIN_PORT, (self.net.srv4, WG_PLAIN_PORT))
+        mtu: int | None = None
+        self.pair = BenchRig(self.net, tmp / "rsockd", backend=backend, ports=o.ports, workers=o.workers,
+                             send_path=send_path or "raw", target=WG_RSOCKD_PORT)
+        try:
+            out["ready"] = self.pair.start()
+            reported = [v.get("max_datagram") for v in self.pair.status().values()]
+            limits = [v for v in reported if isinstance(v, int) and v > WG_OVERHEAD]
+            if len(limits) != len(reported):
+                raise WgError(f"the daemons' status reports no usable max_datagram ({reported})")
+            out["max_datagram"] = min(limits)
+            mtu = out["mtu"] = min(limits) - WG_OVERHEAD
+            self.log(f"  rsockd {spec} carries datagrams up to {out['max_datagram']} B: WireGuard MTU {mtu}")
+            out["rsockd"] = self.wg_path(over, mtu, tmp)
+            st = self.pair.status()
+            out["rsockd"]["oversized_drops"] = sum(int(v.get("drops", {}).get("oversized", 0)) for v in st.values())
+        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+            out.setdefault("rsockd", {})["error"] = str(e)
+            self.log(f"  over rsockd: {e}")
+        finally:
+            self.pair.close()
+            self.pair = None
+        if mtu is None:
+            out["plain"] = {"error": "not measured: no MTU (rsockd's max_datagram) to compare at"}
+        else:
+            try:
+                out["plain"] = self.wg_path(plain, mtu, tmp)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                out["plain"] = {"error": str(e)}
+                self.log(f"  plain UDP: {e}")
+        out["stage_s"] = round(time.monotonic() - t0, 1)
+        return out
+
+    def wg_path(self, path: WgPath, mtu: int, tmp: Path) -> dict[str, Any]:
+        """Both WireGuard ends of ``path`` up, a bounded iperf3 TCP run through them, everything torn down.
+        Like a step, the run is made again (up to ``retries`` times, once the machine is calm) when other
+        programs used more than ``max_other`` CPU during it: iperf3 and wireguard-go need both CPUs."""
+        o = self.o
+        calm = 20.0 if o.retries else 0.0  # --retries 0 (the smoke test): take the machine as it is
+        self.wait_idle(calm)
+        with WgTunnel(self.net, path, mtu, tmp / path.name) as t:
+            pids = {**t.pids(), **self.pids()}  # the rsockd daemons too, when over rsockd
+            for attempt in range(o.retries + 1):
+                res = wireguard.iperf3_tcp(self.net, path.server_addr, o.wg_seconds, pids,
+                                           tmp / path.name / "iperf3.json")
+                res["retries"] = attempt
+                other = float(res["cpu_cores"].get("other", 0.0))
+                if other <= o.max_other or attempt == o.retries:
+                    break
+                self.log(f"    (other programs used {other:.2f} CPU during WireGuard over {path.name}: "
+                         "measuring again)")
+                self.wait_idle(calm)
+        res["interfaces"] = t.ifname
+        self.log(f"  WireGuard over {path.name:>6}: {res['mbit_s']:8.1f} Mbit/s, {res['retransmits']} retransmits"
+                 f" (other programs {res['cpu_cores'].get('other', 0):.2f} CPU)")
+        return res
 
     def wait_idle(self, limit: float) -> None:
         """Until other programs use less than 0.15 CPU over 2 s, or ``limit`` seconds."""
@@ -699,7 +793,8 @@ def _options_json(o: Options) -> dict[str, Any]:
             "resolution": o.resolution, "max_steps": o.max_steps, "pings": o.pings, "ping_rate": o.ping_rate,
             "flows": o.flows, "gen_procs": o.gen_procs, "workers": o.workers, "all_cores": o.all_cores,
             "offload": o.offload, "ports": o.ports, "max_other": o.max_other, "retries": o.retries,
-            "profile_s": o.profile, "quick": o.quick, "loss_max": LOSS_MAX,
+            "profile_s": o.profile, "quick": o.quick, "loss_max": LOSS_MAX, "wireguard": o.wireguard,
+            "wireguard_s": o.wg_seconds,
             "argv": o.argv}
 
 
@@ -758,7 +853,21 @@ def ratios(data: dict[str, Any]) -> dict[str, Any]:
     if "xdp" in ac:
         size = str(ac["size"])
         out["all_cores"] = {size: _ratio(ac["xdp"]["sizes"][size]["pps"], ac["plain"]["pps"])}
+        # workers = N against one: each against its own plain UDP (the same flows), then one over the other.
+        out["workers_vs_one"] = {size: _ratio(out["all_cores"][size], _get_ratio(out, "xdp", size))}
+    wg = data.get("wireguard", {})
+    out["wireguard"] = _ratio(_mbit(wg, "rsockd"), _mbit(wg, "plain"))
     return out
+
+
+def _get_ratio(r: dict[str, Any], label: str, size: str) -> float | None:
+    v = r.get(label, {}).get(size)
+    return float(v) if v is not None else None
+
+
+def _mbit(wg: dict[str, Any], path: str) -> float | None:
+    v = wg.get(path, {}).get("mbit_s") if isinstance(wg.get(path), dict) else None
+    return float(v) if v is not None else None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -777,12 +886,12 @@ class BenchRig(Rig):
     """
 
     def __init__(self, net: NetnsPair, tmp: Path, *, backend: str, ports: str, workers: int,
-                 send_path: str = "raw") -> None:
+                 send_path: str = "raw", target: int = SINK_PORT) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         # Workers are a server setting: a client is one process, its connections spread over the workers.
         path = ["--send-path", send_path] if send_path != "raw" else []
         super().__init__(tmp, backend=backend, ports=ports, offload=net.offload,
-                         server_args=["-t", f"127.0.0.1:{SINK_PORT}", "--key", KEY, "--workers", str(workers), *path],
+                         server_args=["-t", f"127.0.0.1:{target}", "--key", KEY, "--workers", str(workers), *path],
                          client_args=["--key", KEY, *path])
         self.net = net
 

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--quick", "--step-seconds", "0.4", "--warmup-seconds", "0.1", "--max-steps", "4", "--pings", "50",
-        "--ceiling-seconds", "0.3", "--gen-procs", "1", "--retries", "0"]
+        "--ceiling-seconds", "0.3", "--gen-procs", "1", "--retries", "0", "--wireguard-seconds", "1"]
 
 
 def _at(data: Any, path: str) -> Any:
@@ -26,6 +26,16 @@ def _at(data: Any, path: str) -> Any:
         assert isinstance(data, dict) and key in data, f"{path}: no {key!r} in {data!r:.300}"
         data = data[key]
     return data
+
+
+def _cmdlines() -> list[str]:
+    out = []
+    for p in Path("/proc").iterdir():
+        try:
+            out.append(p.joinpath("cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            continue
+    return out
 
 
 def test_quick_run_writes_every_field(tmp_path: Path) -> None:
@@ -70,11 +80,30 @@ def test_quick_run_writes_every_field(tmp_path: Path) -> None:
     # Two rsockd figures: both noisy, so only its sign is a fact.
     assert _at(data, "ratios.nft_vs_xdp.1200") > 0
 
+    # WireGuard (wireguard-go) through iperf3 TCP, over rsockd and straight over UDP, at one MTU.
+    wg = _at(data, "wireguard")
+    assert wg["backend"] == "xdp" and wg["mtu"] == wg["max_datagram"] - 32, wg
+    for path in ("plain", "rsockd"):
+        res = _at(wg, path)
+        assert "error" not in res, (path, res)
+        assert res["mbit_s"] > 0 and res["bytes"] > 0, (path, res)
+        for key in ("retransmits", "seconds", "cpu_cores.wireguard_client", "cpu_cores.wireguard_server",
+                    "cpu_cores.machine_busy", "interfaces.c", "interfaces.s"):
+            _at(res, key)
+    assert _at(wg, "rsockd.cpu_cores.client") >= 0 and _at(wg, "rsockd.oversized_drops") == 0
+    assert set(_at(wg, "plain.interfaces").values()).isdisjoint(_at(wg, "rsockd.interfaces").values())
+    assert 0 < _at(data, "ratios.wireguard") <= 1.5
+    ifnames = [*_at(wg, "plain.interfaces").values(), *_at(wg, "rsockd.interfaces").values()]
+    for ifname in ifnames:
+        assert not Path(f"/var/run/wireguard/{ifname}.sock").exists(), ifname
+    assert not [c for c in _cmdlines() if "wireguard-go" in c and any(i in c for i in ifnames)]
+
     targets = {t["key"]: t for t in data["targets"]}
-    assert set(targets) == {"rate_1200_xdp", "rate_xdp_all_cores", "rate_64_xdp", "cpu_1200_xdp", "rtt_p50_added",
-                            "rtt_p99_added", "nft_vs_xdp", "rate_1200_xdp_packet", "rate_64_xdp_packet",
-                            "cpu_1200_xdp_packet", "rss_daemons"}
+    assert set(targets) == {"rate_1200_xdp", "rate_64_xdp", "cpu_1200_xdp", "rtt_p50_added", "rtt_p99_added",
+                            "wireguard", "rss", "ready"}
     for t in targets.values():
         assert t["status"] in ("met", "not met", "n/a"), t
     assert targets["rate_64_xdp"]["status"] == "n/a"  # 64 B is not in a quick run
-    assert "rsockd benchmark" in r.stdout and "targets (issue 7):" in r.stdout
+    for key in ("rate_1200_xdp", "cpu_1200_xdp", "rtt_p50_added", "wireguard", "rss", "ready"):
+        assert targets[key]["measured"] is not None, targets[key]
+    assert "rsockd benchmark" in r.stdout and "targets (" in r.stdout and "WireGuard (" in r.stdout

@@ -52,7 +52,8 @@ LAYER_EXCEPTIONS: dict[tuple[str, str], str] = {
 }
 
 #: Layer of each top-level part of the package; a module may import its own layer or lower.
-LAYER_OF = {"core": 0, "errors": 0, "caps": 0, "logs": 0, "netlink": 0, "": 0, "steer": 1, "dataplane": 2, "service": 3, "cli": 4}
+LAYER_OF = {"core": 0, "errors": 0, "caps": 0, "logs": 0, "netlink": 0, "": 0,
+            "steer": 1, "dataplane": 2, "service": 3, "cli": 4}
 LAYER_NAMES = {0: "base/core", 1: "steer", 2: "dataplane", 3: "service", 4: "cli"}
 
 
