@@ -23,6 +23,7 @@ import pytest
 
 from rsockd.core.packet import SYN, TcpHeader, pack_address, parse_ip, parse_options, parse_tcp
 from tests.integration.rig import Rig
+from tests.integration.test_packet_path import burst
 from tests.netns import NetnsPair
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(shutil.which("p0f") is None, reason="p0f is not installed")]
@@ -158,9 +159,12 @@ def _outbound(pcap: Path, port: int) -> list[tuple[bytes, TcpHeader]]:
 
 
 @pytest.mark.parametrize("family", [4, 6])
-@pytest.mark.parametrize("backend", ["xdp", "nft"])
-def test_syn_and_synack_fingerprints_are_the_kernels(tmp_path: Path, backend: str, family: int) -> None:
-    with Rig(tmp_path, backend=backend, family=family, ports=str(TUNNEL_PORT)) as rig:
+@pytest.mark.parametrize("backend, send_path", [("xdp", "raw"), ("nft", "raw"), ("xdp", "packet")])
+def test_syn_and_synack_fingerprints_are_the_kernels(tmp_path: Path, backend: str, send_path: str,
+                                                      family: int) -> None:
+    path = ["--send-path", send_path]
+    with Rig(tmp_path, backend=backend, family=family, ports=str(TUNNEL_PORT), server_args=path,
+             client_args=path) as rig:
         # Each side's capture shows its own segments as they leave (the XDP backend turns the
         # tunnel's inbound segments into UDP before a capture sees them).
         caps = {side: Capture(rig.net, side, tmp_path / f"{side}.pcap").start() for side in ("c", "s")}
@@ -174,6 +178,10 @@ def test_syn_and_synack_fingerprints_are_the_kernels(tmp_path: Path, backend: st
             rig.wait_up(client)
             res = rig.echo_run(200, size=1000)
             assert res.received >= 190, res
+            if send_path == "packet":
+                # Bursts leave in batches the kernel cuts into segments (GSO): their IDs too.
+                assert burst(rig, 300, [client.status()["max_datagram"]]) >= 270
+                assert client.status()["traffic"]["tunnel_tx_batches"] > 0
         finally:
             for cap in caps.values():
                 cap.stop()
@@ -182,7 +190,7 @@ def test_syn_and_synack_fingerprints_are_the_kernels(tmp_path: Path, backend: st
                           {caps["c"].path: pack_address(cli), caps["s"].path: pack_address(srv)})
     seen = p0f(wire)
     table = _side_by_side(seen)
-    print(f"\n{backend} IPv{family}\n{table}")  # the signatures side by side (pytest -s)
+    print(f"\n{backend} {send_path} IPv{family}\n{table}")  # the signatures side by side (pytest -s)
     for kind in ("syn", "syn+ack"):
         kernel = [o.fields for o in seen if o.kind == kind and o.server_port == KERNEL_PORT]
         ours = [o.fields for o in seen if o.kind == kind and o.server_port == TUNNEL_PORT]
