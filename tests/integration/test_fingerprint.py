@@ -1,11 +1,14 @@
 """rsockd's TCP looks like the host's own to a passive observer (p0f), measured on the wire.
 
 In one namespace pair, the kernel makes a real connection (``connect()``/``accept()``) and rsockd
-makes its own; tcpdump on the client's veth records both, and p0f reads the capture.  p0f's raw
-signature of rsockd's SYN (client side) and SYN-ACK (server side) must be the kernel's own, and
-not a fuzzy match.  The same capture shows what a signature does not: rsockd's IPv4 IDs count up
-per connection from a non-zero start, its timestamps run from a random offset, and its window
-grows as data arrives.
+makes its own; tcpdump on each veth records what that side sends (the XDP backend turns inbound
+tunnel segments into UDP before a capture sees them), the two captures are merged into the wire
+a box between them would see, and p0f reads it.  p0f's raw signature of rsockd's SYN (client side)
+and SYN-ACK (server side) must be the kernel's own, and not a fuzzy match.  In the ``tuned`` runs
+the client's host is set up unlike the server's (receive buffer, TTL): rsockd's SYN follows, so
+the values are derived from the host, not constants.  The
+same capture shows what a signature does not: rsockd's IPv4 IDs count up per segment from a
+non-zero start (0 in a SYN-ACK, as the kernel's), and its window grows as data arrives.
 """
 
 from __future__ import annotations
@@ -159,8 +162,9 @@ def _outbound(pcap: Path, port: int) -> list[tuple[bytes, TcpHeader]]:
 
 
 @pytest.mark.parametrize("family", [4, 6])
-@pytest.mark.parametrize("backend, send_path", [("xdp", "raw"), ("nft", "raw"), ("xdp", "packet")])
-def test_syn_and_synack_fingerprints_are_the_kernels(tmp_path: Path, backend: str, send_path: str,
+@pytest.mark.parametrize("backend, send_path, tuned", [("xdp", "raw", False), ("nft", "raw", False),
+                                                       ("xdp", "packet", False), ("xdp", "raw", True)])
+def test_syn_and_synack_fingerprints_are_the_kernels(tmp_path: Path, backend: str, send_path: str, tuned: bool,
                                                       family: int) -> None:
     path = ["--send-path", send_path]
     with Rig(tmp_path, backend=backend, family=family, ports=str(TUNNEL_PORT), server_args=path,
@@ -169,6 +173,11 @@ def test_syn_and_synack_fingerprints_are_the_kernels(tmp_path: Path, backend: st
         # tunnel's inbound segments into UDP before a capture sees them).
         caps = {side: Capture(rig.net, side, tmp_path / f"{side}.pcap").start() for side in ("c", "s")}
         try:
+            if tuned:
+                # The client's host tuned unlike the server's: a smaller receive buffer (another
+                # window and scale) and another default TTL, which the client started next copies.
+                rig.net.run("c", ["sysctl", "-qw", "net.ipv4.tcp_rmem=4096 65536 4194304",
+                                  "net.ipv4.ip_default_ttl=128", f"net.ipv6.conf.{rig.net.dev['c']}.hop_limit=128"])
             kernel_connection(rig.net, family, rig.server_addr)
             # rsockd anew: its SYN and the server's SYN-ACK in the captures.
             old = rig.clients.pop(0)
@@ -190,14 +199,21 @@ def test_syn_and_synack_fingerprints_are_the_kernels(tmp_path: Path, backend: st
                           {caps["c"].path: pack_address(cli), caps["s"].path: pack_address(srv)})
     seen = p0f(wire)
     table = _side_by_side(seen)
-    print(f"\n{backend} {send_path} IPv{family}\n{table}")  # the signatures side by side (pytest -s)
+    # The signatures side by side (pytest -s).
+    print(f"\n{backend} {send_path} IPv{family}{' (client host tuned)' if tuned else ''}\n{table}")
     for kind in ("syn", "syn+ack"):
         kernel = [o.fields for o in seen if o.kind == kind and o.server_port == KERNEL_PORT]
         ours = [o.fields for o in seen if o.kind == kind and o.server_port == TUNNEL_PORT]
         assert kernel and ours, f"p0f saw no {kind} of the kernel or of rsockd:\n{table}"
         for fields in ours:
             assert fields["raw_sig"] == kernel[0]["raw_sig"], f"{kind}: not the kernel's signature:\n{table}"
-            assert "fuzzy" not in fields.get("params", ""), f"{kind}: a fuzzy match:\n{table}"
+            assert fields.get("params") == kernel[0].get("params"), f"{kind}: p0f judges it otherwise:\n{table}"
+            # p0f's database matches a Linux SYN with TTL 128 only fuzzily: the kernel's too.
+            if not (tuned and kind == "syn"):
+                assert "fuzzy" not in fields.get("params", ""), f"{kind}: a fuzzy match:\n{table}"
+    if tuned:
+        syn = next(o.fields["raw_sig"] for o in seen if o.kind == "syn" and o.server_port == TUNNEL_PORT)
+        assert syn.startswith(f"{family}:128+0:") and ":mss*22,7:" in syn, syn  # the client host's settings
 
     # What a signature does not show, in each side's segments of its connection.
     client_port = [s[1] for s in segments(wire) if s[3] == TUNNEL_PORT and s[5].flags & SYN][-1]
