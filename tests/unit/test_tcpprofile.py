@@ -13,10 +13,10 @@ from pathlib import Path
 
 from rsockd.core.faketcp import Connection
 from rsockd.core.framing import Keyring
-from rsockd.core.packet import SYN, parse_options, parse_tcp
+from rsockd.core.packet import ACK, RST, SYN, TcpHeader, parse_options, parse_tcp, pseudo_sum, steer_rewrite
 from rsockd.core.tcpprofile import IpIdent, ReceiveWindow, TcpProfile
 from rsockd.dataplane.hostprofile import default_hop_limit, tcp_profile
-from tests.unit.tunnelpair import Pair
+from tests.unit.tunnelpair import APP, CLI, SRV, EndpointPair, Pair
 
 HOST = TcpProfile(rmem_default=131072, rmem_max=33554432, core_rmem_max=4194304)
 
@@ -160,3 +160,18 @@ def test_host_profile_reads_the_sysctls(tmp_path: Path) -> None:
     assert default_hop_limit(2, root=tmp_path) == 99
     assert default_hop_limit(10, "eth9", root=tmp_path) == 33
     assert default_hop_limit(10, "eth8", root=tmp_path) == 44
+
+
+def test_transmits_carry_their_connections_ip_numbering() -> None:
+    p = EndpointPair()
+    p.start()
+    for d in [b"x" * 100] * 10:
+        p.client.send_app(APP, d, p.now)
+    (run,) = p.client.transmits(p.now)
+    conns = {id(c.ip): c for c in p.client.conns}
+    assert run.ip is not None and id(run.ip) in conns  # the sending connection's own counter
+    # A segment to no connection gets a reset of no socket: ID 0, as the kernel's control socket.
+    stray = TcpHeader(40009, SRV[1], 1, 0, ACK, 100).pack(b"", pseudo_sum(CLI[0], SRV[0]))
+    p.server.receive_steered(SRV, (CLI[0], 40009), memoryview(steer_rewrite(stray)[8:]), p.now)
+    resets = [t for t in p.server.transmits(p.now) if parse_tcp(t.header)[0].flags & RST]
+    assert resets and all(t.ip is None for t in resets)
