@@ -49,6 +49,8 @@ class RouteInfo:
     oif: int
     prefsrc: bytes | None
     gateway: bytes | None = None
+    mtu: int = 0  # the route's MTU (a metric or a learnt path MTU); 0: the link's
+    hoplimit: int = 0  # the route's TTL / hop limit metric; 0: the system's default
 
 
 def text_address(packed: bytes) -> str:
@@ -130,7 +132,11 @@ class Host:
         for msg in replies:
             oif = msg.get_attr("RTA_OIF")
             if oif:
-                return RouteInfo(int(oif), _packed(msg.get_attr("RTA_PREFSRC")), _packed(msg.get_attr("RTA_GATEWAY")))
+                metrics = msg.get_attr("RTA_METRICS")
+                mtu = (metrics.get_attr("RTAX_MTU") or 0) if metrics is not None else 0
+                hoplimit = (metrics.get_attr("RTAX_HOPLIMIT") or 0) if metrics is not None else 0
+                return RouteInfo(int(oif), _packed(msg.get_attr("RTA_PREFSRC")), _packed(msg.get_attr("RTA_GATEWAY")),
+                                 int(mtu), int(hoplimit))
         return None
 
     def neighbour(self, ifindex: int, addr: bytes) -> bytes | None:

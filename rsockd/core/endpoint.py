@@ -77,6 +77,7 @@ from .packet import (
     transport_checksum_ok,
 )
 from .session import ClientFlow, FlowKey, FlowTable, Session, SessionTable
+from .tcpprofile import IpIdent, TcpProfile
 
 TCP_OPT_TS = 12
 BATCH_MAX = 32  # records in one run (fewer when larger: GSO_MAX_BYTES)
@@ -119,7 +120,9 @@ class Transmit:
     (``packet.run_segments``).  All payloads but the last are equally long, so a run can go to the
     kernel as one GSO send.  ``header`` is always a whole TCP header (even-length, its data offset
     long).  A ``udp``-transport datagram comes whole in ``header`` with one empty payload.  The TCP
-    checksum field is 0: the send path fills it in, or has the kernel do it.
+    checksum field is 0: the send path fills it in, or has the kernel do it.  ``ip`` is the
+    sending connection's IPv4 ID counter and IPv6 flow label (the send path takes one ID per
+    segment); None for segments of no connection (resets), which carry ID 0 as the kernel's.
     """
 
     transport: Transport
@@ -127,6 +130,7 @@ class Transmit:
     remote: HostPort
     header: bytes
     payloads: list[bytes]
+    ip: IpIdent | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,12 +178,12 @@ class Oversized:
 EndpointEvent = ConnectionUp | ConnectionDown | HelloRefused | FlowOpened | FlowGone | Oversized
 
 
-def _whole(transport: Transport, local: HostPort, remote: HostPort, seg: bytes) -> Transmit:
+def _whole(transport: Transport, local: HostPort, remote: HostPort, seg: bytes, ip: IpIdent | None = None) -> Transmit:
     """One segment (or udp datagram) as a ``Transmit``: its TCP header apart from its payload."""
     if transport == "udp":
         return Transmit(transport, local, remote, seg, [b""])
     hl = (seg[12] >> 4) * 4
-    return Transmit(transport, local, remote, seg[:hl], [seg[hl:]])
+    return Transmit(transport, local, remote, seg[:hl], [seg[hl:]], ip)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,11 +194,13 @@ class _Endpoint:
     role = ""
 
     def __init__(self, policy: Policy, *, mtu: int, clock_offset: float = 0.0,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, profile: TcpProfile | None = None) -> None:
         self.policy = policy
         self.keyring = Keyring.from_secret(policy.key)
         self.clock_offset = clock_offset
-        self.rng = rng or random.Random()
+        # ISNs, timestamp offsets and IP IDs come from it: the OS's generator unless a test passes its own.
+        self.rng = rng or random.SystemRandom()
+        self.profile = profile or TcpProfile()  # the host's TCP, for segments that look like its own
         self.drops: Counter[str] = new_drops()
         self.mtu = mtu
         self.max_datagram = 0
@@ -334,7 +340,7 @@ class _Endpoint:
         event may produce segments (accepting a hello makes the HELLO_ACK)."""
         while True:
             for seg in conn.segments_to_send():
-                self._transmits.append(_whole(conn.transport, conn.local, conn.remote, seg))
+                self._transmits.append(_whole(conn.transport, conn.local, conn.remote, seg, conn.ip))
             ev = conn.next_event()
             if ev is None:
                 break
@@ -380,12 +386,12 @@ class _Endpoint:
         for i, j in runs([len(r) for r, _ in records], BATCH_MAX, overhead=BATCH_OVERHEAD):
             batch = conn.send_batch([r for r, _ in records[i:j]], now) if j - i > 1 else None
             if batch is not None:
-                self._transmits.append(Transmit(transport, local, remote, batch[0], batch[1]))
+                self._transmits.append(Transmit(transport, local, remote, batch[0], batch[1], conn.ip))
                 continue
             for record, _k in records[i:j]:  # one record, or a connection without timestamps / udp
                 seg = conn.send_frames(record, now)
                 if seg is not None:
-                    self._transmits.append(_whole(transport, local, remote, seg))
+                    self._transmits.append(_whole(transport, local, remote, seg, conn.ip))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,10 +404,10 @@ class ServerEndpoint(_Endpoint):
     role = "server"
 
     def __init__(self, policy: Policy, *, mtu: int = 1500, v6_only: bool = False, clock_offset: float = 0.0,
-                 rng: random.Random | None = None) -> None:
-        super().__init__(policy, mtu=mtu, clock_offset=clock_offset, rng=rng)
+                 rng: random.Random | None = None, profile: TcpProfile | None = None) -> None:
+        super().__init__(policy, mtu=mtu, clock_offset=clock_offset, rng=rng, profile=profile)
         self.acceptor = Acceptor(keyring=self.keyring, timing=policy.timing, backlog=policy.backlog,
-                                 rng=self.rng, clock_offset=clock_offset, drops=self.drops)
+                                 rng=self.rng, clock_offset=clock_offset, drops=self.drops, profile=self.profile)
         self.sessions = SessionTable(
             max_sessions=policy.max_sessions, max_flows=policy.max_flows,
             max_conns_per_client=policy.max_conns_per_client, hello_skew=policy.hello_skew, idle=policy.idle,
@@ -564,8 +570,8 @@ class ClientEndpoint(_Endpoint):
 
     def __init__(self, policy: Policy, *, server: bytes, ports: tuple[int, ...], client_id: bytes,
                  mtu: int = 1500, clock_offset: float = 0.0, rng: random.Random | None = None,
-                 flows: FlowTable | None = None) -> None:
-        super().__init__(policy, mtu=mtu, clock_offset=clock_offset, rng=rng)
+                 flows: FlowTable | None = None, profile: TcpProfile | None = None) -> None:
+        super().__init__(policy, mtu=mtu, clock_offset=clock_offset, rng=rng, profile=profile)
         self.server = server  # packed
         self.ports = ports
         self.client_id = client_id
@@ -598,7 +604,8 @@ class ClientEndpoint(_Endpoint):
                 conn = Connection(role="client", transport=transport, local=(local, lport),  # type: ignore[arg-type]
                                   remote=(self.server, port), keyring=self.keyring, timing=self.policy.timing,
                                   client_id=self.client_id, conn_index=t * n + i, conn_count=count, mss=mss,
-                                  rng=self.rng, clock_offset=self.clock_offset, drops=self.drops)
+                                  rng=self.rng, clock_offset=self.clock_offset, drops=self.drops,
+                                  profile=self.profile)
                 self.conns.append(conn)
                 self._by_port[(transport, lport, port)] = conn
 

@@ -11,16 +11,20 @@ Rules (the table below encodes the state changes; everything else is a counted d
 
 1. Handshake (RFC 9293 §3.5).  The client sends SYN with Linux's option set (MSS, SACK-permitted,
    timestamps, window scale); the server answers SYN-ACK echoing what the client offered; the
-   client ACKs.  The data offset, options and window are what a stateful middlebox expects.
+   client ACKs.  The data offset, options and window are what a stateful middlebox expects, and
+   their values are the host kernel's (``TcpProfile``, rsockd/core/tcpprofile.py): a passive
+   fingerprint of rsockd's SYN is the host's own.
 2. Hello.  Once TCP is established the client sends a HELLO record, authenticated under its own
    random nonce; the server checks it (the owner decides: ``accept()`` or ``refuse()``) and
    answers HELLO_ACK.  Only then is the connection ESTABLISHED.  Half-open and hello-pending
    connections live in the Acceptor's bounded backlog and die after ``syn_timeout``.
 3. Data.  Seq advances by payload length; every segment carries the latest ack (the highest
    sequence number seen); after ``ack_every`` data segments without sending anything, or
-   ``ack_delay`` seconds, the receiver sends a pure ACK.  The window is large (scale 7), so a
-   middlebox tracking windows (Linux conntrack without be_liberal) accepts one-way bulk.  There
-   is no retransmission: the tunnel is a datagram service.
+   ``ack_delay`` seconds, the receiver sends a pure ACK.  The window starts as the kernel's and
+   grows with the data received as a Linux receiver's does (``ReceiveWindow``), far enough that
+   a middlebox tracking windows (Linux conntrack without be_liberal) accepts one-way bulk.
+   Timestamps tick at 1 kHz from an offset per pair of addresses, random to an observer.  There is no retransmission:
+   the tunnel is a datagram service.
 4. Liveness.  A KEEPALIVE record goes out after ``keepalive`` seconds without sending a record;
    ``dead_timeout`` seconds without an authenticated record kill the connection.
 5. RST and FIN (RFC 5961 §3.2, §4).  Honoured when they carry an authenticated CLOSE record or
@@ -64,14 +68,13 @@ from .packet import (
     build_options,
     parse_options,
 )
+from .tcpprofile import TS_OPTION_SPACE, IpIdent, ReceiveWindow, TcpProfile
 
 Role = Literal["client", "server"]
 Transport = Literal["tcp", "udp"]
 HostPort = tuple[bytes, int]  # packed address, port
 
 CHALLENGE_INTERVAL = 0.1  # at most 10 challenge ACKs a second per connection
-WSCALE = 7  # Linux's usual shift; 65535 << 7 ~ 8 MiB advertised
-WINDOW = 0xFFFF
 MASK32 = 0xFFFFFFFF
 
 
@@ -199,6 +202,7 @@ class Connection:
         rng: random.Random | None = None,
         clock_offset: float = 0.0,
         drops: Counter[str] | None = None,
+        profile: TcpProfile | None = None,
     ) -> None:
         self.role = role
         self.transport = transport
@@ -210,9 +214,14 @@ class Connection:
         self.conn_index = conn_index
         self.conn_count = conn_count
         self.mss = mss
-        self.rng = rng or random.Random()
+        # ISNs, timestamp offsets and IP IDs must not be predictable from earlier ones (RFC 6528):
+        # the OS's generator unless a test passes its own.
+        self.rng = rng or random.SystemRandom()
         self.clock_offset = clock_offset
         self.drops = drops if drops is not None else new_drops()
+        self.profile = profile or TcpProfile()
+        #: The IPv4 ID / IPv6 flow label of this connection's packets; the send path numbers them.
+        self.ip = IpIdent()
 
         self.state = State.CLOSED
         self.hello: Hello | None = None
@@ -228,6 +237,10 @@ class Connection:
         self._ts_ok = False
         self._ts_offset = 0
         self._ts_recent = 0
+        self._rwin = ReceiveWindow(self.profile, 0xFFFF, 0, mss)  # replaced at the handshake
+        self._syn_window = 0xFFFF  # the handshake's window (never scaled, RFC 7323 §2.2) ...
+        self._syn_wscale: int | None = None  # ... and the window scale its options offer
+        self._syn_sack = False
         self._sealer: framing.Sealer | None = None
         self._opener: framing.Opener | None = None
         self._nonce = b""
@@ -294,9 +307,10 @@ class Connection:
         seq, ack = self._advance(flags, len(payload) + (1 if flags & (SYN | FIN) else 0))
         if options is None and self._ts_ok:
             tsval = self._tsval(now)
-            return _HDR_TS.pack(self.local[1], self.remote[1], seq, ack, _OFF8 | flags, WINDOW, 0, 0,
+            return _HDR_TS.pack(self.local[1], self.remote[1], seq, ack, _OFF8 | flags, self._rwin.field, 0, 0,
                                 _TS_LEAD, tsval, self._ts_recent) + payload
-        return TcpHeader(self.local[1], self.remote[1], seq, ack, flags, WINDOW, options or b"").pack(payload)
+        window = self._rwin.field if options is None else self._syn_window
+        return TcpHeader(self.local[1], self.remote[1], seq, ack, flags, window, options or b"").pack(payload)
 
     def _advance(self, flags: int, length: int) -> tuple[int, int]:
         """Take ``length`` of sequence space for what is sent now (it acknowledges all received):
@@ -333,14 +347,24 @@ class Connection:
             return
         self._goto("connect_tcp")
         self._iss = self.rng.getrandbits(32)
-        self._ts_offset = self.rng.getrandbits(32)
+        self._ts_offset = self.profile.ts_offset(self.local[0], self.remote[0])
         self.snd_nxt = self._iss
         self.rcv_nxt = 0
+        prof = self.profile
+        # tcp_connect_init(): the SYN's window is rounded to the whole MSS (no peer timestamps yet).
+        self._syn_window, wscale = prof.initial_window(self.mss, prof.window_scaling)
+        self._syn_wscale = wscale if prof.window_scaling else None
+        self._syn_sack = prof.sack
+        self.ip.start(self.rng)
+        self.ip.new_label(self.rng)
         self._send_syn(now)
 
     def _send_syn(self, now: float) -> None:
         self.snd_nxt = self._iss
-        opts = build_options(mss=self.mss, sack_permitted=True, timestamps=(self._tsval(now), 0), wscale=WSCALE)
+        if self._tries:
+            self.ip.new_label(self.rng)  # Linux re-hashes a flow whose SYN timed out
+        ts = (self._tsval(now), 0) if self.profile.timestamps else None
+        opts = build_options(mss=self.mss, sack_permitted=self._syn_sack, timestamps=ts, wscale=self._syn_wscale)
         self._send(SYN, b"", now, opts)
         self._deadline = now + self.timing.rto * (2 ** self._tries)
 
@@ -363,20 +387,28 @@ class Connection:
         """Server: a SYN created this connection; answer with SYN-ACK (RFC 9293 §3.5)."""
         self._goto("syn")
         opts = _options_or_none(hdr.options)
+        prof = self.profile
         self._iss = self.rng.getrandbits(32)
-        self._ts_offset = self.rng.getrandbits(32)
+        self._ts_offset = self.profile.ts_offset(self.local[0], self.remote[0])
         self.rcv_nxt = (hdr.seq + 1) & MASK32
-        self._ts_ok = opts.timestamps is not None
+        self._ts_ok = opts.timestamps is not None and prof.timestamps
         self._ts_recent = opts.timestamps[0] if opts.timestamps else 0
+        self._syn_sack = opts.sack_permitted and prof.sack
+        # tcp_openreq_init_rwin(): rounded to what a segment carries once timestamps are on.
+        mss = self.mss - (TS_OPTION_SPACE if self._ts_ok else 0)
+        wscale_ok = opts.wscale is not None and prof.window_scaling
+        self._syn_window, wscale = prof.initial_window(mss, wscale_ok)
+        self._syn_wscale = wscale if wscale_ok else None
+        self._rwin = ReceiveWindow(prof, self._syn_window, wscale, mss)
+        self.ip.new_label(self.rng)  # the request socket's; its IPv4 ID stays 0 until the ACK
         self._deadline = now + self.timing.syn_timeout
         self.last_rx = now
-        self._send_synack(opts, now)
+        self._send_synack(now)
 
-    def _send_synack(self, opts: TcpOptions, now: float) -> None:
+    def _send_synack(self, now: float) -> None:
         self.snd_nxt = self._iss
         ts = (self._tsval(now), self._ts_recent) if self._ts_ok else None
-        out = build_options(mss=self.mss, sack_permitted=opts.sack_permitted, timestamps=ts,
-                            wscale=WSCALE if opts.wscale is not None else None)
+        out = build_options(mss=self.mss, sack_permitted=self._syn_sack, timestamps=ts, wscale=self._syn_wscale)
         self._send(SYN | ACK, b"", now, out)
 
     def accept(self, now: float) -> None:
@@ -434,6 +466,7 @@ class Connection:
                 return []
             self._goto("ack")
             self.snd_nxt = (self._iss + 1) & MASK32
+            self.ip.start(self.rng)  # the kernel's child socket: IPv4 IDs from a random start
         elif state == State.CLOSED:
             self.drops["unexpected"] += 1
             return []
@@ -446,6 +479,7 @@ class Connection:
         if payload:
             data, closing, authed = self._records(memoryview(payload), now)
         if authed:
+            self._rwin.received(len(payload))
             end = (hdr.seq + len(payload)) & MASK32
             if seq_after(end, self.rcv_nxt):
                 self.rcv_nxt = end
@@ -483,7 +517,7 @@ class Connection:
         return data
 
     def _resend_synack(self, hdr: TcpHeader, now: float) -> None:
-        self._send_synack(_options_or_none(hdr.options), now)
+        self._send_synack(now)
 
     def _on_synack(self, hdr: TcpHeader, now: float) -> None:
         try:
@@ -494,8 +528,12 @@ class Connection:
         self._goto("synack")
         self.snd_nxt = (self._iss + 1) & MASK32
         self.rcv_nxt = (hdr.seq + 1) & MASK32
-        self._ts_ok = opts.timestamps is not None
+        self._ts_ok = opts.timestamps is not None and self.profile.timestamps
         self._ts_recent = opts.timestamps[0] if opts.timestamps else 0
+        # Scaling applies only when both SYNs offered it (RFC 7323 §2.2).
+        wscale = self._syn_wscale if self._syn_wscale is not None and opts.wscale is not None else 0
+        self._rwin = ReceiveWindow(self.profile, self._syn_window, wscale,
+                                   self.mss - (TS_OPTION_SPACE if self._ts_ok else 0))
         self.last_rx = now
         self._send(ACK, b"", now)
         self._start_hello(now)
@@ -520,7 +558,7 @@ class Connection:
                 return
         if hdr.seq == self.rcv_nxt:
             self._closed("reset", now, "rst")
-        elif 0 < (hdr.seq - self.rcv_nxt) & MASK32 < (WINDOW << WSCALE):
+        elif 0 < (hdr.seq - self.rcv_nxt) & MASK32 < self._rwin.bytes:
             self.drops["rst_ignored"] += 1
             if now - self._challenged >= CHALLENGE_INTERVAL:  # RFC 5961 §5: rate-limited
                 self._challenged = now
@@ -659,7 +697,7 @@ class Connection:
         self.tx_bytes += total
         self.last_tx = now
         seq, ack = self._advance(ACK | PSH, total)
-        hdr = _HDR_TS.pack(self.local[1], self.remote[1], seq, ack, _OFF8 | ACK | PSH, WINDOW, 0, 0,
+        hdr = _HDR_TS.pack(self.local[1], self.remote[1], seq, ack, _OFF8 | ACK | PSH, self._rwin.field, 0, 0,
                            _TS_LEAD, self._tsval(now), self._ts_recent)
         return hdr, payloads
 
@@ -790,12 +828,14 @@ class Acceptor:
         clock_offset: float = 0.0,
         drops: Counter[str] | None = None,
         rst_rate: float = 100.0,
+        profile: TcpProfile | None = None,
     ) -> None:
         self.keyring = keyring
         self.timing = timing or Timing()
         self.backlog = backlog
         self.mss = mss
-        self.rng = rng or random.Random()
+        self.rng = rng or random.SystemRandom()  # see Connection
+        self.profile = profile or TcpProfile()
         self.clock_offset = clock_offset
         self.drops = drops if drops is not None else new_drops()
         self.pending: dict[ConnKey, Connection] = {}
@@ -809,7 +849,7 @@ class Acceptor:
         return Connection(
             role="server", transport=transport, local=local, remote=remote, keyring=self.keyring,
             timing=self.timing, mss=self.mss - (20 if len(local[0]) == 16 else 0),  # self.mss is IPv4's
-            rng=self.rng, clock_offset=self.clock_offset, drops=self.drops,
+            rng=self.rng, clock_offset=self.clock_offset, drops=self.drops, profile=self.profile,
         )
 
     def segment(self, local: HostPort, remote: HostPort, hdr: TcpHeader, payload: bytes | memoryview,

@@ -29,7 +29,9 @@ def route_to(dest: str) -> Route:
         raise RsockdError(f"no route to {dest}: {e.strerror}") from None
     if link is None:
         raise RsockdError(f"interface index {info.oif} disappeared")
-    return Route(link.name, text_address(info.prefsrc) if info.prefsrc else None, link.mtu or 1500)
+    # The route's MTU (a metric, a learnt path MTU) before the link's: the kernel's advertised MSS
+    # follows it.
+    return Route(link.name, text_address(info.prefsrc) if info.prefsrc else None, info.mtu or link.mtu or 1500)
 
 
 def interface_mtu(name: str) -> int:

@@ -6,8 +6,10 @@ The virtio-net header in front of each frame asks the kernel to compute the TCP 
 finishes it), and for a batch of segments of one connection it asks for segmentation
 (``GSO_TCPV4/6``): one frame with one TCP header and many payloads, which the kernel splits into
 segments of ``gso_size`` bytes, numbering their sequence numbers on and fixing the IP total
-length, ID and checksum of each.  So Python computes no checksum and makes one system call per
-batch instead of one per segment.
+length, ID and checksum of each (the IDs count on from the header's, one per segment: the
+connection's ``IpIdent`` takes as many).  So Python computes no checksum and makes one system
+call per batch instead of one per segment.  The IP header is what the kernel's own TCP would
+write: the route's TTL, DF and the connection's ID sequence (IPv4), its flow label (IPv6).
 
 What it costs: the frames bypass routing and the output netfilter hooks.  The path is resolved
 in userspace (the kernel's route for our mark, the link's and the next hop's MAC addresses) and
@@ -25,7 +27,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..core.packet import PROTO_TCP, pseudo_sum
+from ..core.tcpprofile import IpIdent
 from ..netlink import ARPHRD_ETHER, Host
+from .hostprofile import default_hop_limit
 from .rawsock import SO_MARK, TCP_CHECK, Sender, SocketSender, grow_sndbuf
 
 SOL_PACKET = 263
@@ -50,6 +54,7 @@ class L2Route:
     ifname: str
     src_mac: bytes
     dst_mac: bytes
+    ttl: int = 64  # the route's TTL / hop limit
 
 
 def resolve(host: Host, dst: bytes, mark: int) -> L2Route | None:
@@ -64,7 +69,8 @@ def resolve(host: Host, dst: bytes, mark: int) -> L2Route | None:
     mac = host.neighbour(info.oif, info.gateway or dst)
     if mac is None or len(mac) != 6:
         return None
-    return L2Route(info.oif, link.name, link.address, mac)
+    ttl = info.hoplimit or default_hop_limit(socket.AF_INET if len(dst) == 4 else socket.AF_INET6, link.name)
+    return L2Route(info.oif, link.name, link.address, mac, ttl)
 
 
 def resolve_all(dsts: Iterable[bytes], mark: int) -> dict[bytes, L2Route | None]:
@@ -130,28 +136,32 @@ class PacketSender(SocketSender):
         single = VNET_HDR.pack(VNET_F_NEEDS_CSUM, 0, 0, 0, csum_start, _TCP_CHECK) + eth
         gso_type = VNET_GSO_TCPV4 if v4 else VNET_GSO_TCPV6
         psum = pseudo_sum(src, dst)  # without the length, as for the connection's own checksums
+        ttl = route.ttl
         if v4:
-            # The IPv4 header's own sum without total length and checksum (ID 0, DF, TTL 64).
-            hsum = 0x4500 + 0x4000 + (64 << 8 | PROTO_TCP) + sum(struct.unpack("!4H", src + dst))
+            # The IPv4 header's own sum without total length, ID and checksum (DF).
+            hsum = 0x4500 + 0x4000 + (ttl << 8 | PROTO_TCP) + sum(struct.unpack("!4H", src + dst))
             ip4 = _IP4.pack
 
-            def iphdr(tcp_len: int) -> bytes:
+            def iphdr(tcp_len: int, ip: IpIdent, segs: int) -> bytes:
                 tot = 20 + tcp_len
-                return ip4(0x45, 0, tot, 0, 0x4000, 64, PROTO_TCP, ~_fold(hsum + tot) & 0xFFFF, src, dst)
+                ipid = ip.take(segs)
+                return ip4(0x45, 0, tot, ipid, 0x4000, ttl, PROTO_TCP, ~_fold(hsum + tot + ipid) & 0xFFFF, src, dst)
         else:
             ip6 = _IP6.pack
 
-            def iphdr(tcp_len: int) -> bytes:
-                return ip6(6 << 28, tcp_len, PROTO_TCP, 64, src, dst)
+            def iphdr(tcp_len: int, ip: IpIdent, segs: int) -> bytes:
+                return ip6(6 << 28 | ip.label, tcp_len, PROTO_TCP, ttl, src, dst)
 
         check = _CHECK.pack
+        no_ident = IpIdent()  # resets of no connection: ID 0, no flow label
 
-        def send(header: bytes, payloads: list[bytes]) -> None:
+        def send(header: bytes, payloads: list[bytes], ip: IpIdent | None) -> None:
+            ip = ip or no_ident
             if len(payloads) == 1:
                 n = len(header) + len(payloads[0])
                 try:
-                    sendmsg((single, iphdr(n), header[:_TCP_CHECK], check(_fold(psum + n)), header[_TCP_CHECK + 2:],
-                             payloads[0]))
+                    sendmsg((single, iphdr(n, ip, 1), header[:_TCP_CHECK], check(_fold(psum + n)),
+                             header[_TCP_CHECK + 2:], payloads[0]))
                 except OSError as e:
                     failed(e)
                 return
@@ -161,8 +171,8 @@ class PacketSender(SocketSender):
             vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, gso_type, csum_start + len(header), len(payloads[0]),
                                  csum_start, _TCP_CHECK)
             try:
-                sendmsg((vnet, eth, iphdr(n), header[:_TCP_CHECK], check(_fold(psum + n)), header[_TCP_CHECK + 2:],
-                         *payloads))
+                sendmsg((vnet, eth, iphdr(n, ip, len(payloads)), header[:_TCP_CHECK], check(_fold(psum + n)),
+                         header[_TCP_CHECK + 2:], *payloads))
             except OSError as e:
                 failed(e)
 

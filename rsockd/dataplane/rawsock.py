@@ -2,11 +2,14 @@
 
 A path sends a run of segments (``endpoint.Transmit``: a header and payloads) one segment at a
 time.  IPv4: ``SOCK_RAW``/``IPPROTO_RAW`` (implies ``IP_HDRINCL``).  Each path gets a 20-byte
-header template with total length, id and checksum 0: the kernel fills those in (raw(7)); the TCP
+header template with total length and checksum 0: the kernel fills those in (raw(7)); the TCP
 checksum is computed here, with the path's pseudo-header sum, and sent in place of the segment's
-zero field (no copy of the payload).  IPv6: ``SOCK_RAW``/``IPPROTO_TCP`` with
-``IPV6_CHECKSUM`` at offset 16, so the kernel computes the checksum with the source address it
-picks; the source is pinned per path with ``IPV6_PKTINFO``.  A ``ret 0`` classic filter keeps the
+zero field (no copy of the payload).  The TTL is the route's, and the ID is the sending
+connection's (``Transmit.ip``): the kernel would leave a DF packet's zero ID as it is, where its
+own TCP numbers them.  The IPv6 header is the kernel's, hop limit and flow label included.
+IPv6: ``SOCK_RAW``/``IPPROTO_TCP`` with ``IPV6_CHECKSUM`` at offset 16, so the kernel computes
+the checksum with the source address it picks; the source is pinned per path with
+``IPV6_PKTINFO``.  A ``ret 0`` classic filter keeps the
 IPv6 socket from receiving a copy of every inbound TCP segment.  Both set ``SO_MARK`` so the
 egress guard and the notrack rule recognise our packets.
 """
@@ -21,8 +24,10 @@ from collections import Counter
 from collections.abc import Callable
 
 from ..core.packet import IPV4_HEADER, PROTO_TCP, pseudo_sum, run_segments, segment_checksum
+from ..core.tcpprofile import IpIdent
 from ..errors import RsockdError
 from ..steer import cbpf
+from .hostprofile import HopLimits
 
 LOG = logging.getLogger(__name__)
 
@@ -32,9 +37,11 @@ IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
 SNDBUF = 4 << 20
 IN6_PKTINFO = struct.Struct("=16sI")  # struct in6_pktinfo {struct in6_addr addr; unsigned int ifindex;}
 
-#: Sends a run: (first segment's TCP header, payloads); see ``endpoint.Transmit``.
-Sender = Callable[[bytes, list[bytes]], None]
+#: Sends a run: (first segment's TCP header, payloads, the connection's IP numbering or None);
+#: see ``endpoint.Transmit``.
+Sender = Callable[[bytes, list[bytes], IpIdent | None], None]
 TCP_CHECK = 16  # offset of the TCP checksum field
+_NO_IDENT = IpIdent()  # never started: ID 0
 
 
 def grow_sndbuf(s: socket.socket) -> None:
@@ -82,6 +89,14 @@ class RawSender(SocketSender):
     #: The IPV6_PKTINFO option number; struct in6_pktinfo is the same on Linux and macOS.
     IPV6_PKTINFO = IPV6_PKTINFO
 
+    def __init__(self, mark: int, errors: Counter[str] | None = None) -> None:
+        super().__init__(mark, errors)
+        self.hop_limit = HopLimits(mark)
+
+    def close(self) -> None:
+        super().close()
+        self.hop_limit.close()
+
     def _sock(self, family: int) -> socket.socket:
         s = self._socks.get(family)
         if s is None:
@@ -108,13 +123,13 @@ class RawSender(SocketSender):
     def path(self, src: bytes, dst: bytes) -> Sender:
         """A function sending runs of TCP segments from ``src`` to ``dst`` (packed addresses)."""
         if len(dst) == 4:
-            return self._path4(self._sock(socket.AF_INET), src, dst)
+            return self._path4(self._sock(socket.AF_INET), src, dst, self.hop_limit(dst))
         s6 = self._sock(socket.AF_INET6)
         cmsg = [(socket.IPPROTO_IPV6, self.IPV6_PKTINFO, IN6_PKTINFO.pack(src, 0))]
         addr6 = (socket.inet_ntop(socket.AF_INET6, dst), 0, 0, 0)
         sendmsg6 = s6.sendmsg
 
-        def send6(header: bytes, payloads: list[bytes]) -> None:
+        def send6(header: bytes, payloads: list[bytes], ip: IpIdent | None) -> None:
             for hdr, payload in run_segments(header, payloads):
                 try:
                     sendmsg6((hdr, payload), cmsg, 0, addr6)
@@ -123,18 +138,21 @@ class RawSender(SocketSender):
 
         return send6
 
-    def _path4(self, sock: socket.socket, src: bytes, dst: bytes) -> Sender:
-        """IPv4: a header template whose length, id and checksum the kernel fills in."""
-        tmpl = IPV4_HEADER.pack(0x45, 0, 0, 0, 0x4000, 64, PROTO_TCP, 0, src, dst)
+    def _path4(self, sock: socket.socket, src: bytes, dst: bytes, ttl: int) -> Sender:
+        """IPv4: a header template whose length and checksum the kernel fills in."""
+        tmpl = IPV4_HEADER.pack(0x45, 0, 0, 0, 0x4000, ttl, PROTO_TCP, 0, src, dst)
+        head, tail = tmpl[:4], tmpl[6:]  # around the ID
         addr4 = (socket.inet_ntop(socket.AF_INET, dst), 0)
         sendmsg = sock.sendmsg
         psum = pseudo_sum(src, dst)
 
-        def send4(header: bytes, payloads: list[bytes]) -> None:
+        def send4(header: bytes, payloads: list[bytes], ip: IpIdent | None) -> None:
+            take = (ip or _NO_IDENT).take
             for hdr, payload in run_segments(header, payloads):
                 check = segment_checksum(psum, hdr, payload).to_bytes(2, "big")
                 try:
-                    sendmsg((tmpl, hdr[:TCP_CHECK], check, hdr[TCP_CHECK + 2:], payload), (), 0, addr4)
+                    sendmsg((head, take().to_bytes(2, "big"), tail, hdr[:TCP_CHECK], check, hdr[TCP_CHECK + 2:],
+                             payload), (), 0, addr4)
                 except OSError as e:
                     self._failed(e)
 

@@ -5,7 +5,9 @@ not imply it for ``IPPROTO_RAW`` the way Linux does).  BSD raw IP output takes `
 ``ip_off`` in *host* byte order: xnu ``rip_output`` checks ``ip->ip_len > m->m_pkthdr.len``
 unconverted, and ``ip_output`` swaps both to network order (``HTONS``) just before the
 interface.  So each path keeps a 20-byte header whose length is written in host order per
-segment; ``ip_id`` 0 is replaced by a random id and ``ip_sum`` is always computed by the kernel.
+segment; ``ip_id`` 0 is replaced by a random id (what macOS's own TCP sends: random IDs,
+``net.inet.ip.random_id``) and ``ip_sum`` is always computed by the kernel.  The TTL is the
+route's default (``HopLimits``).
 
 IPv6: ``SOCK_RAW``/``IPPROTO_TCP`` with ``IPV6_CHECKSUM`` at offset 16, so the kernel computes
 the TCP checksum with the source it uses; the source is pinned per path with an
@@ -37,6 +39,7 @@ import socket
 import struct
 
 from ..core.packet import IPV4_HEADER, IPV4_MIN_HEADER, PROTO_TCP, pseudo_sum, run_segments, segment_checksum
+from ..core.tcpprofile import IpIdent
 from . import rawsock
 from .rawsock import TCP_CHECK, Sender
 
@@ -76,15 +79,16 @@ class RawSender(rawsock.RawSender):
             s.setsockopt(socket.IPPROTO_IPV6, IPV6_CHECKSUM, 16)
         return s
 
-    def _path4(self, sock: socket.socket, src: bytes, dst: bytes) -> Sender:
-        hdr = ipv4_header(src, dst)
+    def _path4(self, sock: socket.socket, src: bytes, dst: bytes, ttl: int) -> Sender:
+        hdr = ipv4_header(src, dst, ttl=ttl)
         set_len = _HOST_U16.pack_into
         addr4 = (socket.inet_ntop(socket.AF_INET, dst), 0)
         sendmsg = sock.sendmsg
 
         psum = pseudo_sum(src, dst)
 
-        def send4(header: bytes, payloads: list[bytes]) -> None:
+        def send4(header: bytes, payloads: list[bytes], ip: IpIdent | None) -> None:
+            # ``ip`` goes unused: macOS numbers the IDs itself, at random, as for its own TCP.
             for tcp, payload in run_segments(header, payloads):
                 total = IPV4_MIN_HEADER + len(tcp) + len(payload)
                 if total > 0xFFFF:

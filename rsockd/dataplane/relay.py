@@ -47,6 +47,7 @@ from ..errors import RsockdError
 from ..logs import RateLimit
 from ..steer import Receiver
 from .delivery import Delivery
+from .hostprofile import tcp_profile
 from .platform import DARWIN, RawSender, Route, Sender, interface_addresses, interface_mtu, resolve, route_to
 
 if TYPE_CHECKING:
@@ -121,6 +122,7 @@ class Relay:
         self.cfg = cfg
         self.loop = asyncio.get_running_loop()
         self.clock_offset = time.time() - self.loop.time()
+        self.profile = tcp_profile((cfg.key or "").encode())  # the host's TCP, for segments like its own
         self.tx_errors: Counter[str] = Counter()
         self.raw = RawSender(cfg.mark, self.tx_errors)
         # send_path = "packet": Ethernet frames, kernel checksums, batches split by the kernel
@@ -303,7 +305,7 @@ class Relay:
 
     def _send(self, t: Transmit) -> None:
         if t.transport == "tcp":
-            self._path(t.local[0], t.remote[0])(t.header, t.payloads)
+            self._path(t.local[0], t.remote[0])(t.header, t.payloads, t.ip)
             return
         sock = self._udp_socket(t.local)
         dst = (socket.inet_ntop(family_of(t.remote[0]), t.remote[0]), t.remote[1])
@@ -405,7 +407,8 @@ class ServerRelay(Relay):
         super().__init__(cfg)
         assert cfg.target is not None
         self.ports = cfg.ports if ports is None else ports  # a worker serves its share (rsockd/service/worker.py)
-        self.endpoint = ServerEndpoint(policy, mtu=cfg.mtu or 1500, clock_offset=self.clock_offset)
+        self.endpoint = ServerEndpoint(policy, mtu=cfg.mtu or 1500, clock_offset=self.clock_offset,
+                                       profile=self.profile)
         self.set_target(cfg.target)
         self._tunnel: dict[tuple[int, int], socket.socket] = {}  # (family, port) -> UDP socket
         self._targets: dict[FlowKey, socket.socket] = {}  # flow -> its socket towards the target
@@ -585,7 +588,7 @@ class ClientRelay(Relay):
         self.server_packed = pack_address(self.server_ip)
         self.endpoint = ClientEndpoint(policy, server=self.server_packed, ports=cfg.ports,
                                        client_id=client_id or os.urandom(8), mtu=cfg.mtu or 1500,
-                                       clock_offset=self.clock_offset, flows=flows)
+                                       clock_offset=self.clock_offset, flows=flows, profile=self.profile)
         self._tunnel: dict[int, socket.socket] = {}  # local port -> UDP socket
         self.local_ports: list[int] = []
         self.app: socket.socket | None = None

@@ -4,6 +4,7 @@ correct TCP segments, the kernel having computed every checksum and split every 
 from __future__ import annotations
 
 import os
+import random
 import select
 import socket
 import struct
@@ -20,6 +21,7 @@ from rsockd.core.packet import (
     parse_tcp,
     tcp_checksum_ok,
 )
+from rsockd.core.tcpprofile import IpIdent
 from rsockd.dataplane.packetsend import PacketSender, resolve, resolve_all
 from rsockd.netlink import Host
 from tests.netns import NetnsPair
@@ -76,16 +78,22 @@ def test_single_segments_and_batches_arrive_as_correct_segments(family: int) -> 
             assert route is not None and route.ifname == net.dev["c"]
             sender = PacketSender(MARK)
             send = sender.path(route, psrc, pdst)
+        ip = IpIdent()
+        rng = random.Random(1)
+        rng.randrange = lambda *a: 0xFFFD  # type: ignore[method-assign]
+        ip.start(rng)  # near the top: the kernel's numbering of a batch wraps as ours does
+        ip.new_label(random.Random(2))
         cap = capture(net, "s")
         try:
             # one segment (its checksum field is garbage: the kernel's counts)
             one = TcpHeader(40000, 10001, 1000, 77, ACK | PSH, 65535, TS_OPTS, checksum=0xBEEF).pack()
-            send(one, [b"single!"])
+            send(one, [b"single!"], ip)
             # a batch: five full payloads and a shorter last one
             payloads = [os.urandom(1000) for _ in range(5)] + [os.urandom(321)]
             header = TcpHeader(40000, 10001, 2000, 88, ACK | PSH, 65535, TS_OPTS, checksum=0xBEEF).pack()
-            send(header, payloads)
-            got = [check(p) for p in frames(cap, 1 + len(payloads))]
+            send(header, payloads, ip)
+            packets = frames(cap, 1 + len(payloads))
+            got = [check(p) for p in packets]
         finally:
             cap.close()
             sender.close()
@@ -98,6 +106,16 @@ def test_single_segments_and_batches_arrive_as_correct_segments(family: int) -> 
             assert (h.sport, h.dport, h.seq, h.ack, h.options) == (40000, 10001, seq, 88, TS_OPTS), i
             assert h.flags == (ACK | PSH if i == len(payloads) - 1 else ACK), i  # PSH on the last only
             seq += len(want)
+        # The IP header as the kernel's own TCP writes it: the route's TTL; IPv4 IDs one per
+        # segment (the batch's numbered on by the kernel from its header's), IPv6 the flow label.
+        assert route.ttl == 64
+        if family == 4:
+            assert [pkt[8] for pkt in packets] == [64] * len(packets)
+            assert [struct.unpack_from("!H", pkt, 4)[0] for pkt in packets] == [0xFFFD, 0xFFFE, 0xFFFF, 0, 1, 2, 3]
+            assert all(pkt[6] & 0x40 for pkt in packets)  # DF
+        else:
+            assert [pkt[7] for pkt in packets] == [64] * len(packets)
+            assert {int.from_bytes(pkt[1:4], "big") & 0xFFFFF for pkt in packets} == {ip.label} != {0}
 
 
 def test_no_route_or_no_neighbour_resolves_to_none() -> None:
@@ -121,11 +139,11 @@ def test_sockets_of_links_no_longer_used_are_closed() -> None:
         try:
             assert sender.links == {route.ifindex}
             sender.keep_only({route.ifindex})  # still routed through it: kept, and it still sends
-            send(TcpHeader(40000, 10001, 1, 2, ACK, 65535).pack(), [b"kept"])
+            send(TcpHeader(40000, 10001, 1, 2, ACK, 65535).pack(), [b"kept"], None)
             assert not sender.errors and sender.links == {route.ifindex}
             sender.keep_only(set())  # the link is gone from every route: its socket is closed
             assert sender.links == frozenset()
-            send(TcpHeader(40000, 10001, 1, 2, ACK, 65535).pack(), [b"late"])  # a stale sender fails, counted
+            send(TcpHeader(40000, 10001, 1, 2, ACK, 65535).pack(), [b"late"], None)  # a stale sender fails, counted
             assert sender.errors == {"ebadf": 1}
         finally:
             sender.close()

@@ -1,0 +1,148 @@
+"""The host's TCP as a passive observer sees it: what a connection copies so that its segments are
+ones the host's own kernel could have sent.  Pure: the daemon reads the host's settings
+(``rsockd.dataplane.hostprofile``) and passes them in.
+
+A passive fingerprint (p0f, Zeek, a DPI box) reads the SYN and SYN-ACK: the option layout, the
+MSS, the window and window scale, the TTL and how the IPv4 ID behaves.  Linux derives the window
+and scale from the receive buffer settings and the MSS (``tcp_select_initial_window()`` in
+net/ipv4/tcp_output.c); after the handshake the window grows as data arrives
+(``tcp_grow_window()`` in net/ipv4/tcp_input.c).  IPv4 IDs come from a per-socket counter that
+starts at a random number (``inet_id``, set in ``tcp_v4_connect()`` and
+``tcp_v4_syn_recv_sock()``); a DF packet of no socket (the SYN-ACK of a request socket, a reset of
+the control socket) carries 0.  The rules here follow those functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from dataclasses import dataclass, field
+
+U16_MAX = 0xFFFF
+TCP_MAX_WSCALE = 14  # RFC 7323 §2.3
+MAX_SIGNED_WINDOW = 32767  # MAX_TCP_WINDOW: tcp_workaround_signed_windows
+TS_OPTION_SPACE = 12  # TCPOLEN_TSTAMP_ALIGNED: what timestamps take from each segment's payload
+FLOW_LABEL_MASK = 0xFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class TcpProfile:
+    """The host's TCP settings (Linux sysctl names; defaults are Linux's).
+
+    ``rmem_default``/``rmem_max`` are ``net.ipv4.tcp_rmem[1]``/``[2]`` (a new socket's receive buffer
+    and what autotuning may grow it to), ``core_rmem_max`` is ``net.core.rmem_max``.
+    """
+
+    rmem_default: int = 131072
+    rmem_max: int = 6291456
+    core_rmem_max: int = 212992
+    window_scaling: bool = True  # net.ipv4.tcp_window_scaling
+    timestamps: bool = True  # net.ipv4.tcp_timestamps != 0
+    sack: bool = True  # net.ipv4.tcp_sack
+    signed_windows: bool = False  # net.ipv4.tcp_workaround_signed_windows
+    #: Keys the timestamp clock of each pair of addresses, as the kernel's boot-time ``ts_secret``.
+    secret: bytes = field(default_factory=lambda: os.urandom(16), repr=False)
+
+    def win_from_space(self, space: int) -> int:
+        """The window a buffer of ``space`` bytes offers: half of it, the kernel's default share
+        (``tcp_adv_win_scale`` 1 before Linux 6.6, the initial ``scaling_ratio`` since)."""
+        return space - (space >> 1)
+
+    def ts_offset(self, local: bytes, remote: bytes) -> int:
+        """``secure_tcp_ts_off()``: the timestamp offset of every connection between two addresses.
+
+        One clock per pair, as Linux's: a fingerprinter that sees clocks jump between connections
+        from one address (p0f's "host change") would see a different host in each.  Random to
+        anyone without the secret, so the timestamps do not tell the host's uptime.
+        """
+        digest = hashlib.blake2b(local + remote, key=self.secret, digest_size=4).digest()
+        return int.from_bytes(digest, "big")
+
+    def initial_window(self, mss: int, wscale_ok: bool) -> tuple[int, int]:
+        """``tcp_select_initial_window()``: a new connection's receive window and window scale.
+
+        ``mss`` is what a segment of the connection carries: the advertised MSS, less the
+        timestamp option when the peer's SYN carried one (a SYN-ACK's window is rounded to that).
+        """
+        clamp = U16_MAX << TCP_MAX_WSCALE  # no SO_RCVBUF clamp: the largest scaled window
+        space = min(clamp, self.win_from_space(self.rmem_default))  # tcp_full_space()
+        if space > mss:
+            space -= space % mss  # a whole number of segments
+        rcv_wnd = min(space, MAX_SIGNED_WINDOW if self.signed_windows else U16_MAX)
+        wscale = 0
+        if wscale_ok:
+            # Scale for the largest window the buffer may grow to.
+            most = min(max(space, self.rmem_max, self.core_rmem_max), clamp)
+            wscale = max(0, min(TCP_MAX_WSCALE, most.bit_length() - 1 - 15))
+        return rcv_wnd, wscale
+
+
+class ReceiveWindow:
+    """The window a Linux receiver whose reader keeps up advertises after the handshake.
+
+    It starts at the handshake's window and grows by two segments for each data segment that
+    arrives (``tcp_grow_window()``), up to what a receive buffer autotuned to ``tcp_rmem[2]``
+    offers; it never shrinks (RFC 9293 §3.8.6.2.2).  Unlike Linux at a low RTT it reaches that
+    ceiling whatever the RTT: rsockd does not flow-control the peer, so the window must stay ahead
+    of what the peer sends for a middlebox that tracks windows (conntrack) to accept it.
+    """
+
+    __slots__ = ("_step", "clamp", "field", "wnd", "wscale")
+
+    def __init__(self, profile: TcpProfile, rcv_wnd: int, wscale: int, mss: int) -> None:
+        self.wnd = rcv_wnd
+        self.wscale = wscale
+        self.clamp = max(rcv_wnd, min(profile.win_from_space(profile.rmem_max), U16_MAX << wscale))
+        self._step = 2 * mss
+        self.field = 0  # the header's window field
+        self._update()
+
+    def _update(self) -> None:
+        unit = 1 << self.wscale
+        # __tcp_select_window(): rounded up to the scale's unit, so that scaling does not lose it.
+        self.field = min((self.wnd + unit - 1) >> self.wscale, U16_MAX)
+
+    def received(self, length: int) -> None:
+        """A data segment of ``length`` bytes arrived."""
+        if self.wnd < self.clamp and length:
+            self.wnd = min(self.clamp, self.wnd + max(self._step, 2 * length))
+            self._update()
+
+    @property
+    def bytes(self) -> int:
+        """The advertised window in bytes (the field, scaled)."""
+        return self.field << self.wscale
+
+
+class IpIdent:
+    """What the IP header of one connection's segments carries that the kernel picks per socket:
+    the IPv4 identification and the IPv6 flow label.
+
+    Linux sets DF on TCP, and numbers the IDs of a socket's packets from a random start, one per
+    packet (one per segment of a GSO send); a request socket's SYN-ACK and the resets of no socket
+    carry 0.  So: 0 until ``start()``, then a counter.  IPv6 packets carry a flow label drawn per
+    connection (``sk_txhash``), drawn anew when a SYN is retransmitted.
+    """
+
+    __slots__ = ("_next", "label")
+
+    def __init__(self) -> None:
+        self._next = -1
+        self.label = 0
+
+    def start(self, rng: random.Random) -> None:
+        """The connection has a socket now: its own counter from a random start.  Never 0: p0f
+        reads a DF SYN with ID 0 as no counter (Linux draws 0 once in 65536)."""
+        self._next = rng.randrange(1, 0x10000)
+
+    def new_label(self, rng: random.Random) -> None:
+        self.label = rng.randrange(1, FLOW_LABEL_MASK + 1)
+
+    def take(self, count: int = 1) -> int:
+        """The ID of the next packet; ``count`` packets (a GSO batch) use it and the next ones."""
+        v = self._next
+        if v < 0:
+            return 0
+        self._next = (v + count) & 0xFFFF
+        return v
