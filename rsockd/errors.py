@@ -11,6 +11,8 @@ connection turns them into a counted drop.
 
 from __future__ import annotations
 
+import errno
+
 
 class RsockdError(Exception):
     """An error the user can act on; ``str(err)`` is the one line to print."""
@@ -56,3 +58,8 @@ class PacketError(RemoteProtocolError):
 
 class FrameError(RemoteProtocolError):
     """A tunnel record or frame that cannot be parsed or does not authenticate."""
+
+
+def errno_name(e: OSError) -> str:
+    """The errno of ``e`` as a counter name: ``eagain``, ``enobufs``... (``error`` when it has none)."""
+    return errno.errorcode.get(e.errno or 0, "error").lower()

@@ -10,6 +10,7 @@ from collections import Counter
 from typing import Any
 
 from ..core.batching import runs
+from ..errors import errno_name
 from .platform import UDP_GSO
 
 LOG = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class Delivery:
                 for d in run:
                     self._one(sock, addr, label, d)
             else:
-                self.errors[label + errno.errorcode.get(e.errno or 0, "error").lower()] += len(run)
+                self.errors[label + errno_name(e)] += len(run)
 
     def _one(self, sock: socket.socket, addr: Any, label: str, data: bytes) -> None:
         try:
@@ -85,4 +86,4 @@ class Delivery:
             else:
                 sock.sendto(data, addr)
         except OSError as e:
-            self.errors[label + errno.errorcode.get(e.errno or 0, "error").lower()] += 1
+            self.errors[label + errno_name(e)] += 1

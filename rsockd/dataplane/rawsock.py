@@ -16,7 +16,6 @@ egress guard and the notrack rule recognise our packets.
 
 from __future__ import annotations
 
-import errno
 import logging
 import socket
 import struct
@@ -25,7 +24,7 @@ from collections.abc import Callable
 
 from ..core.packet import IPV4_HEADER, PROTO_TCP, pseudo_sum, run_segments, segment_checksum
 from ..core.tcpprofile import IpIdent
-from ..errors import RsockdError
+from ..errors import RsockdError, errno_name
 from ..steer import cbpf
 from .hostprofile import HopLimits
 
@@ -67,7 +66,7 @@ class SocketSender:
         self._logged: set[int] = set()
 
     def _failed(self, e: OSError) -> None:
-        name = errno.errorcode.get(e.errno or 0, "error").lower()
+        name = errno_name(e)
         self.errors[name] += 1
         if e.errno not in self._logged:  # once per kind: a full queue can fail thousands of times
             self._logged.add(e.errno or 0)

@@ -43,7 +43,7 @@ from ..core.endpoint import (
 from ..core.faketcp import Connection, HostPort, State
 from ..core.packet import family_of, pack_address
 from ..core.session import FlowKey, FlowTable
-from ..errors import RsockdError
+from ..errors import RsockdError, errno_name
 from ..logs import RateLimit
 from ..steer import Receiver
 from .delivery import Delivery
@@ -99,10 +99,6 @@ def _bind(family: int, kind: int, addr: tuple[Any, ...], what: str) -> socket.so
         raise RsockdError(f"{what}: cannot bind port {addr[1]}/{proto}{where}: {e.strerror}") from None
     s.setblocking(False)
     return s
-
-
-def _errname(e: OSError) -> str:
-    return errno.errorcode.get(e.errno or 0, "error").lower()
 
 
 def peer_text(remote: HostPort) -> str:
@@ -313,7 +309,7 @@ class Relay:
             try:
                 sock.sendto(t.header + p if p else t.header, dst)
             except OSError as e:
-                self.tx_errors[_errname(e)] += 1
+                self.tx_errors[errno_name(e)] += 1
 
     def _udp_socket(self, local: HostPort) -> socket.socket:
         raise NotImplementedError
@@ -359,7 +355,7 @@ class Relay:
             for pkt in rx.packets(self._buf):
                 receive(pkt, now)
         except OSError as e:
-            self.tx_errors["rx_" + _errname(e)] += 1
+            self.tx_errors["rx_" + errno_name(e)] += 1
         self._pump(now)
 
     # -- shutdown -------------------------------------------------------------------------------
@@ -477,7 +473,7 @@ class ServerRelay(Relay):
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:  # e.g. ECONNREFUSED from an earlier ICMP: not about this read
-                self.tx_errors["rx_" + _errname(e)] += 1
+                self.tx_errors["rx_" + errno_name(e)] += 1
                 continue
             dst = _pktinfo_dst(anc) or fallback
             if dst is None:
@@ -496,7 +492,7 @@ class ServerRelay(Relay):
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:  # ICMP port unreachable from the target: it is down, keep the flow
-                self.tx_errors["target_" + _errname(e)] += 1
+                self.tx_errors["target_" + errno_name(e)] += 1
                 continue
             send_target(key, view[:n], now)
         self._pump(now)
@@ -724,7 +720,7 @@ class ClientRelay(Relay):
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
-                self.tx_errors["rx_" + _errname(e)] += 1
+                self.tx_errors["rx_" + errno_name(e)] += 1
                 continue
             receive((b"", lport), (socket.inet_pton(family, addr[0].split("%")[0]), addr[1]), view[:n], now)
         self._pump(now)
@@ -741,7 +737,7 @@ class ClientRelay(Relay):
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
-                self.tx_errors["app_" + _errname(e)] += 1
+                self.tx_errors["app_" + errno_name(e)] += 1
                 continue
             send_app(addr, view[:n], now)
         self._pump(now)
