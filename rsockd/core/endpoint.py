@@ -76,7 +76,7 @@ from .packet import (
     pseudo_sum,
     transport_checksum_ok,
 )
-from .session import ClientFlow, FlowKey, FlowTable, Session, SessionTable
+from .session import ClientFlow, FlowKey, FlowTable, SessionTable
 from .tcpprofile import IpIdent, TcpProfile
 
 TCP_OPT_TS = 12
@@ -552,11 +552,6 @@ class ServerEndpoint(_Endpoint):
     def close(self, now: float) -> None:
         super().close(now)
         self._take_resets()
-
-    # -- status ---------------------------------------------------------------------------------
-
-    def session_of(self, conn: Connection) -> Session | None:
-        return self.sessions.session_of(conn)
 
 
 # ---------------------------------------------------------------------------------------------
