@@ -38,7 +38,6 @@ from ..core.endpoint import (
     Policy,
     ServerEndpoint,
     Transmit,
-    max_datagram,
 )
 from ..core.faketcp import Connection, HostPort, State
 from ..core.packet import family_of, pack_address
@@ -641,10 +640,11 @@ class ClientRelay(Relay):
 
     def _set_mtu(self, mtu: int) -> None:
         ep = self.endpoint
-        if ep.max_datagram and mtu != ep.mtu:
-            LOG.warning("path MTU changed from %d to %d: the tunnel now carries datagrams of up to %d bytes",
-                        ep.mtu, mtu, max_datagram(mtu, len(self.server_packed) == 16, self.cfg.transports))
+        old = ep.mtu
         ep.set_mtu(mtu)
+        if self.local_ports and mtu != old:  # a change, not the first bind's figure
+            LOG.warning("path MTU changed from %d to %d: the tunnel now carries datagrams of up to %d bytes",
+                        old, mtu, ep.max_datagram)
 
     def start(self) -> None:
         now = self.loop.time()
