@@ -54,7 +54,7 @@ from enum import IntEnum
 from typing import Literal
 
 from ..errors import FrameError, LocalProtocolError, PacketError
-from . import framing
+from . import framing, syntag
 from .counters import new_drops
 from .framing import CloseReason, FrameType, Hello, HelloAck, Keyring
 from .packet import (
@@ -346,7 +346,9 @@ class Connection:
             self._start_hello(now)
             return
         self._goto("connect_tcp")
-        self._iss = self.rng.getrandbits(32)
+        # The ISN is the SYN tag: the server's steering lets only a SYN that carries it reach us.
+        self._iss = syntag.syn_isn(self.keyring.syn_key, self.local[0], self.remote[0], self.local[1],
+                                   self.remote[1], syntag.slot_of(now + self.clock_offset), self.rng.getrandbits(8))
         self._ts_offset = self.profile.ts_offset(self.local[0], self.remote[0])
         self.snd_nxt = self._iss
         self.rcv_nxt = 0
@@ -861,6 +863,10 @@ class Acceptor:
         if flags & SYN and not flags & ACK:
             if pend is not None and pend.state == State.SYN_RCVD and hdr.seq == (pend.rcv_nxt - 1) & MASK32:
                 return pend, pend.receive(hdr, payload, now)  # retransmitted SYN
+            if not syntag.tag_ok(self.keyring.syn_key, remote[0], local[0], remote[1], local[1], hdr.seq,
+                                 now + self.clock_offset):
+                self.drops["bad_tag"] += 1  # a prober's or another program's SYN: never answered by us
+                return None, []
             if pend is None and len(self.pending) >= self.backlog:
                 self.drops["backlog_full"] += 1
                 return None, []

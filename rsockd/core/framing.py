@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from ..errors import FrameError
+from . import syntag
 
 PROTOCOL_VERSION = 1
 
@@ -168,11 +169,12 @@ def derive_key(secret: str | bytes | None) -> bytes:
 class Keyring:
     """A keyed BLAKE2s state, copied per record (cheaper than re-keying)."""
 
-    __slots__ = ("_base", "is_default")
+    __slots__ = ("_base", "is_default", "syn_key")
 
     def __init__(self, key: bytes, *, is_default: bool = False) -> None:
         self._base = hashlib.blake2s(key=key, digest_size=TAG_LEN, person=_TAG_PERSON)
         self.is_default = is_default
+        self.syn_key = syntag.tag_key(key)  # the SYN tag's key (core/syntag.py)
 
     @classmethod
     def from_secret(cls, secret: str | bytes | None) -> Keyring:

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rsockd.core import syntag
 from rsockd.core.endpoint import ConnectionUp, HelloRefused
 from rsockd.core.faketcp import (
     TRANSITIONS,
@@ -22,6 +23,12 @@ from rsockd.core.framing import FrameType, Keyring
 from rsockd.core.packet import ACK, FIN, PSH, RST, SYN, TcpHeader, parse_options, parse_tcp, pseudo_sum
 
 from .tunnelpair import CLI, SRV, Pair
+
+
+def tagged(src: tuple[bytes, int], dst: tuple[bytes, int], now: float, key: str | None = None) -> int:
+    """The ISN a client with ``key`` sends from ``src`` to ``dst`` at ``now`` (clock offset 0)."""
+    k = Keyring.from_secret(key).syn_key
+    return syntag.syn_isn(k, src[0], dst[0], src[1], dst[1], syntag.slot_of(now), 7)
 
 
 def test_transition_table_covers_every_state() -> None:
@@ -201,7 +208,7 @@ def test_syn_backlog_full_drops_and_counts_then_expires() -> None:
     acc = Acceptor(keyring=Keyring.from_secret(None), backlog=4, timing=Timing(syn_timeout=3.0))
     psum = pseudo_sum(CLI[0], SRV[0])
     for port in range(30000, 30010):
-        syn = TcpHeader(port, SRV[1], 1000, 0, SYN, 64240).pack(b"", psum)
+        syn = TcpHeader(port, SRV[1], tagged((CLI[0], port), SRV, 10.0), 0, SYN, 64240).pack(b"", psum)
         hdr, payload = parse_tcp(syn)
         acc.segment(SRV, (CLI[0], port), hdr, payload, 10.0)
     drops = dict(acc.drops)
@@ -214,7 +221,32 @@ def test_syn_backlog_full_drops_and_counts_then_expires() -> None:
     assert not acc.pending
 
 
-def test_wrong_key_hello_is_rejected() -> None:
+def test_wrong_key_syn_is_never_answered() -> None:
+    p = Pair(client_key="right", server_key="wrong")
+    p.client.connect(p.now)
+    p.pump()
+    p.advance(10)
+    assert not p.client.established and p.drops_s["bad_tag"] >= 3
+    assert not p.acceptor.pending and not [s for d, s in p.log if d == "s2c"]  # silence: the kernel's to answer
+
+
+def test_untagged_syn_is_left_alone_and_each_accepted_slot_works() -> None:
+    acc = Acceptor(keyring=Keyring.from_secret("k"))
+    psum = pseudo_sum(CLI[0], SRV[0])
+    now = 6400.0 + 10  # wall clock (offset 0): slot 100
+    for port, isn, ok in [(30000, 12345, False), (30001, tagged((CLI[0], 30000), SRV, now, "k"), False),
+                          (30002, tagged((CLI[0], 30002), SRV, now, "other"), False),
+                          (30003, tagged((CLI[0], 30003), SRV, now - 64, "k"), True),
+                          (30004, tagged((CLI[0], 30004), SRV, now + 64, "k"), True),
+                          (30005, tagged((CLI[0], 30005), SRV, now - 128, "k"), False)]:
+        hdr, payload = parse_tcp(TcpHeader(port, SRV[1], isn, 0, SYN, 64240).pack(b"", psum))
+        conn, _ = acc.segment(SRV, (CLI[0], port), hdr, payload, now)
+        assert (conn is not None) == ok, port
+    assert acc.drops["bad_tag"] == 4 and len(acc.pending) == 2 and not acc.segments_to_send()
+
+
+def test_wrong_key_hello_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(syntag, "tag_ok", lambda *a: True)  # a SYN that guessed the tag
     p = Pair(client_key="right", server_key="wrong")
     p.client.connect(p.now)
     p.pump()
@@ -257,11 +289,12 @@ def test_replayed_hello_in_a_new_connection_is_refused() -> None:
     # An attacker opens its own TCP connection from elsewhere and replays the captured hello.
     evil = (bytes([10, 0, 0, 66]), 5555)
     psum = pseudo_sum(evil[0], SRV[0])
-    p.to_server(TcpHeader(evil[1], SRV[1], 500, 0, SYN, 64240).pack(b"", psum), src=evil)
+    isn = tagged(evil, SRV, p.now)  # the attacker knows the default key (as everybody does)
+    p.to_server(TcpHeader(evil[1], SRV[1], isn, 0, SYN, 64240).pack(b"", psum), src=evil)
     pend = next(c for c in p.acceptor.pending.values() if c.remote == evil)
     synack_seq = (pend.snd_nxt - 1) & 0xFFFFFFFF
-    p.to_server(TcpHeader(evil[1], SRV[1], 501, synack_seq + 1, ACK, 502).pack(b"", psum), src=evil)
-    seg = TcpHeader(evil[1], SRV[1], 501, synack_seq + 1, ACK | PSH, 502).pack(hello_payload, psum)
+    p.to_server(TcpHeader(evil[1], SRV[1], isn + 1, synack_seq + 1, ACK, 502).pack(b"", psum), src=evil)
+    seg = TcpHeader(evil[1], SRV[1], isn + 1, synack_seq + 1, ACK | PSH, 502).pack(hello_payload, psum)
     p.to_server(seg, src=evil)
     assert p.drops_s["refused"] == 1
     assert pend.state == State.CLOSED
@@ -337,10 +370,10 @@ def test_seq_after_wraps() -> None:
     assert seq_after(5, 0xFFFFFFF0) and not seq_after(0xFFFFFFF0, 5) and not seq_after(7, 7)
 
 
-def test_isn_near_wrap_still_works() -> None:
+def test_isn_near_wrap_still_works(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(syntag, "syn_isn", lambda *a: 0xFFFFFFF0)
+    monkeypatch.setattr(syntag, "tag_ok", lambda *a: True)
     p = Pair()
-    p.client.rng = random.Random(0)
-    p.client.rng.getrandbits = lambda k: (0xFFFFFFF0 if k == 32 else random.getrandbits(k))  # type: ignore[method-assign]
     srv = p.establish()
     for _ in range(10):
         p.to_server(p.send_c(1, bytes(7)))
