@@ -16,7 +16,7 @@ DROP_REASONS: dict[str, str] = {
     "unexpected": "segment not valid in the connection's state",
     "no_connection": "segment for no known connection (answered with RST)",
     "rst_ignored": "RST/FIN without the exact sequence number (RFC 5961)",
-    "bad_tag": "SYN without the key's tag (not ours: left to the kernel)",
+    "bad_tag": "SYN without the key's tag, or replayed from another address (left to the kernel)",
     "backlog_full": "SYN or hello dropped: half-open table full",
     "refused": "hello refused: stale, replayed, bad version or a limit",
     "limit": "session, flow or connection limit reached",

@@ -241,6 +241,7 @@ class Connection:
         self._syn_window = 0xFFFF  # the handshake's window (never scaled, RFC 7323 §2.2) ...
         self._syn_wscale: int | None = None  # ... and the window scale its options offer
         self._syn_sack = False
+        self._syn_ts = 0  # client: the TSval of its SYN, the tag (core/syntag.py)
         self._sealer: framing.Sealer | None = None
         self._opener: framing.Opener | None = None
         self._nonce = b""
@@ -346,10 +347,11 @@ class Connection:
             self._start_hello(now)
             return
         self._goto("connect_tcp")
-        # The ISN is the SYN tag: the server's steering lets only a SYN that carries it reach us.
-        self._iss = syntag.syn_isn(self.keyring.syn_key, self.local[0], self.remote[0], self.local[1],
-                                   self.remote[1], syntag.slot_of(now + self.clock_offset), self.rng.getrandbits(8))
-        self._ts_offset = self.profile.ts_offset(self.local[0], self.remote[0])
+        self._iss = self.rng.getrandbits(32)
+        # The SYN's TSval is its tag (core/syntag.py): the server's steering lets only a SYN that
+        # carries it reach rsockd.  The connection's clock runs on from it, as from a random offset.
+        self._syn_ts = syntag.syn_tag(self.keyring.syn_key, self._iss, syntag.slot_of(now + self.clock_offset))
+        self._ts_offset = (self._syn_ts - int(now * 1000)) & MASK32
         self.snd_nxt = self._iss
         self.rcv_nxt = 0
         prof = self.profile
@@ -365,8 +367,9 @@ class Connection:
         self.snd_nxt = self._iss
         if self._tries:
             self.ip.new_label(self.rng)  # Linux re-hashes a flow whose SYN timed out
-        ts = (self._tsval(now), 0) if self.profile.timestamps else None
-        opts = build_options(mss=self.mss, sack_permitted=self._syn_sack, timestamps=ts, wscale=self._syn_wscale)
+        # Timestamps always: the tag needs them.  A retransmitted SYN carries the same tag.
+        opts = build_options(mss=self.mss, sack_permitted=self._syn_sack, timestamps=(self._syn_ts, 0),
+                             wscale=self._syn_wscale)
         self._send(SYN, b"", now, opts)
         self._deadline = now + self.timing.rto * (2 ** self._tries)
 
@@ -530,7 +533,7 @@ class Connection:
         self._goto("synack")
         self.snd_nxt = (self._iss + 1) & MASK32
         self.rcv_nxt = (hdr.seq + 1) & MASK32
-        self._ts_ok = opts.timestamps is not None and self.profile.timestamps
+        self._ts_ok = opts.timestamps is not None  # our SYN offered them (the tag)
         self._ts_recent = opts.timestamps[0] if opts.timestamps else 0
         # Scaling applies only when both SYNs offered it (RFC 7323 §2.2).
         wscale = self._syn_wscale if self._syn_wscale is not None and opts.wscale is not None else 0
@@ -809,6 +812,15 @@ class Connection:
 ConnKey = tuple[str, bytes, int, bytes, int]  # transport, local address and port, remote address and port
 
 
+def _syn_tsval(hdr: TcpHeader) -> int | None:
+    """A SYN's TSval, None without a timestamp option (or with options that do not parse)."""
+    try:
+        ts = parse_options(hdr.options).timestamps
+    except PacketError:
+        return None
+    return ts[0] if ts else None
+
+
 class Acceptor:
     """Server: routes each segment to its connection and owns the bounded half-open table.
 
@@ -842,6 +854,7 @@ class Acceptor:
         self.drops = drops if drops is not None else new_drops()
         self.pending: dict[ConnKey, Connection] = {}
         self.connections: dict[ConnKey, Connection] = {}
+        self.seen = syntag.SeenSyns()  # tags seen, and where from (a replay from elsewhere is refused)
         self._rst_rate = rst_rate
         self._rst_tokens = rst_rate
         self._rst_time = 0.0
@@ -863,9 +876,13 @@ class Acceptor:
         if flags & SYN and not flags & ACK:
             if pend is not None and pend.state == State.SYN_RCVD and hdr.seq == (pend.rcv_nxt - 1) & MASK32:
                 return pend, pend.receive(hdr, payload, now)  # retransmitted SYN
-            if not syntag.tag_ok(self.keyring.syn_key, remote[0], local[0], remote[1], local[1], hdr.seq,
-                                 now + self.clock_offset):
+            wall = now + self.clock_offset
+            ts = _syn_tsval(hdr)
+            if ts is None or not syntag.tag_ok(self.keyring.syn_key, hdr.seq, ts, wall):
                 self.drops["bad_tag"] += 1  # a prober's or another program's SYN: never answered by us
+                return None, []
+            if not self.seen.claim(hdr.seq, ts, (local, remote), wall):
+                self.drops["bad_tag"] += 1  # that tag came from elsewhere first: a replay
                 return None, []
             if pend is None and len(self.pending) >= self.backlog:
                 self.drops["backlog_full"] += 1

@@ -1,46 +1,48 @@
-"""The SYN tag: a client's ISN proves that it knows the tunnel key.  Pure.
+"""The SYN tag: a client's SYN proves that it knows the tunnel key.  Pure.
 
 Port sharing (docs/security.md) hands the kernel every segment to a tunnel port except those
-of rsockd's own connections.  A connection becomes one of ours by its SYN: the client chooses
-its initial sequence number as a keyed hash of the connection's addresses, ports and the time,
-and the server's steering (the XDP program, or the nft backend's SYN queue) checks it before
-anything of rsockd answers.  Every other SYN - a prober's, a scanner's, a browser's for the
-real service on that port - reaches the kernel untouched.
+of rsockd's own connections.  A connection becomes one of ours by its SYN: the client's SYN
+carries, as its timestamp value (TSval), a keyed hash of its initial sequence number and the
+time, and the server's steering (the XDP program, or the nft backend's SYN queue) checks it
+before anything of rsockd answers.  Every other SYN - a prober's, a scanner's, a browser's for
+the real service on that port - reaches the kernel untouched.
 
-    isn = r << 24 | low 24 bits of SipHash-2-4(k, src16 | dst16 | sport | dport | slot | r)
+    TSval = low 32 bits of SipHash-2-4(k, isn | slot << 32)     (8 bytes, little endian)
 
 - ``k``: 16 bytes, BLAKE2s of the tunnel key (``framing.derive_key``; the well-known default key
   when none is configured) under its own personalisation, so the tag never reveals the MAC key.
-- ``src16``, ``dst16``: the SYN's source and destination addresses as 16 bytes, IPv4 as
-  IPv4-mapped IPv6 (``::ffff:a.b.c.d``).
-- the last 8 bytes are the little-endian u64 ``sport | dport << 16 | slot << 32 | r << 56``, with
-  ``slot = floor(unix time / SLOT_SECONDS) mod 2**24``, the client's wall clock, and ``r`` a
-  random byte of the client's, which the ISN carries in the clear: a client that reconnects on
-  the same ports within a slot still sends a new ISN (255 times in 256).
+- ``isn``: the SYN's sequence number, 32 random bits of the client's.
+- ``slot = floor(unix time / SLOT_SECONDS) mod 2**32``, the client's wall clock.  The server
+  accepts the slots before, at and after its own: a SYN is good for 64 to 128 s after the client
+  made it, and both clocks may be up to 64 s apart.
 
-A guess is right once in 2**24 tries; it buys a prober a SYN-ACK and nothing more, since the
-hello that follows is authenticated (docs/security.md).
+Neither address nor port is in the tag: NAT rewrites them between client and server (the
+client's side nearly always, the server's with a port forward).  What binds a SYN to an
+address instead is the server's memory of the tags it has seen (``SeenSyns``; the XDP program
+keeps the same in a map): the first source address and port a tag arrives from owns it for
+its time window, and the same SYN from anywhere else - a prober replaying a captured one - goes
+to the kernel.  The client's retransmitted SYNs carry the same ISN and TSval from the same
+address, so they still reach rsockd.
 
-The server accepts the slots before, at and after its own: a SYN is good for 64 to 128 s after
-the client made it, from the addresses and ports it names, and both clocks may be up to 64 s
-apart.  The message is 40 bytes: five 64-bit words read as the bytes are laid out (little
-endian), then the final block holding only the length, so the XDP program
-(``bpf/ingress.c``, ``rsockd_syn_tag``) computes the same function over the words it reads
-from the packet.  ``tests/unit/test_syntag.py`` holds SipHash's reference vectors.
+A guess is right once in 2**32 tries and buys a prober only a SYN-ACK, since the hello that
+follows is authenticated (docs/security.md).  The timestamp clock of the connection then runs on
+from the tag at 1 kHz: a random offset per connection.  The XDP program (``bpf/ingress.c``,
+``rsockd_syn_tag``) computes the same function; ``tests/unit/test_syntag.py`` holds SipHash's
+reference vectors.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
+from collections import OrderedDict
 
 SLOT_SECONDS = 64
 SLOTS_ACCEPTED = (-1, 0, 1)  # the server's slot plus these
+WINDOW_SECONDS = SLOT_SECONDS * (len(SLOTS_ACCEPTED) + 1)  # a tag is never good longer than this
 _PERSON = b"rsockdS1"
 _MASK = 0xFFFFFFFFFFFFFFFF
-SLOT_MASK = 0xFFFFFF
-TAG_MASK = 0xFFFFFF
-_V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
+_M32 = 0xFFFFFFFF
 
 
 def tag_key(mac_key: bytes) -> bytes:
@@ -50,7 +52,7 @@ def tag_key(mac_key: bytes) -> bytes:
 
 def slot_of(wall: float) -> int:
     """The time slot of a wall-clock time (seconds since the epoch)."""
-    return (int(wall) // SLOT_SECONDS) & SLOT_MASK
+    return (int(wall) // SLOT_SECONDS) & _M32
 
 
 def _rotl(x: int, b: int) -> int:
@@ -83,7 +85,6 @@ def siphash24(key: bytes, data: bytes) -> int:
     tail = data[n - n % 8:] + bytes(7 - n % 8) + bytes(((n & 0xFF),))
     blocks = [int.from_bytes(data[i:i + 8], "little") for i in range(0, n - n % 8, 8)]
     blocks.append(int.from_bytes(tail, "little"))
-
     for m in blocks:
         v3 ^= m
         v0, v1, v2, v3 = _rounds(2, v0, v1, v2, v3)
@@ -93,25 +94,20 @@ def siphash24(key: bytes, data: bytes) -> int:
     return v0 ^ v1 ^ v2 ^ v3
 
 
-def _addr16(packed: bytes) -> bytes:
-    return _V4_MAPPED + packed if len(packed) == 4 else packed
+def message(isn: int, slot: int) -> bytes:
+    """The 8 bytes the tag covers."""
+    return ((isn & _M32) | (slot & _M32) << 32).to_bytes(8, "little")
 
 
-def message(src: bytes, dst: bytes, sport: int, dport: int, slot: int, r: int) -> bytes:
-    """The 40 bytes the tag covers (addresses packed, 4 or 16 bytes)."""
-    tail = (sport & 0xFFFF) | (dport & 0xFFFF) << 16 | (slot & SLOT_MASK) << 32 | (r & 0xFF) << 56
-    return _addr16(src) + _addr16(dst) + tail.to_bytes(8, "little")
+def syn_tag(key: bytes, isn: int, slot: int) -> int:
+    """The TSval of a client's SYN with sequence number ``isn``, made in ``slot``."""
+    return siphash24(key, message(isn, slot)) & _M32
 
 
-def syn_isn(key: bytes, src: bytes, dst: bytes, sport: int, dport: int, slot: int, r: int) -> int:
-    """The ISN of a client's SYN from ``src:sport`` to ``dst:dport`` in ``slot`` (``r``: 0-255)."""
-    return (r & 0xFF) << 24 | siphash24(key, message(src, dst, sport, dport, slot, r)) & TAG_MASK
-
-
-def tag_ok(key: bytes, src: bytes, dst: bytes, sport: int, dport: int, isn: int, wall: float) -> bool:
-    """Whether a SYN's ISN carries the tag of a slot the server accepts at ``wall``."""
-    slot, r = slot_of(wall), isn >> 24
-    return any(syn_isn(key, src, dst, sport, dport, (slot + d) & SLOT_MASK, r) == isn for d in SLOTS_ACCEPTED)
+def tag_ok(key: bytes, isn: int, tsval: int, wall: float) -> bool:
+    """Whether a SYN's TSval is its tag for a slot the server accepts at ``wall``."""
+    slot = slot_of(wall)
+    return any(syn_tag(key, isn, (slot + d) & _M32) == tsval for d in SLOTS_ACCEPTED)
 
 
 def key_words(key: bytes) -> tuple[int, int]:
@@ -120,5 +116,32 @@ def key_words(key: bytes) -> tuple[int, int]:
     return k0, k1
 
 
-__all__ = ["SLOTS_ACCEPTED", "SLOT_MASK", "SLOT_SECONDS", "TAG_MASK", "key_words", "message", "siphash24",
-           "slot_of", "syn_isn", "tag_key", "tag_ok"]
+class SeenSyns:
+    """The tags seen lately, and the connection (4-tuple, as the server sees it) that owns each.
+
+    Bounded: at most ``size`` tags, the oldest forgotten first; a tag is forgotten anyway once
+    its window is over, when ``tag_ok`` refuses it by itself.
+    """
+
+    __slots__ = ("_seen", "size")
+
+    def __init__(self, size: int = 65536) -> None:
+        self.size = size
+        self._seen: OrderedDict[tuple[int, int], tuple[object, float]] = OrderedDict()
+
+    def claim(self, isn: int, tsval: int, owner: object, wall: float) -> bool:
+        """True for a tag not seen before (``owner`` now owns it) or seen from ``owner``; False
+        for a tag another owner sent first: a replay."""
+        key = (isn, tsval)
+        old = self._seen.get(key)
+        if old is not None and wall - old[1] < WINDOW_SECONDS:
+            return old[0] == owner
+        self._seen[key] = (owner, wall)
+        self._seen.move_to_end(key)
+        while len(self._seen) > self.size:
+            self._seen.popitem(last=False)
+        return True
+
+
+__all__ = ["SLOTS_ACCEPTED", "SLOT_SECONDS", "WINDOW_SECONDS", "SeenSyns", "key_words", "message", "siphash24",
+           "slot_of", "syn_tag", "tag_key", "tag_ok"]

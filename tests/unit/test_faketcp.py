@@ -20,15 +20,27 @@ from rsockd.core.faketcp import (
     seq_after,
 )
 from rsockd.core.framing import FrameType, Keyring
-from rsockd.core.packet import ACK, FIN, PSH, RST, SYN, TcpHeader, parse_options, parse_tcp, pseudo_sum
+from rsockd.core.packet import (
+    ACK,
+    FIN,
+    PSH,
+    RST,
+    SYN,
+    TcpHeader,
+    build_options,
+    parse_options,
+    parse_tcp,
+    pseudo_sum,
+)
 
 from .tunnelpair import CLI, SRV, Pair
 
 
-def tagged(src: tuple[bytes, int], dst: tuple[bytes, int], now: float, key: str | None = None) -> int:
-    """The ISN a client with ``key`` sends from ``src`` to ``dst`` at ``now`` (clock offset 0)."""
-    k = Keyring.from_secret(key).syn_key
-    return syntag.syn_isn(k, src[0], dst[0], src[1], dst[1], syntag.slot_of(now), 7)
+def tagged(isn: int, now: float, key: str | None = None) -> bytes:
+    """The options of a SYN with ``isn`` that a client with ``key`` sends at ``now`` (clock offset 0):
+    MSS, and the timestamp whose value is the tag."""
+    ts = syntag.syn_tag(Keyring.from_secret(key).syn_key, isn, syntag.slot_of(now))
+    return build_options(mss=1460, timestamps=(ts, 0))
 
 
 def test_transition_table_covers_every_state() -> None:
@@ -208,7 +220,7 @@ def test_syn_backlog_full_drops_and_counts_then_expires() -> None:
     acc = Acceptor(keyring=Keyring.from_secret(None), backlog=4, timing=Timing(syn_timeout=3.0))
     psum = pseudo_sum(CLI[0], SRV[0])
     for port in range(30000, 30010):
-        syn = TcpHeader(port, SRV[1], tagged((CLI[0], port), SRV, 10.0), 0, SYN, 64240).pack(b"", psum)
+        syn = TcpHeader(port, SRV[1], port, 0, SYN, 64240, tagged(port, 10.0)).pack(b"", psum)
         hdr, payload = parse_tcp(syn)
         acc.segment(SRV, (CLI[0], port), hdr, payload, 10.0)
     drops = dict(acc.drops)
@@ -234,15 +246,29 @@ def test_untagged_syn_is_left_alone_and_each_accepted_slot_works() -> None:
     acc = Acceptor(keyring=Keyring.from_secret("k"))
     psum = pseudo_sum(CLI[0], SRV[0])
     now = 6400.0 + 10  # wall clock (offset 0): slot 100
-    for port, isn, ok in [(30000, 12345, False), (30001, tagged((CLI[0], 30000), SRV, now, "k"), False),
-                          (30002, tagged((CLI[0], 30002), SRV, now, "other"), False),
-                          (30003, tagged((CLI[0], 30003), SRV, now - 64, "k"), True),
-                          (30004, tagged((CLI[0], 30004), SRV, now + 64, "k"), True),
-                          (30005, tagged((CLI[0], 30005), SRV, now - 128, "k"), False)]:
-        hdr, payload = parse_tcp(TcpHeader(port, SRV[1], isn, 0, SYN, 64240).pack(b"", psum))
+    for port, options, ok in [(30000, build_options(mss=1460), False),
+                              (30001, build_options(mss=1460, timestamps=(12345, 0)), False),
+                              (30002, tagged(30002, now, "other"), False),
+                              (30003, tagged(30003, now - 64, "k"), True),
+                              (30004, tagged(30004, now + 64, "k"), True),
+                              (30005, tagged(30005, now - 128, "k"), False),
+                              (30006, tagged(99, now, "k"), False)]:  # another ISN's tag
+        hdr, payload = parse_tcp(TcpHeader(port, SRV[1], port, 0, SYN, 64240, options).pack(b"", psum))
         conn, _ = acc.segment(SRV, (CLI[0], port), hdr, payload, now)
         assert (conn is not None) == ok, port
-    assert acc.drops["bad_tag"] == 4 and len(acc.pending) == 2 and not acc.segments_to_send()
+    assert acc.drops["bad_tag"] == 5 and len(acc.pending) == 2 and not acc.segments_to_send()
+
+
+def test_a_tagged_syn_replayed_from_another_address_is_left_alone() -> None:
+    acc = Acceptor(keyring=Keyring.from_secret("k"))
+    now = 6400.0
+    for src, ok in [(CLI, True), (CLI, True), ((bytes([10, 0, 0, 66]), CLI[1]), False), ((CLI[0], 5555), False)]:
+        syn = TcpHeader(src[1], SRV[1], 4242, 0, SYN, 64240, tagged(4242, now, "k"))
+        seg = syn.pack(b"", pseudo_sum(src[0], SRV[0]))
+        hdr, payload = parse_tcp(seg)
+        conn, _ = acc.segment(SRV, src, hdr, payload, now)
+        assert (conn is not None) == ok, src  # the same SYN again from the same place: a retransmission
+    assert acc.drops["bad_tag"] == 2
 
 
 def test_wrong_key_hello_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -289,8 +315,8 @@ def test_replayed_hello_in_a_new_connection_is_refused() -> None:
     # An attacker opens its own TCP connection from elsewhere and replays the captured hello.
     evil = (bytes([10, 0, 0, 66]), 5555)
     psum = pseudo_sum(evil[0], SRV[0])
-    isn = tagged(evil, SRV, p.now)  # the attacker knows the default key (as everybody does)
-    p.to_server(TcpHeader(evil[1], SRV[1], isn, 0, SYN, 64240).pack(b"", psum), src=evil)
+    isn = 500  # the attacker knows the default key (as everybody does), so it can make a tagged SYN
+    p.to_server(TcpHeader(evil[1], SRV[1], isn, 0, SYN, 64240, tagged(isn, p.now)).pack(b"", psum), src=evil)
     pend = next(c for c in p.acceptor.pending.values() if c.remote == evil)
     synack_seq = (pend.snd_nxt - 1) & 0xFFFFFFFF
     p.to_server(TcpHeader(evil[1], SRV[1], isn + 1, synack_seq + 1, ACK, 502).pack(b"", psum), src=evil)
@@ -370,10 +396,10 @@ def test_seq_after_wraps() -> None:
     assert seq_after(5, 0xFFFFFFF0) and not seq_after(0xFFFFFFF0, 5) and not seq_after(7, 7)
 
 
-def test_isn_near_wrap_still_works(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(syntag, "syn_isn", lambda *a: 0xFFFFFFF0)
-    monkeypatch.setattr(syntag, "tag_ok", lambda *a: True)
+def test_isn_near_wrap_still_works() -> None:
     p = Pair()
+    p.client.rng = random.Random(0)
+    p.client.rng.getrandbits = lambda k: (0xFFFFFFF0 if k == 32 else random.getrandbits(k))  # type: ignore[method-assign]
     srv = p.establish()
     for _ in range(10):
         p.to_server(p.send_c(1, bytes(7)))

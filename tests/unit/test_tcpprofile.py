@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from rsockd.core import syntag
 from rsockd.core.faketcp import Connection
 from rsockd.core.framing import Keyring
 from rsockd.core.packet import ACK, RST, SYN, TcpHeader, parse_options, parse_tcp, pseudo_sum, steer_rewrite
@@ -108,11 +109,13 @@ def test_syn_copies_the_profile() -> None:
     conn.connect(100.0)
     window, wscale, ts, sack = _syn(conn)
     assert (window, wscale, sack) == (64240, 10, True)
-    assert ts is not None and ts[0] == (100_000 + HOST.ts_offset(local[0], remote[0])) & 0xFFFFFFFF
+    # The client's TSval is the SYN tag (core/syntag.py): a random offset per connection.
+    assert ts is not None and ts[0] == syntag.syn_tag(keys.syn_key, conn.snd_nxt - 1, syntag.slot_of(100.0))
     plain = TcpProfile(window_scaling=False, timestamps=False, sack=False)
     conn = Connection(role="client", local=local, remote=remote, keyring=keys, mss=1460, profile=plain)
     conn.connect(100.0)
-    assert _syn(conn) == (64240, None, None, False)
+    window, wscale, ts, sack = _syn(conn)
+    assert (window, wscale, sack) == (64240, None, False) and ts is not None  # the tag needs the option
 
 
 def test_server_ip_ident_starts_with_the_connection() -> None:
