@@ -61,14 +61,15 @@ T = TypeVar("T")
 # -- options ------------------------------------------------------------------------------------
 
 
-#: What --backends takes: a steering backend, and with "+packet" the packet send path.
-BACKENDS = ("xdp", "nft", "xdp+packet", "nft+packet")
+#: What --backends takes: a steering backend with the default send path (``auto``: the packet path on
+#: the bench's namespaces, which filter nothing), and with "+raw" or "+packet" the one forced.
+BACKENDS = ("xdp", "nft", "xdp+raw", "nft+raw", "xdp+packet", "nft+packet")
 
 
 @dataclass
 class Options:
     sizes: tuple[int, ...] = (64, 512, 1200)
-    backends: tuple[str, ...] = ("xdp", "nft", "xdp+packet")  # +packet: the daemons with send_path = "packet"
+    backends: tuple[str, ...] = ("xdp", "nft", "xdp+raw")  # +raw: the daemons with send_path = "raw"
     step: float = 2.0  # measured seconds per search step
     warm: float = 0.5  # warm-up seconds before each step (same rate, not counted)
     resolution: float = 0.05  # the search stops when hi/lo <= 1 + resolution
@@ -551,16 +552,17 @@ class Bench:
         return out
 
     def backend(self, backend: str, sizes: Sequence[int], workers: int, label: str) -> dict[str, Any]:
-        """``backend``: a steering backend, with "+packet" for the packet send path."""
+        """``backend``: a steering backend, with "+raw" or "+packet" for a forced send path."""
         dst = ("127.0.0.1", LISTEN_PORT)
         backend, _, send_path = backend.partition("+")
         self.pair = BenchRig(self.net, self.tmp / label, backend=backend, ports=self.o.ports, workers=workers,
-                             send_path=send_path or "raw")
+                             send_path=send_path or "auto")
         try:
             ready = self.pair.start()
             st = self.pair.status()
             out: dict[str, Any] = {
-                "backend": backend, "send_path": send_path or "raw", "ready": ready,
+                "backend": backend, "send_path": send_path or "auto", "send_paths_used": self.pair.send_paths(),
+                "ready": ready,
                 "workers": {"requested": workers, "reported": {k: v.get("workers") for k, v in st.items()}},
                 "steering": {k: v.get("backend", {}) for k, v in st.items()},
                 "sizes": {},
@@ -703,7 +705,7 @@ class Bench:
         plain = WgPath("plain", "192.168.241", WG_PLAIN_PORT, (self.net.srv4, WG_PLAIN_PORT))
         mtu: int | None = None
         self.pair = BenchRig(self.net, tmp / "rsockd", backend=backend, ports=o.ports, workers=o.workers,
-                             send_path=send_path or "raw", target=WG_RSOCKD_PORT)
+                             send_path=send_path or "auto", target=WG_RSOCKD_PORT)
         try:
             out["ready"] = self.pair.start()
             reported = [v.get("max_datagram") for v in self.pair.status().values()]
@@ -886,10 +888,10 @@ class BenchRig(Rig):
     """
 
     def __init__(self, net: NetnsPair, tmp: Path, *, backend: str, ports: str, workers: int,
-                 send_path: str = "raw", target: int = SINK_PORT) -> None:
+                 send_path: str = "auto", target: int = SINK_PORT) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         # Workers are a server setting: a client is one process, its connections spread over the workers.
-        path = ["--send-path", send_path] if send_path != "raw" else []
+        path = ["--send-path", send_path] if send_path != "auto" else []
         super().__init__(tmp, backend=backend, ports=ports, offload=net.offload,
                          server_args=["-t", f"127.0.0.1:{target}", "--key", KEY, "--workers", str(workers), *path],
                          client_args=["--key", KEY, *path])
@@ -932,6 +934,14 @@ class BenchRig(Rig):
                 raise RuntimeError(f"{name}: status pid {st.get('pid')} is not the process we started "
                                    f"({d.proc.pid})")
             out[name] = st
+        return out
+
+    def send_paths(self) -> dict[str, list[str]]:
+        """How each daemon's connections send (``rsockctl ports``: "packet", "raw")."""
+        out = {}
+        for name, d in (("client", self.client), ("server", self.server)):
+            assert d is not None
+            out[name] = sorted({c["send_path"] for c in d.status("ports")["connections"]})
         return out
 
     def close(self) -> None:

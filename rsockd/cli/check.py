@@ -191,13 +191,21 @@ def check_workers(cfg: Config) -> list[Result]:
 
 
 def check_send_path(cfg: Config) -> list[Result]:
-    """send_path = "packet": a client says whether its route to the server can use it now."""
-    if cfg.send_path != "packet":
+    """send_path = "packet" (or "auto" choosing it): a client says whether its route to the server
+    can use it now; "auto" says what it chooses and why."""
+    if cfg.send_path == "raw" or (cfg.send_path == "auto" and sys.platform != "linux"):
         return []
     if sys.platform != "linux":
         return [Result("FAIL", 'send_path = "packet" is supported on Linux only', 'send_path = "raw"')]
+    if cfg.send_path == "auto":
+        from ..dataplane.sendpath import egress_hooks
+
+        bypassed = egress_hooks()
+        if bypassed is not None:
+            return [Result("ok", f'send_path = "auto": raw sockets, as the packet path would skip {bypassed}')]
+    name = f'send_path = "{cfg.send_path}"' + (": packet frames" if cfg.send_path == "auto" else "")
     if cfg.role != "client":
-        return [Result("ok", 'send_path = "packet": each client\'s route is looked up when it connects')]
+        return [Result("ok", f"{name}: each client's route is looked up when it connects")]
     from ..core.packet import pack_address
     from ..dataplane.packetsend import resolve_all
     from ..dataplane.platform import resolve
@@ -207,10 +215,10 @@ def check_send_path(cfg: Config) -> list[Result]:
     dst = pack_address(server)
     route = resolve_all([dst], cfg.mark)[dst]
     if route is None:
-        return [Result("warn", f'send_path = "packet": no Ethernet route with a known next hop to {server} yet; '
+        level = "ok" if cfg.send_path == "auto" else "warn"
+        return [Result(level, f"{name}: no Ethernet route with a known next hop to {server} yet; "
                        "raw sockets until there is", "fine when the next hop is not resolved yet")]
-    return [Result("ok", f'send_path = "packet": to {server} via {route.ifname}, next hop '
-                   f"{route.dst_mac.hex(':')}")]
+    return [Result("ok", f"{name}: to {server} via {route.ifname}, next hop {route.dst_mac.hex(':')}")]
 
 
 CHECKS: list[Callable[[Config], list[Result]]] = [

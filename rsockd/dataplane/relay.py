@@ -63,7 +63,8 @@ IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 46 if DARWIN else 50)
 BUF = 65536 + 64
 BATCH = 256  # datagrams read per socket per wake-up before yielding to the loop
 SOCKBUF = 4 << 20
-ANC = socket.CMSG_SPACE(20)
+ANC = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(4)  # the destination (pktinfo), and GRO's segment size
+UDP_GRO = 104  # <linux/udp.h>: setsockopt to receive coalesced datagrams; the cmsg with their size
 PATHS_MAX = 4096  # cached send paths (address pairs); a spoofed SYN flood must not grow it unbounded
 
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
@@ -124,12 +125,13 @@ class Relay:
         self.packet: PacketSender | None = None
         self._l2: dict[bytes, L2Route | None] = {}  # destination -> its Ethernet route (None: raw for now)
         self._l2_warned: set[int | None] = set()  # errnos of packet sockets that would not open, logged
+        self._packet_sender: PacketSender | None = None  # kept while "auto" turns the path off
+        self._auto = cfg.send_path == "auto" and sys.platform == "linux"
+        self._bypassed: str | None = ""  # "auto": what the packet path would skip ("": not looked yet)
         if cfg.send_path == "packet":
             if sys.platform != "linux":
                 raise RsockdError('send_path = "packet" is supported on Linux only; use "raw"')
-            from .packetsend import PacketSender
-
-            self.packet = PacketSender(cfg.mark, self.tx_errors)
+            self.packet = self._packet_sender_()
         # (local, remote) address -> its send function and kind ("packet" or "raw")
         self._paths: dict[tuple[bytes, bytes], tuple[Sender, str]] = {}
         self.started = time.time()
@@ -147,6 +149,8 @@ class Relay:
         self.capturing = False
         self._ticks = 0
         self.delivery = Delivery(self.tx_errors)
+        if self._auto:
+            self._choose_send_path()
 
     @property
     def mtu(self) -> int:
@@ -167,6 +171,8 @@ class Relay:
         self._ticks += 1
         if self.capturing and self._ticks % 5 == 0:
             self.refresh_local_addrs()
+        if self._auto and self._ticks % 5 == 0:
+            self._choose_send_path()
         if self.packet is not None:
             self._refresh_l2()
         self._follow_host()
@@ -178,6 +184,33 @@ class Relay:
         raise NotImplementedError
 
     # -- the packet send path -------------------------------------------------------------------
+
+    def _packet_sender_(self) -> PacketSender:
+        if self._packet_sender is None:
+            from .packetsend import PacketSender
+
+            self._packet_sender = PacketSender(self.cfg.mark, self.tx_errors)
+        return self._packet_sender
+
+    def _choose_send_path(self) -> None:
+        """``send_path = "auto"``: the packet path while the host has nothing on its egress that
+        the path would skip (sendpath.py), raw sockets otherwise; looked at again every 5 s."""
+        from .sendpath import egress_hooks
+
+        bypassed = egress_hooks()
+        if bypassed == self._bypassed:
+            return
+        self._bypassed = bypassed
+        if bypassed is None:
+            self.packet = self._packet_sender_()
+            LOG.info("send path: packet (auto: nothing on this host's egress for it to skip)")
+        else:
+            if self.packet is not None:
+                self.packet.keep_only(set())
+            self.packet = None
+            LOG.info("send path: raw sockets (auto: the packet path would skip %s)", bypassed)
+        self._paths.clear()
+        self._l2.clear()
 
     def _resolve_l2(self, dsts: set[bytes]) -> None:
         """Look the Ethernet routes of ``dsts`` up (one netlink socket for them all) into the cache."""
@@ -243,7 +276,8 @@ class Relay:
     @property
     def tx_batches(self) -> tuple[int, int]:
         """Sends the kernel split into segments (packet send path), and the segments they made."""
-        return (self.packet.batches, self.packet.batched) if self.packet is not None else (0, 0)
+        p = self._packet_sender
+        return (p.batches, p.batched) if p is not None else (0, 0)
 
     def refresh_local_addrs(self) -> None:
         """The addresses captured segments may be for: local_ip, else every address of our interfaces."""
@@ -375,17 +409,32 @@ class Relay:
             s.close()
         self._sockets.clear()
         self.raw.close()
-        if self.packet is not None:
-            self.packet.close()
+        if self._packet_sender is not None:
+            self._packet_sender.close()
 
 
-def _pktinfo_dst(anc: list[tuple[int, int, bytes]]) -> bytes | None:
+def _gro(sock: socket.socket) -> None:
+    """Let the kernel hand over a connection's segments that arrived together as one read (UDP
+    GRO, Linux 5.0+: after the XDP rewrite, the receive path coalesces equal-sized datagrams of a
+    flow); one system call and one trip through the socket then carry up to 64 of them."""
+    if sys.platform == "linux":
+        try:
+            sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
+        except OSError:
+            pass  # an older kernel: one datagram per read, as without it
+
+
+def _pktinfo_gro(anc: list[tuple[int, int, bytes]]) -> tuple[bytes | None, int]:
+    """The header's destination address (pktinfo), and GRO's segment size (0: one datagram)."""
+    dst, seg = None, 0
     for level, kind, data in anc:
         if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
-            return data[8:12]  # struct in_pktinfo: ifindex, spec_dst, addr (the header's destination)
-        if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 16:
-            return data[:16]
-    return None
+            dst = data[8:12]  # struct in_pktinfo: ifindex, spec_dst, addr (the header's destination)
+        elif level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= 16:
+            dst = data[:16]
+        elif level == socket.SOL_UDP and kind == UDP_GRO and len(data) >= 4:
+            seg = int.from_bytes(data[:4], sys.byteorder)
+    return dst, seg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,6 +492,7 @@ class ServerRelay(Relay):
                     udp.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
                 else:
                     udp.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+                _gro(udp)
                 self._sockets.append(udp)
                 self._tunnel[(fam, port)] = udp
                 self._watch(udp, self._on_tunnel, udp, fam, port)
@@ -474,11 +524,17 @@ class ServerRelay(Relay):
             except OSError as e:  # e.g. ECONNREFUSED from an earlier ICMP: not about this read
                 self.tx_errors["rx_" + errno_name(e)] += 1
                 continue
-            dst = _pktinfo_dst(anc) or fallback
+            dst, seg = _pktinfo_gro(anc)
+            dst = dst or fallback
             if dst is None:
                 self.endpoint.drops["malformed"] += 1
                 continue
-            receive((dst, port), (socket.inet_pton(family, addr[0].split("%")[0]), addr[1]), view[:n], now)
+            local, remote = (dst, port), (socket.inet_pton(family, addr[0].split("%")[0]), addr[1])
+            if seg and n > seg:  # segments GRO coalesced: each is one steered segment again
+                for off in range(0, n, seg):
+                    receive(local, remote, view[off:min(off + seg, n)], now)
+            else:
+                receive(local, remote, view[:n], now)
         self._pump(now)
 
     def _on_target(self, key: FlowKey, sock: socket.socket) -> None:
@@ -702,6 +758,7 @@ class ClientRelay(Relay):
                 udp.close()
                 continue
             _bufsize(udp)
+            _gro(udp)
             self._sockets += [tcp, udp]
             self._tunnel_socks += [tcp, udp]
             return port, udp
@@ -714,15 +771,22 @@ class ClientRelay(Relay):
         buf, view = self._buf, self._view
         now = self.loop.time()
         receive = self.endpoint.receive_steered
+        recvmsg_into = sock.recvmsg_into
         for _ in range(BATCH):
             try:
-                n, addr = sock.recvfrom_into(buf)
+                n, anc, _flags, addr = recvmsg_into((buf,), ANC)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
                 self.tx_errors["rx_" + errno_name(e)] += 1
                 continue
-            receive((b"", lport), (socket.inet_pton(family, addr[0].split("%")[0]), addr[1]), view[:n], now)
+            local, remote = (b"", lport), (socket.inet_pton(family, addr[0].split("%")[0]), addr[1])
+            seg = _pktinfo_gro(anc)[1] if anc else 0
+            if seg and n > seg:  # coalesced by GRO (see _gro)
+                for off in range(0, n, seg):
+                    receive(local, remote, view[off:min(off + seg, n)], now)
+            else:
+                receive(local, remote, view[:n], now)
         self._pump(now)
 
     def _on_app(self) -> None:

@@ -67,7 +67,7 @@ else:  # pragma: no cover
 TransportType = Literal["tcp", "udp", "all"]
 Backend = Literal["auto", "xdp", "nft", "bpfdev"]
 XdpMode = Literal["auto", "native", "skb"]
-SendPath = Literal["raw", "packet"]
+SendPath = Literal["auto", "raw", "packet"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 HostPort = tuple[str, int]
 
@@ -88,7 +88,7 @@ _ROLES: tuple[Role, ...] = ("server", "client")
 _TYPES: tuple[TransportType, ...] = ("tcp", "udp", "all")
 _BACKENDS: tuple[Backend, ...] = ("auto", "xdp", "nft", "bpfdev")
 _XDP_MODES: tuple[XdpMode, ...] = ("auto", "native", "skb")
-_SEND_PATHS: tuple[SendPath, ...] = ("raw", "packet")
+_SEND_PATHS: tuple[SendPath, ...] = ("auto", "raw", "packet")
 _LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
 
 _INSTANCE_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,31}")
@@ -148,7 +148,7 @@ class Config:
     runtime_dir: str = DEFAULT_RUNTIME_DIR
     config_path: str | None = None
     workers: int = 1
-    send_path: SendPath = "raw"
+    send_path: SendPath = "auto"
 
     @property
     def transports(self) -> tuple[Transport, ...]:
@@ -234,8 +234,9 @@ _KEY_TABLE: tuple[_Key, ...] = (
     _Key("workers", "server: processes sharing the tunnel ports (each serves every N-th port, so a client's "
          "connections spread over them); at most one per port; a client is always one process", metavar="N",
          roles=("server",)),
-    _Key("send_path", "raw (IP raw sockets, default) or packet (Linux, Ethernet: link-layer frames with the "
-         "kernel computing checksums and splitting batches, bypassing the output firewall)", metavar="PATH"),
+    _Key("send_path", "auto (default: packet where the host has no output/postrouting rules or IPsec policies "
+         "it would skip, else raw), raw (IP raw sockets) or packet (Linux, Ethernet: link-layer frames with the "
+         "kernel computing checksums and splitting batches, skipping the output firewall)", metavar="PATH"),
 )
 
 #: Every configuration key, in the order of the design table.

@@ -66,15 +66,18 @@ def test_quick_run_writes_every_field(tmp_path: Path) -> None:
             _at(res["cpu"], "daemons_us_per_dgram")
 
     check_path(_at(data, "plain.1200"), daemons=False)
-    for backend in ("xdp", "nft", "xdp+packet"):
+    for backend in ("xdp", "nft", "xdp+raw"):
         b = _at(data, f"rsockd.{backend}")
         check_path(_at(b, "sizes.1200"), daemons=True)
         for path in ("ready.server_s", "ready.client_s", "ready.client_up_s", "rss.client.rss_mb",
                      "rss.server.rss_mb", "workers.requested"):
             assert _at(b, path) is not None, path
         assert _at(b, "ready.server_s") > 0
+        # The default (auto) sends packet frames in the bench's namespaces, which filter nothing.
+        want = ["raw"] if backend.endswith("+raw") else ["packet"]
+        assert _at(b, "send_paths_used") == {"client": want, "server": want}, backend
 
-    for backend in ("xdp", "nft", "xdp+packet"):
+    for backend in ("xdp", "nft", "xdp+raw"):
         ratio = _at(data, f"ratios.{backend}.1200")
         assert ratio is not None and 0 < ratio <= 1.5, (backend, ratio)
     # Two rsockd figures: both noisy, so only its sign is a fact.

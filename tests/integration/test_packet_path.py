@@ -154,3 +154,40 @@ def test_a_server_reached_through_a_gateway(tmp_path: Path) -> None:
         wait_paths(client, "packet")
         assert rig.echo_run(5, host="c2").received == 5
         assert {c["peer"].rsplit(":", 1)[0] for c in client.status("ports")["connections"]} == {net.srv4}
+
+
+def _paths_become(d: Rsockd, want: str, timeout: float = 12.0) -> set[str]:
+    """Poll ``d``'s connections' send paths until they all are ``want`` (auto looks every 5 s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        paths = {c["send_path"] for c in d.status("ports")["connections"]}
+        if paths == {want} or time.monotonic() > deadline:
+            return paths
+        time.sleep(0.2)
+
+
+def test_auto_sends_packets_until_the_host_filters_its_egress(tmp_path: Path) -> None:
+    # The default, send_path = "auto": the packet path on a host with nothing on its output and
+    # postrouting hooks; raw sockets as soon as a firewall chain appears (the frames would skip
+    # it); packets again when it goes.  Our own table (the notrack rules) does not count.
+    with Rig(tmp_path, backend="xdp") as rig:
+        client = rig.client
+        assert _paths_become(client, "packet") == {"packet"}
+        assert rig.echo_run(20).received == 20
+        assert "send path: packet (auto: nothing on this host's egress for it to skip)" in client.log()
+        fw = ["nft", "add table inet hostfw; add chain inet hostfw out { type filter hook output priority 0; }; "
+              "add rule inet hostfw out counter"]
+        rig.net.run("c", fw)
+        try:
+            assert _paths_become(client, "raw") == {"raw"}
+            assert rig.echo_run(20).received == 20
+            counted = json.loads(rig.net.run("c", ["nft", "-j", "list", "chain", "inet", "hostfw", "out"]).stdout)
+            rule = next(i["rule"] for i in counted["nftables"] if "rule" in i)
+            assert rule["expr"][0]["counter"]["packets"] >= 20  # the firewall sees the tunnel's segments now
+            assert ("send path: raw sockets (auto: the packet path would skip nftables chain inet hostfw out on "
+                    "the output hook)") in client.log()
+        finally:
+            rig.net.run("c", ["nft", "delete table inet hostfw"])
+        assert _paths_become(client, "packet") == {"packet"}
+        assert rig.echo_run(20).received == 20
+        assert "Traceback" not in client.log()
