@@ -22,10 +22,22 @@
  * IPv4 options / IPv6 extension headers, first fragments, a data offset below 5 or past the end.
  * Non-first fragments carry no ports and pass uncounted.  Ethernet links only.
  *
- * SYN admission (server role): a steered segment with SYN set and ACK clear passes only within
- * a token bucket of config.syn_rate per second and config.syn_burst deep; the rest are dropped
- * here and counted syn_limited.  Without it a SYN flood shares the daemon's UDP socket queue
- * with the established sessions and the daemon spends its time refusing SYNs (backlog_full).
+ * Port sharing (docs/security.md, "What an active prober sees"): of the segments that match,
+ * only rsockd's own connections are rewritten; every other one goes to the kernel unchanged
+ * (counted passed_probe), which answers it as it answers any port: a real service bound there
+ * (nginx on 443) gets its connections, a port with nothing bound answers RST.
+ *   server  a SYN (ACK clear) is rsockd's when its ISN carries the SYN tag of syntag[0]'s key
+ *           for one of the slots beside syntag[0].slot (rsockd_syn_tag_ok; rsockd/core/syntag.py);
+ *           its 4-tuple then goes into conns.  Any other segment is rsockd's when its 4-tuple
+ *           is in conns.
+ *   client  a segment is rsockd's when its 4-tuple is in conns (the daemon puts each of its
+ *           connections there before sending the SYN).
+ *
+ * SYN admission (server role): a tagged SYN passes only within a token bucket of
+ * config.syn_rate per second and config.syn_burst deep; the rest are dropped here and counted
+ * syn_limited.  Without it a SYN flood shares the daemon's UDP socket queue with the
+ * established sessions and the daemon spends its time refusing SYNs (backlog_full).  Untagged
+ * SYNs are the kernel's (its SYN cookies handle a flood of them) and take no token.
  * Every other segment is untouched.  docs/design.md, "SYN admission".
  */
 #include <uapi/linux/bpf.h>
@@ -147,6 +159,106 @@ static __always_inline int rsockd_is_syn(struct tcphdr *th)
 	return th->syn && !th->ack;
 }
 
+/* ---- The SYN tag --------------------------------------------------------------------------
+ *
+ * SipHash-2-4 (Aumasson & Bernstein) of the 40-byte message of rsockd/core/syntag.py: five
+ * little-endian 64-bit words (the source and destination addresses as 16 bytes each, then
+ * sport | dport << 16 | slot << 32 | r << 56, ports in host order) and the final block, which
+ * holds only the length (40 << 56).  The ISN is r << 24 | (the hash's low 24 bits). */
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+#define rsockd_le64(x) __builtin_bswap64(x)
+#else
+#define rsockd_le64(x) (x)
+#endif
+
+#define RSOCKD_ROTL(x, b) (((x) << (b)) | ((x) >> (64 - (b))))
+#define RSOCKD_SIPROUND(v0, v1, v2, v3)                                                   \
+	do {                                                                              \
+		v0 += v1; v1 = RSOCKD_ROTL(v1, 13); v1 ^= v0; v0 = RSOCKD_ROTL(v0, 32);   \
+		v2 += v3; v3 = RSOCKD_ROTL(v3, 16); v3 ^= v2;                             \
+		v0 += v3; v3 = RSOCKD_ROTL(v3, 21); v3 ^= v0;                             \
+		v2 += v1; v1 = RSOCKD_ROTL(v1, 17); v1 ^= v2; v2 = RSOCKD_ROTL(v2, 32);   \
+	} while (0)
+#define RSOCKD_SIPBLOCK(v0, v1, v2, v3, m)                                                \
+	do {                                                                              \
+		v3 ^= (m);                                                                \
+		RSOCKD_SIPROUND(v0, v1, v2, v3);                                          \
+		RSOCKD_SIPROUND(v0, v1, v2, v3);                                          \
+		v0 ^= (m);                                                                \
+	} while (0)
+
+#define RSOCKD_SLOT_MASK 0xffffffULL
+#define RSOCKD_TAG_MASK 0xffffffU
+
+/* What a tag check needs. */
+struct rsockd_tagcheck {
+	__u64 k0, k1;
+	__u64 w[4];     /* the two addresses, as the message's first four words */
+	__u64 ports;    /* sport | dport << 16, host order */
+	__u32 slot;     /* the daemon's current slot */
+	__u32 isn;      /* the SYN's sequence number, host order */
+};
+
+/* 1 when c->isn is the tag of one of the slots beside c->slot.  Inlined like everything here:
+ * bcc loads only the program's own section, so a BPF-to-BPF call would jump out of it. */
+static __always_inline int rsockd_syn_tag_ok(struct rsockd_tagcheck *c)
+{
+	__u64 v0 = c->k0 ^ 0x736f6d6570736575ULL;
+	__u64 v1 = c->k1 ^ 0x646f72616e646f6dULL;
+	__u64 v2 = c->k0 ^ 0x6c7967656e657261ULL;
+	__u64 v3 = c->k1 ^ 0x7465646279746573ULL;
+	__u64 r = c->isn >> 24;
+	__u64 base = c->ports | r << 56;
+
+	/* the addresses are the same for every slot: hash them once */
+	RSOCKD_SIPBLOCK(v0, v1, v2, v3, c->w[0]);
+	RSOCKD_SIPBLOCK(v0, v1, v2, v3, c->w[1]);
+	RSOCKD_SIPBLOCK(v0, v1, v2, v3, c->w[2]);
+	RSOCKD_SIPBLOCK(v0, v1, v2, v3, c->w[3]);
+#pragma unroll
+	for (int d = -1; d <= 1; d++) {
+		__u64 a = v0, b = v1, e = v2, f = v3;
+		__u64 m = base | (((__u64)c->slot + d) & RSOCKD_SLOT_MASK) << 32;
+
+		RSOCKD_SIPBLOCK(a, b, e, f, m);
+		RSOCKD_SIPBLOCK(a, b, e, f, 40ULL << 56);
+		e ^= 0xff;
+		RSOCKD_SIPROUND(a, b, e, f);
+		RSOCKD_SIPROUND(a, b, e, f);
+		RSOCKD_SIPROUND(a, b, e, f);
+		RSOCKD_SIPROUND(a, b, e, f);
+		if (((a ^ b ^ e ^ f) & RSOCKD_TAG_MASK) == (c->isn & RSOCKD_TAG_MASK))
+			return 1;
+	}
+	return 0;
+}
+
+/* Whether a SYN carries the tag of the key and slot the daemon wrote. */
+static __always_inline int rsockd_syn_tagged(struct tcphdr *th, struct rsockd_conn *key)
+{
+	struct rsockd_tagcheck c;
+	struct rsockd_syntag *st;
+	int zero = 0;
+
+	st = syntag.lookup(&zero);
+	if (!st)
+		return 0;  /* cannot happen: an array always has its entry */
+	c.k0 = st->k0;
+	c.k1 = st->k1;
+	c.slot = st->slot;
+	__builtin_memcpy(&c.w[0], key->saddr, 8);
+	__builtin_memcpy(&c.w[1], key->saddr + 8, 8);
+	__builtin_memcpy(&c.w[2], key->daddr, 8);
+	__builtin_memcpy(&c.w[3], key->daddr + 8, 8);
+	c.w[0] = rsockd_le64(c.w[0]);
+	c.w[1] = rsockd_le64(c.w[1]);
+	c.w[2] = rsockd_le64(c.w[2]);
+	c.w[3] = rsockd_le64(c.w[3]);
+	c.ports = (__u64)bpf_ntohs(key->sport) | (__u64)bpf_ntohs(key->dport) << 16;
+	c.isn = bpf_ntohl(th->seq);
+	return rsockd_syn_tag_ok(&c);
+}
+
 /* Checks common to both families; returns the stat to count for a segment left to the kernel,
  * or -1 when the segment may be rewritten.  l4len is the L4 length the IP header states. */
 static __always_inline int rsockd_check_tcp(struct tcphdr *th, void *end, __u32 l4len)
@@ -188,19 +300,33 @@ static __always_inline int rsockd_for_us(struct xdp_md *ctx, struct bpf_fib_look
 }
 
 /* Whether a matching segment is rewritten: RSOCKD_REWRITE, or the verdict for one that is not
- * (counted under its reason): malformed ones go to the kernel, SYNs over the limit are dropped. */
+ * (counted under its reason): malformed ones and those of no connection of ours go to the
+ * kernel, tagged SYNs over the limit are dropped.  ``key``: the segment's 4-tuple. */
 static __always_inline int rsockd_admit(struct tcphdr *th, void *end, __u32 l4len, enum rsockd_match m,
-					struct rsockd_config *cfg)
+					struct rsockd_config *cfg, struct rsockd_conn *key)
 {
 	int stat = rsockd_check_tcp(th, end, l4len);
+	__u32 one = 1;
 
 	if (stat >= 0) {
 		rsockd_count(stat);
 		return XDP_PASS;
 	}
-	if (m == MATCH_SERVER && rsockd_is_syn(th) && !rsockd_syn_admit(cfg)) {
-		rsockd_count(RSOCKD_STAT_SYN_LIMITED);
-		return XDP_DROP;
+	if (m == MATCH_SERVER && rsockd_is_syn(th)) {
+		if (!rsockd_syn_tagged(th, key)) {
+			rsockd_count(RSOCKD_STAT_PASSED_PROBE);
+			return XDP_PASS;
+		}
+		if (!rsockd_syn_admit(cfg)) {
+			rsockd_count(RSOCKD_STAT_SYN_LIMITED);
+			return XDP_DROP;
+		}
+		conns.update(key, &one);
+		return RSOCKD_REWRITE;
+	}
+	if (!conns.lookup(key)) {
+		rsockd_count(RSOCKD_STAT_PASSED_PROBE);
+		return XDP_PASS;
 	}
 	return RSOCKD_REWRITE;
 }
@@ -236,6 +362,7 @@ static __always_inline int rsockd_ipv4(struct xdp_md *ctx, struct rsockd_config 
 				       void *end)
 {
 	struct bpf_fib_lookup fib = {};
+	struct rsockd_conn key = {};
 	enum rsockd_match m;
 	struct tcphdr *th;
 	__u32 ihl, l4len, tot;
@@ -274,7 +401,11 @@ static __always_inline int rsockd_ipv4(struct xdp_md *ctx, struct rsockd_config 
 	}
 	tot = bpf_ntohs(ip->tot_len);
 	l4len = tot > sizeof(*ip) ? tot - sizeof(*ip) : 0;
-	verdict = rsockd_admit(th, end, l4len, m, cfg);
+	rsockd_map4(key.saddr, ip->saddr);
+	rsockd_map4(key.daddr, ip->daddr);
+	key.sport = th->source;
+	key.dport = th->dest;
+	verdict = rsockd_admit(th, end, l4len, m, cfg, &key);
 	if (verdict != RSOCKD_REWRITE)
 		return verdict;
 
@@ -291,6 +422,7 @@ static __always_inline int rsockd_ipv6(struct xdp_md *ctx, struct rsockd_config 
 				       void *end)
 {
 	struct bpf_fib_lookup fib = {};
+	struct rsockd_conn key = {};
 	enum rsockd_match m;
 	struct tcphdr *th;
 	__u32 off = sizeof(*ip6);
@@ -361,8 +493,12 @@ static __always_inline int rsockd_ipv6(struct xdp_md *ctx, struct rsockd_config 
 		rsockd_count(RSOCKD_STAT_PASSED_IP_OPTIONS);
 		return XDP_PASS;
 	}
+	__builtin_memcpy(key.saddr, &ip6->saddr, sizeof(key.saddr));
+	__builtin_memcpy(key.daddr, &ip6->daddr, sizeof(key.daddr));
+	key.sport = th->source;
+	key.dport = th->dest;
 	/* payload_len 0 is a jumbogram (RFC 2675): left to the kernel as malformed */
-	verdict = rsockd_admit(th, end, bpf_ntohs(ip6->payload_len), m, cfg);
+	verdict = rsockd_admit(th, end, bpf_ntohs(ip6->payload_len), m, cfg, &key);
 	if (verdict != RSOCKD_REWRITE)
 		return verdict;
 

@@ -93,14 +93,15 @@ def siphash24(key: bytes, data: bytes) -> int:
     return v0 ^ v1 ^ v2 ^ v3
 
 
-def _addr16(packed: bytes) -> bytes:
+def addr16(packed: bytes) -> bytes:
+    """A packed address as the tag's (and the XDP ``conns`` map's) 16 bytes: IPv4 as IPv4-mapped IPv6."""
     return _V4_MAPPED + packed if len(packed) == 4 else packed
 
 
 def message(src: bytes, dst: bytes, sport: int, dport: int, slot: int, r: int) -> bytes:
     """The 40 bytes the tag covers (addresses packed, 4 or 16 bytes)."""
     tail = (sport & 0xFFFF) | (dport & 0xFFFF) << 16 | (slot & SLOT_MASK) << 32 | (r & 0xFF) << 56
-    return _addr16(src) + _addr16(dst) + tail.to_bytes(8, "little")
+    return addr16(src) + addr16(dst) + tail.to_bytes(8, "little")
 
 
 def syn_isn(key: bytes, src: bytes, dst: bytes, sport: int, dport: int, slot: int, r: int) -> int:
@@ -120,5 +121,5 @@ def key_words(key: bytes) -> tuple[int, int]:
     return k0, k1
 
 
-__all__ = ["SLOTS_ACCEPTED", "SLOT_MASK", "SLOT_SECONDS", "TAG_MASK", "key_words", "message", "siphash24",
+__all__ = ["SLOTS_ACCEPTED", "SLOT_MASK", "SLOT_SECONDS", "TAG_MASK", "addr16", "key_words", "message", "siphash24",
            "slot_of", "syn_isn", "tag_key", "tag_ok"]
