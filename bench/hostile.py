@@ -538,9 +538,15 @@ BY_NAME = {c.name: c for c in CATEGORIES}
 #: Where each category is meant to end up: rsockd's drop reasons, steering counters or kernel MIBs.
 EXPECTED: dict[str, dict[str, tuple[str, ...]]] = {
     "xdp": {
-        "bad_checksum": ("kernel.udp_csum_errors", "steer.syn_limited"),
+        # port sharing: a segment of no connection of rsockd's (a spoofed tuple, an untagged SYN)
+        # is the kernel's, counted passed_probe
+        "bad_checksum": ("kernel.udp_csum_errors", "steer.syn_limited", "steer.passed_probe"),
         "bad_offset": ("steer.passed_malformed",),
         "truncated_ip": ("steer.passed_malformed",),
+        "random_flags": ("drops.no_connection", "drops.unexpected", "drops.rst_ignored", "drops.malformed",
+                         "steer.passed_probe"),
+        "syn_flood": ("drops.backlog_full", "steer.syn_limited", "steer.passed_probe"),
+        "bad_options": ("drops.bad_auth", "drops.no_connection", "steer.passed_probe"),
     },
     "nft": {
         "bad_checksum": ("drops.bad_checksum",),

@@ -1,13 +1,17 @@
 """A SYN flood for tests and benchmarks: prebuilt frames, ``sendmmsg`` on an ``AF_PACKET`` socket.
 
     python -m bench.synflood DEV DST_MAC DST_IP PORTS [--seconds T] [--frames N] [--src-net CIDR] [--wait]
-                             [--cpu N]
+                             [--cpu N] [--key KEY | --untagged]
 
 Builds ``N`` Ethernet frames (default 65536), each an IPv4 TCP SYN with an MSS option and
 correct checksums to ``DST_IP`` at a port of ``PORTS`` (``a-b`` or ``a,b,...``), from a random
 address of ``--src-net`` (default 198.18.0.0/15, the benchmarking block: the victim's replies
-can be routed back to the attacker's link with one route) and a random port, with a random
-sequence number.  Then it sends them round and round, flat out, from one thread: each
+can be routed back to the attacker's link with one route) and a random port.  The sequence
+number is the SYN tag (``rsockd.core.syntag``) of ``--key`` (default: no key, i.e. the
+well-known default key's tag), so rsockd's steering takes the SYNs as rsockd's and its SYN
+limit is what is measured; the tags are good for 64-128 s after the build.  ``--untagged``: a
+random sequence number instead, i.e. SYNs that port sharing hands to the kernel.  Then it
+sends them round and round, flat out, from one thread: each
 ``sendmmsg(2)`` call hands the kernel 1024 frames, so the Python loop is a few calls per
 millisecond and the rate is what one core can push through the kernel's transmit path (on a
 veth that includes the peer's XDP, which runs on the sender's CPU).
@@ -34,6 +38,8 @@ import sys
 import time
 
 from bench.mmsg import MsgBatch
+from rsockd.core import syntag
+from rsockd.core.framing import Keyring
 from rsockd.core.packet import SYN, TcpHeader, build_options, ipv4_header, pack_address, pseudo_sum
 from rsockd.service.config import parse_ports
 
@@ -51,17 +57,22 @@ def mac_bytes(text: str) -> bytes:
 
 
 def build_frames(count: int, dst_mac: bytes, src_mac: bytes, dst_ip: str, ports: tuple[int, ...],
-                 src_net: ipaddress.IPv4Network, rng: random.Random) -> list[bytes]:
-    """``count`` distinct SYN frames (Ethernet + IPv4 + TCP with MSS), checksums correct."""
+                 src_net: ipaddress.IPv4Network, rng: random.Random, tag_key: bytes | None = None) -> list[bytes]:
+    """``count`` distinct SYN frames (Ethernet + IPv4 + TCP with MSS and timestamps), checksums
+    correct; each TSval the SYN tag of its ISN under ``tag_key`` in the current slot, or random
+    when it is None."""
     eth = dst_mac + src_mac + ETH_P_IP.to_bytes(2, "big")
     dst = pack_address(dst_ip)
     base, span = int(src_net.network_address), src_net.num_addresses
-    options = build_options(mss=1460)
+    slot = syntag.slot_of(time.time())
     frames = []
     for _ in range(count):
         src = (base + rng.randrange(1, span - 1)).to_bytes(4, "big")
-        seg = TcpHeader(rng.randrange(1024, 65536), rng.choice(ports), rng.getrandbits(32), 0, SYN, 64240,
-                        options).pack(b"", pseudo_sum(src, dst))
+        sport, dport = rng.randrange(1024, 65536), rng.choice(ports)
+        isn = rng.getrandbits(32)
+        ts = rng.getrandbits(32) if tag_key is None else syntag.syn_tag(tag_key, isn, slot)
+        options = build_options(mss=1460, timestamps=(ts, 0))
+        seg = TcpHeader(sport, dport, isn, 0, SYN, 64240, options).pack(b"", pseudo_sum(src, dst))
         frames.append(eth + ipv4_header(src, dst, len(seg), ident=rng.getrandbits(16)) + seg)
     return frames
 
@@ -114,6 +125,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--wait", action="store_true", help="wait for a line on stdin before sending")
     ap.add_argument("--cpu", type=int, help="run on this CPU only")
+    tags = ap.add_mutually_exclusive_group()
+    tags.add_argument("--key", help="the tunnel key whose SYN tag the SYNs carry (default: none, the default key)")
+    tags.add_argument("--untagged", action="store_true", help="random ISNs: SYNs the kernel gets")
     args = ap.parse_args(argv)
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
@@ -123,7 +137,8 @@ def main(argv: list[str]) -> int:
     sock.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
     src_mac = sock.getsockname()[4]
     frames = build_frames(args.frames, mac_bytes(args.dst_mac), src_mac, args.dst_ip, parse_ports(args.ports),
-                          ipaddress.IPv4Network(args.src_net), random.Random(args.seed))
+                          ipaddress.IPv4Network(args.src_net), random.Random(args.seed),
+                          None if args.untagged else Keyring.from_secret(args.key).syn_key)
     batches = load_batches(frames)
     print(json.dumps({"event": "ready", "frames": len(frames)}), flush=True)
     stop_fd = None

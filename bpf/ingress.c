@@ -22,10 +22,23 @@
  * IPv4 options / IPv6 extension headers, first fragments, a data offset below 5 or past the end.
  * Non-first fragments carry no ports and pass uncounted.  Ethernet links only.
  *
- * SYN admission (server role): a steered segment with SYN set and ACK clear passes only within
- * a token bucket of config.syn_rate per second and config.syn_burst deep; the rest are dropped
- * here and counted syn_limited.  Without it a SYN flood shares the daemon's UDP socket queue
- * with the established sessions and the daemon spends its time refusing SYNs (backlog_full).
+ * Port sharing (docs/security.md, "What an active prober sees"): of the segments that match,
+ * only rsockd's own connections are rewritten; every other one goes to the kernel unchanged
+ * (counted passed_probe), which answers it as it answers any port: a real service bound there
+ * (nginx on 443) gets its connections, a port with nothing bound answers RST.
+ *   server  a SYN (ACK clear) is rsockd's when its TSval is the SYN tag of its ISN under
+ *           syntag[0]'s key for one of the slots beside syntag[0].slot (rsockd_syn_tag_ok;
+ *           rsockd/core/syntag.py) and no other 4-tuple sent that tag first (the seen map);
+ *           its 4-tuple then goes into conns.  Any other segment is rsockd's when its 4-tuple
+ *           is in conns.
+ *   client  a segment is rsockd's when its 4-tuple is in conns (the daemon puts each of its
+ *           connections there before sending the SYN).
+ *
+ * SYN admission (server role): a tagged SYN passes only within a token bucket of
+ * config.syn_rate per second and config.syn_burst deep; the rest are dropped here and counted
+ * syn_limited.  Without it a SYN flood shares the daemon's UDP socket queue with the
+ * established sessions and the daemon spends its time refusing SYNs (backlog_full).  Untagged
+ * SYNs are the kernel's (its SYN cookies handle a flood of them) and take no token.
  * Every other segment is untouched.  docs/design.md, "SYN admission".
  */
 #include <uapi/linux/bpf.h>
@@ -147,6 +160,123 @@ static __always_inline int rsockd_is_syn(struct tcphdr *th)
 	return th->syn && !th->ack;
 }
 
+/* ---- The SYN tag --------------------------------------------------------------------------
+ *
+ * rsockd/core/syntag.py: a client's SYN carries as its TSval the low 32 bits of SipHash-2-4
+ * (Aumasson & Bernstein) of one little-endian 64-bit word, isn | slot << 32, then the final
+ * block, which holds only the length (8 << 56).  Neither address nor port is in it (NAT
+ * rewrites them); the seen map binds a tag to the 4-tuple it first came from instead. */
+#define RSOCKD_ROTL(x, b) (((x) << (b)) | ((x) >> (64 - (b))))
+#define RSOCKD_SIPROUND(v0, v1, v2, v3)                                                   \
+	do {                                                                              \
+		v0 += v1; v1 = RSOCKD_ROTL(v1, 13); v1 ^= v0; v0 = RSOCKD_ROTL(v0, 32);   \
+		v2 += v3; v3 = RSOCKD_ROTL(v3, 16); v3 ^= v2;                             \
+		v0 += v3; v3 = RSOCKD_ROTL(v3, 21); v3 ^= v0;                             \
+		v2 += v1; v1 = RSOCKD_ROTL(v1, 17); v1 ^= v2; v2 = RSOCKD_ROTL(v2, 32);   \
+	} while (0)
+#define RSOCKD_SIPBLOCK(v0, v1, v2, v3, m)                                                \
+	do {                                                                              \
+		v3 ^= (m);                                                                \
+		RSOCKD_SIPROUND(v0, v1, v2, v3);                                          \
+		RSOCKD_SIPROUND(v0, v1, v2, v3);                                          \
+		v0 ^= (m);                                                                \
+	} while (0)
+
+#define RSOCKD_OPT_ENTRIES 16  /* options looked at for the timestamp (a SYN of Linux's has 5) */
+
+/* The TSval of a SYN (host order) into *tsval: 1, or 0 without a well-formed timestamp option.
+ * Unrolled like everything here: bcc loads only the program's own section. */
+static __always_inline int rsockd_syn_tsval(struct tcphdr *th, void *end, __u32 *tsval)
+{
+	__u8 *p = (__u8 *)(th + 1);
+	__u8 *stop = (__u8 *)th + th->doff * 4;
+
+#pragma unroll
+	for (int i = 0; i < RSOCKD_OPT_ENTRIES; i++) {
+		__u8 kind, len;
+
+		if (p + 1 > stop || (void *)(p + 1) > end)
+			return 0;
+		kind = p[0];
+		if (kind == 0)  /* end of options */
+			return 0;
+		if (kind == 1) {  /* NOP */
+			p += 1;
+			continue;
+		}
+		if (p + 2 > stop || (void *)(p + 2) > end)
+			return 0;
+		len = p[1];
+		if (len < 2)
+			return 0;
+		if (kind == 8 && len == 10) {
+			if (p + 10 > stop || (void *)(p + 10) > end)
+				return 0;
+			*tsval = (__u32)p[2] << 24 | (__u32)p[3] << 16 | (__u32)p[4] << 8 | (__u32)p[5];
+			return 1;
+		}
+		p += len;
+	}
+	return 0;
+}
+
+/* 1 when tsval is the tag of isn for one of the slots beside the daemon's. */
+static __always_inline int rsockd_syn_tag_ok(struct rsockd_syntag *st, __u32 isn, __u32 tsval)
+{
+#pragma unroll
+	for (int d = -1; d <= 1; d++) {
+		__u64 v0 = st->k0 ^ 0x736f6d6570736575ULL;
+		__u64 v1 = st->k1 ^ 0x646f72616e646f6dULL;
+		__u64 v2 = st->k0 ^ 0x6c7967656e657261ULL;
+		__u64 v3 = st->k1 ^ 0x7465646279746573ULL;
+		__u64 m = (__u64)isn | (__u64)(__u32)(st->slot + d) << 32;
+
+		RSOCKD_SIPBLOCK(v0, v1, v2, v3, m);
+		RSOCKD_SIPBLOCK(v0, v1, v2, v3, 8ULL << 56);
+		v2 ^= 0xff;
+		RSOCKD_SIPROUND(v0, v1, v2, v3);
+		RSOCKD_SIPROUND(v0, v1, v2, v3);
+		RSOCKD_SIPROUND(v0, v1, v2, v3);
+		RSOCKD_SIPROUND(v0, v1, v2, v3);
+		if ((__u32)(v0 ^ v1 ^ v2 ^ v3) == tsval)
+			return 1;
+	}
+	return 0;
+}
+
+static __always_inline int rsockd_same_conn(struct rsockd_conn *a, struct rsockd_conn *b)
+{
+	__u64 *x = (__u64 *)a, *y = (__u64 *)b;
+
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] &&
+	       a->sport == b->sport && a->dport == b->dport;
+}
+
+/* Whether a SYN is rsockd's: it carries the tag of the key and slot the daemon wrote, and the
+ * tag is new or came from this 4-tuple before (a retransmitted SYN), not from another (a
+ * replay).  A new tag is remembered with its 4-tuple. */
+static __always_inline int rsockd_syn_tagged(struct tcphdr *th, void *end, struct rsockd_conn *key)
+{
+	struct rsockd_syntag *st;
+	struct rsockd_seen_key sk = {};
+	struct rsockd_conn *owner;
+	__u32 tsval = 0;
+	int zero = 0;
+
+	st = syntag.lookup(&zero);
+	if (!st || !rsockd_syn_tsval(th, end, &tsval))
+		return 0;
+	sk.isn = bpf_ntohl(th->seq);
+	sk.tsval = tsval;
+	if (!rsockd_syn_tag_ok(st, sk.isn, tsval))
+		return 0;
+	owner = seen.lookup(&sk);
+	if (owner)
+		return rsockd_same_conn(owner, key);
+	seen.update(&sk, key);
+	return 1;
+}
+
 /* Checks common to both families; returns the stat to count for a segment left to the kernel,
  * or -1 when the segment may be rewritten.  l4len is the L4 length the IP header states. */
 static __always_inline int rsockd_check_tcp(struct tcphdr *th, void *end, __u32 l4len)
@@ -188,19 +318,33 @@ static __always_inline int rsockd_for_us(struct xdp_md *ctx, struct bpf_fib_look
 }
 
 /* Whether a matching segment is rewritten: RSOCKD_REWRITE, or the verdict for one that is not
- * (counted under its reason): malformed ones go to the kernel, SYNs over the limit are dropped. */
+ * (counted under its reason): malformed ones and those of no connection of ours go to the
+ * kernel, tagged SYNs over the limit are dropped.  ``key``: the segment's 4-tuple. */
 static __always_inline int rsockd_admit(struct tcphdr *th, void *end, __u32 l4len, enum rsockd_match m,
-					struct rsockd_config *cfg)
+					struct rsockd_config *cfg, struct rsockd_conn *key)
 {
 	int stat = rsockd_check_tcp(th, end, l4len);
+	__u32 one = 1;
 
 	if (stat >= 0) {
 		rsockd_count(stat);
 		return XDP_PASS;
 	}
-	if (m == MATCH_SERVER && rsockd_is_syn(th) && !rsockd_syn_admit(cfg)) {
-		rsockd_count(RSOCKD_STAT_SYN_LIMITED);
-		return XDP_DROP;
+	if (m == MATCH_SERVER && rsockd_is_syn(th)) {
+		if (!rsockd_syn_tagged(th, end, key)) {
+			rsockd_count(RSOCKD_STAT_PASSED_PROBE);
+			return XDP_PASS;
+		}
+		if (!rsockd_syn_admit(cfg)) {
+			rsockd_count(RSOCKD_STAT_SYN_LIMITED);
+			return XDP_DROP;
+		}
+		conns.update(key, &one);
+		return RSOCKD_REWRITE;
+	}
+	if (!conns.lookup(key)) {
+		rsockd_count(RSOCKD_STAT_PASSED_PROBE);
+		return XDP_PASS;
 	}
 	return RSOCKD_REWRITE;
 }
@@ -236,6 +380,7 @@ static __always_inline int rsockd_ipv4(struct xdp_md *ctx, struct rsockd_config 
 				       void *end)
 {
 	struct bpf_fib_lookup fib = {};
+	struct rsockd_conn key = {};
 	enum rsockd_match m;
 	struct tcphdr *th;
 	__u32 ihl, l4len, tot;
@@ -274,7 +419,11 @@ static __always_inline int rsockd_ipv4(struct xdp_md *ctx, struct rsockd_config 
 	}
 	tot = bpf_ntohs(ip->tot_len);
 	l4len = tot > sizeof(*ip) ? tot - sizeof(*ip) : 0;
-	verdict = rsockd_admit(th, end, l4len, m, cfg);
+	rsockd_map4(key.saddr, ip->saddr);
+	rsockd_map4(key.daddr, ip->daddr);
+	key.sport = th->source;
+	key.dport = th->dest;
+	verdict = rsockd_admit(th, end, l4len, m, cfg, &key);
 	if (verdict != RSOCKD_REWRITE)
 		return verdict;
 
@@ -291,6 +440,7 @@ static __always_inline int rsockd_ipv6(struct xdp_md *ctx, struct rsockd_config 
 				       void *end)
 {
 	struct bpf_fib_lookup fib = {};
+	struct rsockd_conn key = {};
 	enum rsockd_match m;
 	struct tcphdr *th;
 	__u32 off = sizeof(*ip6);
@@ -361,8 +511,12 @@ static __always_inline int rsockd_ipv6(struct xdp_md *ctx, struct rsockd_config 
 		rsockd_count(RSOCKD_STAT_PASSED_IP_OPTIONS);
 		return XDP_PASS;
 	}
+	__builtin_memcpy(key.saddr, &ip6->saddr, sizeof(key.saddr));
+	__builtin_memcpy(key.daddr, &ip6->daddr, sizeof(key.daddr));
+	key.sport = th->source;
+	key.dport = th->dest;
 	/* payload_len 0 is a jumbogram (RFC 2675): left to the kernel as malformed */
-	verdict = rsockd_admit(th, end, bpf_ntohs(ip6->payload_len), m, cfg);
+	verdict = rsockd_admit(th, end, bpf_ntohs(ip6->payload_len), m, cfg, &key);
 	if (verdict != RSOCKD_REWRITE)
 		return verdict;
 

@@ -36,6 +36,40 @@ struct rsockd_addr6 {
 	__u8 addr[16];
 };
 
+/* syntag[0]: the SYN tag (rsockd/core/syntag.py) the server's XDP program checks on every SYN
+ * to a tunnel port.  Written by the daemon: the key at attach and on every reload, the slot
+ * (floor(unix time / 64) mod 2^32, the daemon's wall clock) whenever it changes (the daemon
+ * looks once a second).  The program accepts slot - 1, slot and slot + 1. */
+struct rsockd_syntag {
+	__u64 k0;            /* the 16-byte tag key as two little-endian words (syntag.key_words) */
+	__u64 k1;
+	__u32 slot;
+	__u32 flags;         /* reserved, 0 */
+};
+
+/* seen key: a SYN's tag as it arrived (ISN and TSval, host order); the value is the 4-tuple
+ * (struct rsockd_conn) it first came from.  The same tag from another 4-tuple is a replay and
+ * goes to the kernel.  Least recently used entries make room; a tag outlives its slots there
+ * at most until then, and its slots alone refuse it afterwards. */
+struct rsockd_seen_key {
+	__u32 isn;
+	__u32 tsval;
+};
+
+/* conns key: one of rsockd's connections, as a segment FROM the peer carries it: the peer's
+ * address and port are the source.  Addresses as on the wire, IPv4 as IPv4-mapped IPv6
+ * (::ffff:a.b.c.d); ports in network byte order.  The value is a u32, 1.
+ * Server: the XDP program adds the tuple of every SYN with a good tag; client: the daemon adds
+ * each connection's before sending its SYN.  Segments to a tunnel port whose tuple is not here
+ * are the kernel's (port sharing, docs/security.md), and the guard drops only kernel segments
+ * whose reversed tuple is here. */
+struct rsockd_conn {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be16 sport;
+	__be16 dport;
+};
+
 /* ports[port]: bit set. */
 #define RSOCKD_PORT_SERVER 1U  /* server: a tunnel port we serve (match on dport) */
 #define RSOCKD_PORT_LOCAL  2U  /* client: one of our local ports (match on dport) */
@@ -51,11 +85,13 @@ enum rsockd_stat {
 	RSOCKD_STAT_GUARD_DROPPED = 5,
 	RSOCKD_STAT_SYN_LIMITED = 6,
 	RSOCKD_STAT_PASSED_TRANSIT = 7,
-	RSOCKD_STAT_COUNT = 8,
+	RSOCKD_STAT_PASSED_PROBE = 8,  /* on a tunnel port, not one of our connections: left to the kernel */
+	RSOCKD_STAT_COUNT = 9,
 };
 
 #define RSOCKD_PORTS_MAX 65536  /* ports: one entry per port number */
 #define RSOCKD_PEERS_MAX 256    /* peers4, peers6 */
+#define RSOCKD_CONNS_MAX 65536  /* conns: least recently used entries make room for new ones */
 
 #ifdef __KERNEL__
 /* ---- BPF side (bcc) ----------------------------------------------------------------- */
@@ -65,6 +101,9 @@ BPF_ARRAY(ports, __u32, RSOCKD_PORTS_MAX);
 BPF_HASH(peers4, __u32, __u32, RSOCKD_PEERS_MAX);  /* IPv4 address, network order -> 1 */
 BPF_HASH(peers6, struct rsockd_addr6, __u32, RSOCKD_PEERS_MAX);
 BPF_PERCPU_ARRAY(stats, __u64, RSOCKD_STAT_COUNT);
+BPF_ARRAY(syntag, struct rsockd_syntag, 1);
+BPF_TABLE("lru_hash", struct rsockd_seen_key, struct rsockd_conn, seen, RSOCKD_CONNS_MAX);
+BPF_TABLE("lru_hash", struct rsockd_conn, __u32, conns, RSOCKD_CONNS_MAX);
 
 static __always_inline void rsockd_count(int index)
 {
@@ -89,6 +128,15 @@ static __always_inline __u16 rsockd_fold(__u32 s)
 	s = (s & 0xffff) + (s >> 16);
 	s = (s & 0xffff) + (s >> 16);
 	return (__u16)s;
+}
+
+/* An IPv4 address (network order) as the 16 bytes of its IPv4-mapped IPv6 form. */
+static __always_inline void rsockd_map4(__u8 *out, __be32 addr)
+{
+	__builtin_memset(out, 0, 10);
+	out[10] = 0xff;
+	out[11] = 0xff;
+	__builtin_memcpy(out + 12, &addr, 4);
 }
 
 #endif /* __KERNEL__ */

@@ -123,20 +123,49 @@ def _port_free(fam: int, kind: int, host: str, port: int) -> str | None:
     return None
 
 
+#: Backends that share the tunnel ports' TCP side with a service of the host (port sharing,
+#: docs/security.md): they hand the kernel every segment that is not of rsockd's connections.
+SHARING_BACKENDS = frozenset({"xdp"})
+
+
+def _chosen_backend(cfg: Config) -> str | None:
+    """The backend the daemon would attach (the first usable candidate), or None."""
+    from ..errors import SteerError
+    from ..steer.choose import candidates, unavailable
+
+    try:
+        return next((n for n in candidates(cfg.backend) if unavailable(n) is None), None)
+    except SteerError:
+        return None
+
+
 def check_ports(cfg: Config) -> list[Result]:
     out = []
     if cfg.role == "server":
-        busy = []
+        # The daemon binds only the UDP side of a tunnel port (where steered segments land); a
+        # TCP listener there is a service the port is shared with.
+        busy, shared = [], []
         for port in cfg.ports:
-            for kind, proto in ((socket.SOCK_STREAM, "tcp"), (socket.SOCK_DGRAM, "udp")):
-                why = _port_free(socket.AF_INET, kind, cfg.local_ip or "0.0.0.0", port)
-                if why:
-                    busy.append(f"{port}/{proto} ({why})")
+            why = _port_free(socket.AF_INET, socket.SOCK_DGRAM, cfg.local_ip or "0.0.0.0", port)
+            if why:
+                busy.append(f"{port}/udp ({why})")
+            if _port_free(socket.AF_INET, socket.SOCK_STREAM, cfg.local_ip or "0.0.0.0", port):
+                shared.append(port)
         if busy:
             out.append(Result("FAIL", f"tunnel ports not free: {', '.join(busy)}",
                               "stop what uses them or change ports"))
         else:
-            out.append(Result("ok", f"tunnel ports {format_ports(cfg.ports)} free (tcp and udp)"))
+            out.append(Result("ok", f"tunnel ports {format_ports(cfg.ports)} free (udp)"))
+        if shared:
+            tcp = ", ".join(f"{p}/tcp" for p in shared)
+            backend = _chosen_backend(cfg)
+            if backend in SHARING_BACKENDS:
+                out.append(Result("ok", f"{tcp} in use by a service of this host: shared with it (the "
+                                        f"{backend} backend hands it every connection that is not rsockd's)"))
+            else:
+                out.append(Result("warn", f"{tcp} in use by a service of this host: the {backend or 'chosen'} "
+                                          "backend takes every segment on the port, so that service gets none",
+                                  "backend = xdp, or change ports"))
     else:
         assert cfg.listen is not None
         host, port = cfg.listen

@@ -268,6 +268,9 @@ def render_status(st: dict[str, Any], style: Style) -> str:
     rows.append(("kernel RST/ACK suppressed", str(steer.get("guard_dropped", 0))))
     if st["role"] == "server" and "syn_limited" in steer:
         rows.append(("SYNs over the limit", f"{human_count(steer['syn_limited'])} (dropped in XDP)"))
+    if "passed_probe" in steer:
+        rows.append(("probes to the kernel", f"{human_count(steer['passed_probe'])} segments on tunnel ports of no "
+                                             "rsockd connection, handed to the kernel (port sharing)"))
     if steer.get("passed_malformed") or steer.get("passed_fragment") or steer.get("passed_ip_options"):
         rows.append(("left to the kernel", f"{steer.get('passed_malformed', 0)} malformed, "
                                            f"{steer.get('passed_fragment', 0)} fragments, "

@@ -1,6 +1,6 @@
 """The data path's I/O: moves bytes between sockets and the pure endpoint (asyncio).
 
-``ServerRelay`` and ``ClientRelay`` own the sockets (tunnel UDP sockets, TCP port reservations,
+``ServerRelay`` and ``ClientRelay`` own the sockets (tunnel UDP sockets, the client's TCP port reservations,
 the application / target UDP sockets, raw and packet senders) and one endpoint
 (``rsockd.core.endpoint``), which owns every protocol decision.  On each wake-up a relay reads a
 socket until ``EAGAIN`` (at most ``BATCH`` datagrams), hands each datagram to the endpoint, and
@@ -464,7 +464,12 @@ class ServerRelay(Relay):
         self.target_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
     def bind(self, interfaces: tuple[str, ...]) -> None:
-        """Reserve every tunnel port (TCP, bound, not listening) and bind its UDP socket."""
+        """Bind every tunnel port's UDP socket, where steered segments land.
+
+        The TCP side of a tunnel port is left free (port sharing, docs/security.md): a real
+        service may listen there, and with nothing bound the kernel answers a probe with RST,
+        as for any closed port.  Steering hands the kernel everything but our connections.
+        """
         self.interfaces = interfaces
         mtu = self.cfg.mtu or min((interface_mtu(i) for i in interfaces), default=1500)
         families = [socket.AF_INET, socket.AF_INET6]
@@ -479,14 +484,12 @@ class ServerRelay(Relay):
             for fam in families:
                 host = self.cfg.local_ip or ("::" if fam == socket.AF_INET6 else "0.0.0.0")
                 try:
-                    tcp = _bind(fam, socket.SOCK_STREAM, (host, port), "server")
+                    udp = _bind(fam, socket.SOCK_DGRAM, (host, port), "server")
                 except RsockdError:
                     if fam == socket.AF_INET6 and not self.cfg.local_ip and not self._ipv6_usable():
                         families = [socket.AF_INET]
                         continue
                     raise
-                self._sockets.append(tcp)
-                udp = _bind(fam, socket.SOCK_DGRAM, (host, port), "server")
                 _bufsize(udp)
                 if fam == socket.AF_INET:
                     udp.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
@@ -693,6 +696,11 @@ class ClientRelay(Relay):
             self.local_ports.append(lport)
             self._watch(udp, self._on_tunnel, udp, fam, lport)
         self.endpoint.bind(pack_address(src), self.local_ports)
+
+    def conn_tuples(self) -> list[tuple[str, int, str, int]]:
+        """``(local address, local port, server address, server port)`` of each fake-TCP
+        connection: what steering must hand us (port sharing: the rest is the kernel's)."""
+        return [(self.src, c.local[1], self.server_ip, c.remote[1]) for c in self.connections() if c.transport == "tcp"]
 
     def _set_mtu(self, mtu: int) -> None:
         ep = self.endpoint

@@ -60,6 +60,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._watchdog: asyncio.TimerHandle | None = None
         self._status_timer: asyncio.TimerHandle | None = None
+        self._tick_timer: asyncio.TimerHandle | None = None
         self._reloading = False
         self.workers: list[Worker] = []
         self.exit_code = 0
@@ -83,6 +84,7 @@ class Daemon:
             self.notifier.ready(self.status_line())
             LOG.info("ready: %s", self.status_line())
             self._refresh_status()
+            self._tick_steering()
             await self._stop.wait()
             LOG.info("stopping")
             self.notifier.stopping()
@@ -117,7 +119,8 @@ class Daemon:
                     [(0, os.getpid(), relay.ports), *((w.index, w.pid, w.ports) for w in self.workers)]))
             plan = SteerPlan(cfg.instance, "server", relay.interfaces, frozenset(cfg.ports), mark=cfg.mark,
                              xdp_mode=cfg.xdp_mode, syn_rate=cfg.syn_rate, syn_burst=cfg.syn_burst,
-                             receive_ports=frozenset(relay.ports) if self.workers else frozenset())
+                             receive_ports=frozenset(relay.ports) if self.workers else frozenset(),
+                             syn_key=relay.endpoint.keyring.syn_key)
         else:
             assert isinstance(relay, ClientRelay)
             route = relay.route()
@@ -125,9 +128,10 @@ class Daemon:
                 route = dataclasses.replace(route, interface=cfg.dev[0])
             relay.bind(route)
             relay.interfaces = cfg.dev or relay.interfaces
+            # the connections' 4-tuples are in the plan before any SYN leaves (relay.start, below)
             plan = SteerPlan(cfg.instance, "client", relay.interfaces, frozenset(cfg.ports),
                              local_ports=frozenset(relay.local_ports), peers=frozenset({relay.server_ip}),
-                             mark=cfg.mark, xdp_mode=cfg.xdp_mode)
+                             mark=cfg.mark, xdp_mode=cfg.xdp_mode, conns=frozenset(relay.conn_tuples()))
         self.plan = plan
         if "tcp" in cfg.transports:
             self.steering = await self._attach(plan)
@@ -187,7 +191,8 @@ class Daemon:
         """The client rebound to a new address: steer its new local ports (no recompile)."""
         relay, plan = self.relay, self.plan
         assert isinstance(relay, ClientRelay) and plan is not None
-        self.plan = dataclasses.replace(plan, local_ports=frozenset(relay.local_ports))
+        self.plan = dataclasses.replace(plan, local_ports=frozenset(relay.local_ports),
+                                        conns=frozenset(relay.conn_tuples()))
         if self.steering is not None:
             try:
                 self.steering.update(self.plan)
@@ -239,8 +244,9 @@ class Daemon:
     async def _tear_down(self) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
-        if self._status_timer is not None:
-            self._status_timer.cancel()
+        for handle in (self._status_timer, self._tick_timer):
+            if handle is not None:
+                handle.cancel()
         if self.relay is not None:
             with contextlib.suppress(Exception):
                 self.relay.close()
@@ -293,8 +299,10 @@ class Daemon:
                 self._ask(w, "config", new, changed)
             except RsockdError as e:
                 LOG.error("reload: worker %d: %s", w.index, e)
-        if {"syn_rate", "syn_burst"} & changed and self.plan is not None and self.steering is not None:
-            self.plan = dataclasses.replace(self.plan, syn_rate=new.syn_rate, syn_burst=new.syn_burst)
+        if {"syn_rate", "syn_burst", "key"} & changed and self.plan is not None and self.steering is not None:
+            # a new key: the endpoint's acceptor and the steering's SYN tag check change together
+            self.plan = dataclasses.replace(self.plan, syn_rate=new.syn_rate, syn_burst=new.syn_burst,
+                                            syn_key=relay.endpoint.keyring.syn_key)
             self.steering.update(self.plan)
 
     async def _rebuild(self, new: Config) -> None:
@@ -338,6 +346,15 @@ class Daemon:
             self._watchdog = asyncio.get_running_loop().call_later(interval, tick)
 
         tick()
+
+    def _tick_steering(self) -> None:
+        """Once a second: steering's time-dependent state (the SYN tag's slot)."""
+        if self.steering is not None:
+            try:
+                self.steering.tick(time.time())
+            except Exception as e:  # a failed map write must not stop the loop; the next tick tries again
+                LOG.warning("steering: %s", e)
+        self._tick_timer = asyncio.get_running_loop().call_later(1.0, self._tick_steering)
 
     def _refresh_status(self) -> None:
         if self._status_timer is not None:

@@ -34,6 +34,7 @@ STEER_COUNTERS = (
     "guard_dropped",  # kernel-made RST/ACK from tunnel ports dropped on egress
     "syn_limited",  # server: SYNs to tunnel ports over syn_rate/syn_burst, dropped before userspace
     "passed_transit",  # on tunnel ports but routed through this host, not to it: left to the kernel
+    "passed_probe",  # on tunnel ports but of no connection of ours (an untagged SYN, a probe): left to the kernel
 )
 
 
@@ -51,6 +52,11 @@ class SteerPlan:
     ``syn_rate``/``syn_burst`` (server): SYNs per second, and the burst, that the backend lets
     through to the daemon; 0 is no limit.  Only the xdp backend can enforce them
     (docs/design.md, "SYN admission").
+
+    Port sharing (docs/security.md): ``syn_key`` (server) is the SYN tag key
+    (``Keyring.syn_key``; empty: the default key's) a SYN must carry to be ours; ``conns``
+    (client) are the client's own connections as ``(local address, local port, server address,
+    server port)``: only their segments are ours.  Everything else on the ports is the kernel's.
     """
 
     instance: str
@@ -64,6 +70,8 @@ class SteerPlan:
     syn_rate: int = 0  # server: SYNs/s passed to userspace, all CPUs together; 0: no limit
     syn_burst: int = 0  # server: SYNs the bucket holds when full
     receive_ports: frozenset[int] = frozenset()  # server, capture backends: the ports this process reads; empty: all
+    syn_key: bytes = b""  # server: the SYN tag key (core/syntag.py); empty: the default key's
+    conns: frozenset[tuple[str, int, str, int]] = frozenset()  # client: (local, lport, server, port) of each connection
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
 
@@ -140,6 +148,9 @@ class Steering(Protocol):
 
     def describe(self) -> list[dict[str, str]]:
         """One entry per interface, e.g. ``{"interface": "eth0", "mode": "native"}``."""
+
+    def tick(self, wall: float) -> None:
+        """Called about once a second with the wall clock: what depends on time (the SYN tag's slot)."""
 
     def detach(self) -> None:
         """Remove everything attached; idempotent; never raises for state already gone."""

@@ -6,9 +6,11 @@ Reads ONE JSON request on stdin::
     {"instance": "rsockd", "pin_dir": "/sys/fs/bpf/rsockd/rsockd", "interfaces": ["eth0"],
      "xdp_mode": "auto|native|skb", "mark": 1920166756, "instance_tag": 1234,
      "ports": {"10001": 1}, "peers": ["192.0.2.1"], "guard": true,
-     "syn_rate": 2000, "syn_burst": 200}
+     "syn_rate": 2000, "syn_burst": 200, "syn_key": "00112233445566778899aabbccddeeff", "slot": 27633123,
+     "conns": ["<hex of a conns key>"]}
 
-(``syn_rate``/``syn_burst`` may be left out: 0, no SYN limit.)
+(``syn_rate``/``syn_burst`` may be left out: 0, no SYN limit; ``syn_key``, ``slot`` and ``conns``
+too: a zero key and slot, no connections.)
 
 and writes ONE JSON line on stdout::
 
@@ -78,6 +80,9 @@ class Request:
     guard: bool
     syn_rate: int = 0
     syn_burst: int = 0
+    syn_key: bytes = bytes(16)
+    slot: int = 0
+    conns: tuple[bytes, ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> Request:
@@ -113,6 +118,17 @@ class Request:
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0xFFFFFFFF:
                 raise LoaderError(f"request: {key} must be an integer in 0..4294967295")
             syn[key] = value
+        try:
+            syn_key = bytes.fromhex(raw.get("syn_key", "00" * 16))
+            conns = tuple(bytes.fromhex(k) for k in raw.get("conns", []))
+        except (TypeError, ValueError, AttributeError):
+            raise LoaderError("request: syn_key and conns must be hex strings") from None
+        if len(syn_key) != 16 or any(len(k) != ctypes.sizeof(bpfsys.RsockdConn) for k in conns):
+            raise LoaderError("request: syn_key must be 16 bytes, each conns key "
+                              f"{ctypes.sizeof(bpfsys.RsockdConn)} bytes")
+        slot = raw.get("slot", 0)
+        if not isinstance(slot, int) or isinstance(slot, bool) or slot < 0:
+            raise LoaderError("request: slot must be a non-negative integer")
         return cls(
             instance=get("instance", str),
             pin_dir=get("pin_dir", str),
@@ -125,6 +141,9 @@ class Request:
             guard=bool(raw.get("guard", True)),
             syn_rate=syn["syn_rate"],
             syn_burst=syn["syn_burst"],
+            syn_key=syn_key,
+            slot=slot,
+            conns=conns,
         )
 
 
@@ -268,6 +287,8 @@ def _install(host: Host, req: Request, links: list[Link], bpf: Any, xdp_fn: Any,
                           syn_burst=req.syn_burst)
         maps.write_ports(req.ports)
         maps.write_peers(req.peers)
+        maps.write_syntag(req.syn_key, req.slot)
+        maps.add_conns(req.conns)
 
     xdp_id = bpfsys.prog_info(xdp_fn.fd).id
     guard_id = bpfsys.prog_info(guard_fn.fd).id

@@ -814,6 +814,9 @@ class BpfDevSteering:
             out[LABEL_V6] = labels.get(LABEL_V6, 0)
         return out
 
+    def tick(self, wall: float) -> None:
+        pass  # nothing here depends on the time
+
     def describe(self) -> list[dict[str, str]]:
         anchor = self._attached.anchor if self._attached else self.anchor
         out = []

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core import syntag
 from ..errors import SteerError
 from . import STEER_COUNTERS
 
@@ -58,6 +59,34 @@ class RsockdAddr6(ctypes.Structure):
     _fields_ = [("addr", ctypes.c_uint8 * 16)]
 
 
+class RsockdSyntag(ctypes.Structure):
+    """``struct rsockd_syntag``: the single entry of the ``syntag`` map (the SYN tag's key and slot)."""
+
+    _fields_ = [
+        ("k0", ctypes.c_uint64),
+        ("k1", ctypes.c_uint64),
+        ("slot", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+    ]
+
+
+class RsockdConn(ctypes.Structure):
+    """``struct rsockd_conn``: a key of ``conns`` (``conn_key`` builds one)."""
+
+    _fields_ = [
+        ("saddr", ctypes.c_uint8 * 16),
+        ("daddr", ctypes.c_uint8 * 16),
+        ("sport", ctypes.c_uint16),  # network byte order
+        ("dport", ctypes.c_uint16),
+    ]
+
+
+class RsockdSeenKey(ctypes.Structure):
+    """``struct rsockd_seen_key``: a key of ``seen`` (a SYN's tag; the value is its ``RsockdConn``)."""
+
+    _fields_ = [("isn", ctypes.c_uint32), ("tsval", ctypes.c_uint32)]
+
+
 PORT_SERVER = 1  # server: a tunnel port we serve (match on dport)
 PORT_LOCAL = 2  # client: one of our local ports (match on dport)
 PORT_PEER = 4  # client: a server tunnel port (match on sport)
@@ -68,8 +97,9 @@ STAT_COUNT = len(STEER_COUNTERS)
 
 PORTS_MAX = 65536
 PEERS_MAX = 256
+CONNS_MAX = 65536
 
-MAP_NAMES = ("config", "ports", "peers4", "peers6", "stats")
+MAP_NAMES = ("config", "ports", "peers4", "peers6", "stats", "syntag", "conns")
 #: Programs are ours when their name starts with this (``rsockd_xdp``, ``rsockd_guard``).
 PROG_PREFIX = "rsockd_"
 
@@ -104,6 +134,7 @@ BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERCPU_HASH = 5
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_LRU_HASH = 9
 BPF_MAP_TYPE_LRU_PERCPU_HASH = 10
 _PERCPU_TYPES = frozenset((BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH))
 
@@ -588,6 +619,8 @@ class PinnedMaps:
             "peers4": (4, 4),
             "peers6": (ctypes.sizeof(RsockdAddr6), 4),
             "stats": (4, 8),
+            "syntag": (4, ctypes.sizeof(RsockdSyntag)),
+            "conns": (ctypes.sizeof(RsockdConn), 4),
         }
         for name, (ks, vs) in want.items():
             info = self.maps[name].info
@@ -686,6 +719,31 @@ class PinnedMaps:
         out |= {socket.inet_ntop(socket.AF_INET6, k) for k in self.maps["peers6"].all_keys()}
         return out
 
+    # -- port sharing: the SYN tag and the connections
+
+    def write_syntag(self, key: bytes, slot: int) -> None:
+        """Write ``syntag[0]``: the 16-byte SYN tag key and the current slot, in one update."""
+        k0, k1 = syntag.key_words(key)
+        self.maps["syntag"].update(_u32(0), bytes(RsockdSyntag(k0=k0, k1=k1, slot=slot & syntag.SLOT_MASK)))
+
+    def read_syntag(self) -> RsockdSyntag:
+        raw = self.maps["syntag"].lookup(_u32(0))
+        return RsockdSyntag.from_buffer_copy(raw) if raw else RsockdSyntag()
+
+    def add_conns(self, keys: Iterable[bytes]) -> None:
+        """Add ``conns`` keys (``conn_key``)."""
+        m = self.maps["conns"]
+        for key in keys:
+            m.update(key, _ONE)
+
+    def delete_conns(self, keys: Iterable[bytes]) -> None:
+        m = self.maps["conns"]
+        for key in keys:
+            m.delete(key)
+
+    def read_conns(self) -> set[bytes]:
+        return set(self.maps["conns"].all_keys())
+
     # -- counters
 
     def stats(self) -> dict[str, int]:
@@ -695,6 +753,15 @@ class PinnedMaps:
             values = m.lookup_percpu(_u32(index)) or []
             out[name] = sum(_u64(v) for v in values)
         return out
+
+
+def conn_key(src: str | bytes, dst: str | bytes, sport: int, dport: int) -> bytes:
+    """A ``conns`` key: a segment from ``src:sport`` to ``dst:dport`` (addresses textual or packed)."""
+    def packed(a: str | bytes) -> bytes:
+        return a if isinstance(a, bytes) else socket.inet_pton(socket.AF_INET6 if ":" in a else socket.AF_INET, a)
+
+    ports = _port(sport).to_bytes(2, "big") + _port(dport).to_bytes(2, "big")
+    return syntag.addr16(packed(src)) + syntag.addr16(packed(dst)) + ports
 
 
 def _port(port: int) -> int:

@@ -429,6 +429,9 @@ class NftSteering:
     def describe(self) -> list[dict[str, str]]:
         return [{"interface": iface, "mode": "nft"} for iface in self.plan.interfaces]
 
+    def tick(self, wall: float) -> None:
+        pass  # nothing here depends on the time
+
     def detach(self) -> None:
         """Close the receivers and delete the table; idempotent."""
         self._close_sockets()

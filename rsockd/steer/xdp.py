@@ -31,10 +31,22 @@ from pathlib import Path
 from typing import Any
 
 from ..caps import CAP_NET_ADMIN, CAP_SYS_ADMIN, effective_caps
+from ..core import syntag
+from ..core.framing import Keyring
 from ..errors import SteerError
 from ..netlink import Host
 from . import STEER_COUNTERS, SteerPlan, bpfsys, xdplink
-from .bpfsys import CONFIG_TAG_END, PORT_LOCAL, PORT_PEER, PORT_SERVER, PROG_PREFIX, BpfMap, PinnedMaps, RsockdConfig
+from .bpfsys import (
+    CONFIG_TAG_END,
+    PORT_LOCAL,
+    PORT_PEER,
+    PORT_SERVER,
+    PROG_PREFIX,
+    BpfMap,
+    PinnedMaps,
+    RsockdConfig,
+    conn_key,
+)
 from .xdplink import ETH_P_ALL, TC_PARENT_EGRESS, TC_PARENT_INGRESS, XDP_MODE_FLAGS, TcFilter
 
 LOG = logging.getLogger(__name__)
@@ -85,6 +97,18 @@ def plan_syn_limit(plan: SteerPlan) -> tuple[int, int]:
     """``(syn_rate, syn_burst)`` for the config map: a server's limit; a client has none
     (it never receives a SYN without ACK on a steered port)."""
     return (plan.syn_rate, plan.syn_burst) if plan.role == "server" else (0, 0)
+
+
+def plan_syn_key(plan: SteerPlan) -> bytes:
+    """The SYN tag key the server's program checks: the plan's, else the default key's."""
+    return plan.syn_key or Keyring.from_secret(None).syn_key
+
+
+def plan_conns(plan: SteerPlan) -> set[bytes]:
+    """The ``conns`` keys of a client's connections: their segments as they arrive from the server."""
+    if plan.role != "client":
+        return set()
+    return {conn_key(server, local, port, lport) for local, lport, server, port in plan.conns}
 
 
 def _check_instance(name: str) -> None:
@@ -276,6 +300,8 @@ class XdpSteering:
         self._set_plan(plan)
         self._maps: PinnedMaps | None = None
         self._ports: dict[int, int] = {}
+        self._conns: set[bytes] = set()  # the conns entries the plan put there (client)
+        self._slot = -1  # the slot last written to syntag
         self._attached: list[dict[str, Any]] = []
         self._guard: list[dict[str, Any]] = []
         #: what the last loader run reported (compile time, loader RSS, ...)
@@ -305,6 +331,9 @@ class XdpSteering:
             "guard": True,
             "syn_rate": syn_rate,
             "syn_burst": syn_burst,
+            "syn_key": plan_syn_key(plan).hex(),
+            "slot": syntag.slot_of(time.time()),
+            "conns": sorted(k.hex() for k in plan_conns(plan)),
         }
 
     def attach(self) -> None:
@@ -315,7 +344,8 @@ class XdpSteering:
             raise SteerError("xdp steering needs at least one interface")
         for line in cleanup_stale(self.plan.instance):
             LOG.info("removed stale %s", line)
-        reply = self._run_loader(self.request())
+        request = self.request()
+        reply = self._run_loader(request)
         self._attached = list(reply.get("attached", []))
         self._guard = list(reply.get("guard", []))
         self.load_report = reply
@@ -327,6 +357,8 @@ class XdpSteering:
             self.detach()
             raise
         self._ports = plan_ports(self.plan)
+        self._conns = plan_conns(self.plan)
+        self._slot = request["slot"]
         LOG.info(
             "xdp attached: %s; guard on %s (compile %.1f s)",
             ", ".join(f"{a['interface']} ({a['mode']})" for a in self._attached),
@@ -377,8 +409,8 @@ class XdpSteering:
     # -- running
 
     def update(self, plan: SteerPlan) -> None:
-        """Apply a changed plan.  Ports, peers, mark and SYN limit change in place; interfaces,
-        mode or instance changes re-attach."""
+        """Apply a changed plan.  Ports, peers, mark, SYN limit, SYN tag key and the client's
+        connections change in place; interfaces, mode or instance changes re-attach."""
         old = self.plan
         if (plan.instance, plan.interfaces, plan.xdp_mode) != (old.instance, old.interfaces, old.xdp_mode):
             attached = self._maps is not None
@@ -397,6 +429,13 @@ class XdpSteering:
             self._maps.write_peers(_plan_peers(plan))
             if (plan.mark, plan_syn_limit(plan)) != (old.mark, plan_syn_limit(old)):
                 self._write_config()
+            if plan_syn_key(plan) != plan_syn_key(old):
+                self._write_syntag(time.time())
+            # new connections in before old ones leave (a rebind keeps none, but a plan may)
+            conns = plan_conns(plan)
+            self._maps.add_conns(sorted(conns - self._conns))
+            self._maps.delete_conns(sorted(self._conns - conns))
+            self._conns = conns
         except OSError as e:
             raise SteerError(f"updating the BPF maps of instance {plan.instance}: {bpfsys.os_error_text(e)}") from None
 
@@ -404,6 +443,21 @@ class XdpSteering:
         assert self._maps is not None
         syn_rate, syn_burst = plan_syn_limit(self.plan)
         self._maps.write_config(mark=self.plan.mark, instance_tag=self.tag, syn_rate=syn_rate, syn_burst=syn_burst)
+
+    def _write_syntag(self, wall: float) -> None:
+        assert self._maps is not None
+        slot = syntag.slot_of(wall)
+        self._maps.write_syntag(plan_syn_key(self.plan), slot)
+        self._slot = slot
+
+    def tick(self, wall: float) -> None:
+        """Keep the SYN tag's slot current (written when it changes, every 64 s)."""
+        if self._maps is None or syntag.slot_of(wall) == self._slot:
+            return
+        try:
+            self._write_syntag(wall)
+        except OSError as e:
+            LOG.warning("writing the SYN tag slot: %s", bpfsys.os_error_text(e))
 
     def receivers(self) -> list[Any]:
         return []  # steered segments arrive on the daemon's UDP sockets

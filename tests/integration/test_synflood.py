@@ -99,14 +99,16 @@ class Bulk:
 
 class Attacker:
     """bench/synflood.py in client host ``host``: frames built at start, sends from ``go()`` to
-    ``stop()``, on the last CPU."""
+    ``stop()``, on the last CPU.  The SYNs carry the default key's SYN tag (the server has no
+    key), so steering takes them as rsockd's; ``untagged``: SYNs port sharing hands the kernel."""
 
-    def __init__(self, rig: Rig, seconds: float, host: str) -> None:
+    def __init__(self, rig: Rig, seconds: float, host: str, untagged: bool = False) -> None:
         net = rig.net
         sdev = net.dev["s" + host[1:]]  # the server's end of the host's veth
         smac = json.loads(net.run("s", ["ip", "-j", "link", "show", "dev", sdev]).stdout)[0]["address"]
         argv = [sys.executable, "-m", "bench.synflood", net.dev[host], smac, rig.server_for(host), PORTS,
-                "--seconds", str(seconds), "--wait", "--src-net", SPOOFED, "--cpu", str(max(os.sched_getaffinity(0)))]
+                "--seconds", str(seconds), "--wait", "--src-net", SPOOFED, "--cpu", str(max(os.sched_getaffinity(0))),
+                *(["--untagged"] if untagged else [])]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH"))
                                                           if p))
         self.proc = net.popen(host, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=str(REPO))
@@ -132,8 +134,8 @@ class Attacker:
 
 
 @contextmanager
-def attacker(rig: Rig, seconds: float, host: str) -> Iterator[Attacker]:
-    a = Attacker(rig, seconds, host)
+def attacker(rig: Rig, seconds: float, host: str, untagged: bool = False) -> Iterator[Attacker]:
+    a = Attacker(rig, seconds, host, untagged)
     try:
         yield a
     finally:
@@ -195,7 +197,7 @@ class Sampler:
             time.sleep(left)  # a sampling period, not synchronisation
 
 
-def flood_run(rig: Rig, label: str, seconds: float, host: str = "c2"
+def flood_run(rig: Rig, label: str, seconds: float, host: str = "c2", untagged: bool = False
               ) -> tuple[Bulk, dict[str, Any], dict[str, Any], Sampler]:
     """The bulk under a flood from ``host``: (bulk, generator result, counter deltas, status sampler)."""
     server = rig.server
@@ -205,7 +207,7 @@ def flood_run(rig: Rig, label: str, seconds: float, host: str = "c2"
     udp0 = {side: nstat(rig.net, side, *UDP_ERRORS) for side in "cs"}
     cdrops0 = link_drops(rig, "c", rig.net.dev["c"])
     sampler = Sampler(server)
-    with attacker(rig, seconds, host) as a:
+    with attacker(rig, seconds, host, untagged) as a:
         a.go()
         bulk = run_bulk(rig, during=sampler)
         flood = a.stop()
@@ -262,6 +264,13 @@ def test_syn_flood_established_sessions_keep_their_throughput(tmp_path: Path) ->
         assert quiet.distinct >= 0.99 * quiet.sent, "the bulk rate is more than this machine carries cleanly"
 
         flood_secs = BULK_SECS + 10  # longer than the bulk: stop() ends it when the bulk is done
+        # untagged SYNs are the kernel's (port sharing): none reaches rsockd or takes a token
+        _, flood_u, delta_u, _ = flood_run(rig, "untagged", flood_secs, untagged=True)
+        seen_u = flood_u["sent"] - delta_u["veth_drops"]
+        assert delta_u["steering"]["syn_limited"] == 0
+        assert delta_u["steering"]["passed_probe"] >= 0.9 * seen_u, (delta_u, seen_u)
+        assert not {k for k in delta_u["drops"] if k in ("bad_tag", "backlog_full")}, delta_u["drops"]
+
         bulk, flood, delta, sampler = flood_run(rig, "limited", flood_secs)
         assert_no_traceback(server, rig.client)
         steer, drops = delta["steering"], delta["drops"]

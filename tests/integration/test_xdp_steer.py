@@ -9,6 +9,11 @@ sent one after the other arrive in that order; "X did not happen" is then proven
 segment's effect arriving, not by waiting.
 
 Byte-exactness is against ``rsockd.core.packet.steer_rewrite()``, the Python statement of the rewrite.
+
+Port sharing: the server steers a SYN only with the SYN tag (``rsockd.core.syntag``, the plan's
+key: the default key's here unless a test sets one) and any other segment only of a 4-tuple a
+tagged SYN opened (``open_tuple``); the client only its plan's connections.  The rest is the
+kernel's, and so are its answers.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import select
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +34,8 @@ from typing import Any
 
 import pytest
 
+from rsockd.core import syntag
+from rsockd.core.framing import Keyring
 from rsockd.core.packet import (
     ACK,
     IPV4_HEADER,
@@ -58,7 +66,7 @@ RST = 0x04
 WAIT = 5.0  # seconds for anything that should happen (it happens in milliseconds)
 
 P1, P2, P3, UNMAPPED = 10001, 10002, 10003, 10099  # server side
-PEER_PORT, OTHER_PORT, LOCAL_PORT = 10001, 10077, 40123  # client side
+PEER_PORT, PEER2, OTHER_PORT, LOCAL_PORT = 10001, 10002, 10077, 40123  # client side
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -264,15 +272,20 @@ def assert_nothing_attached(net: NetnsPair, side: str, helper: Helper, instance:
     assert helper.call("pins", instance=instance) is False
 
 
-def random_segments(rng: random.Random, src: str, dst: str, sport: int, dport: int, n: int) -> list[bytes]:
+def random_segments(rng: random.Random, src: str, dst: str, sport: int, dport: int, n: int,
+                    syn: bool = True) -> list[bytes]:
     """Segments exercising the checksum update: every flag, urgent and window value, odd and
-    even lengths, with and without options."""
+    even lengths, with and without options.  ``syn=False``: none opens a connection (SYN
+    without ACK), which the server steers only with the SYN tag."""
     option_sets = [b"", build_options(timestamps=(rng.getrandbits(32), rng.getrandbits(32))),
                    build_options(mss=1460, sack_permitted=True, timestamps=(1, 0), wscale=7), bytes([1, 1, 1, 0])]
     segs = []
     for i in range(n):
         size = rng.choice([0, 1, 2, 3, 17, 100, 511, 1024, 1399]) if i % 3 else rng.randrange(0, 1400)
-        segs.append(segment(src, dst, sport, dport, flags=rng.getrandbits(9), payload=rng.randbytes(size),
+        flags = rng.getrandbits(9)
+        if not syn and flags & SYN and not flags & ACK:
+            flags |= ACK
+        segs.append(segment(src, dst, sport, dport, flags=flags, payload=rng.randbytes(size),
                             options=rng.choice(option_sets), seq=rng.getrandbits(32), ack=rng.getrandbits(32),
                             window=rng.getrandbits(16), urgent=rng.getrandbits(16)))
     return segs
@@ -280,6 +293,19 @@ def random_segments(rng: random.Random, src: str, dst: str, sport: int, dport: i
 
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+
+
+DEFAULT_TAG_KEY = Keyring.from_secret(None).syn_key
+
+
+def tagged_syn(src: str, dst: str, sport: int, dport: int, *, key: bytes = DEFAULT_TAG_KEY, slot: int = 0,
+               isn: int | None = None) -> bytes:
+    """A SYN (Linux's options) whose TSval is the SYN tag of its ISN under ``key``, for the
+    current slot plus ``slot``.  The same ``isn`` and ``slot`` make the same tag (a replay)."""
+    isn = random.getrandbits(32) if isn is None else isn
+    ts = syntag.syn_tag(key, isn, (syntag.slot_of(time.time()) + slot) & syntag.SLOT_MASK)
+    opts = build_options(mss=1460, sack_permitted=True, timestamps=(ts, 0), wscale=7)
+    return segment(src, dst, sport, dport, flags=SYN, seq=isn, ack=0, options=opts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,6 +327,22 @@ class Env:
     def counters(self) -> dict[str, int]:
         result: dict[str, int] = self.helper.call("counters")
         return result
+
+    def addrs(self, family: int) -> tuple[str, str]:
+        """(client, server) addresses of ``family``."""
+        net = self.net
+        return (net.cli4, net.srv4) if family == 4 else (net.cli6, net.srv6)
+
+    def send_from_client(self, family: int, seg: bytes) -> None:
+        src, dst = self.addrs(family)
+        (self.send.v4 if family == 4 else self.send.v6)(src, dst, seg)
+
+    def open_tuple(self, family: int, sport: int, port: int) -> None:
+        """Make (client:sport, server:port) one of rsockd's connections: a tagged SYN, received."""
+        src, dst = self.addrs(family)
+        syn = tagged_syn(src, dst, sport, port)
+        self.send_from_client(family, syn)
+        assert recv_all(self.socks[(family, port)], 1) == [(steer_rewrite(syn)[8:], (norm(src), sport))]
 
     def close(self) -> None:
         """Close the sockets, then detach and stop the helper (detached even when closing fails)."""
@@ -355,7 +397,8 @@ def test_server_attached_native(server: Env) -> None:
 def test_server_steers_exactly_what_steer_rewrite_says(server: Env, family: int) -> None:
     net = server.net
     src, dst = (net.cli4, net.srv4) if family == 4 else (net.cli6, net.srv6)
-    segs = random_segments(random.Random(family), src, dst, 40000 + family, P1, 60)
+    server.open_tuple(family, 40000 + family, P1)
+    segs = random_segments(random.Random(family), src, dst, 40000 + family, P1, 60, syn=False)
     before = server.counters()
     for seg in segs:
         (server.send.v4 if family == 4 else server.send.v6)(src, dst, seg)
@@ -371,11 +414,65 @@ def test_server_steers_exactly_what_steer_rewrite_says(server: Env, family: int)
 
 
 @pytest.mark.parametrize("family", [4, 6])
+def test_server_a_tagged_syn_opens_its_tuple_and_nothing_else(server: Env, family: int) -> None:
+    """The tag is checked in BPF exactly as rsockd.core.syntag states it: the slots beside the
+    current one pass, slot - 3 does not; a tag belongs to the 4-tuple it came from first (the
+    same SYN replayed from another port is the kernel's); the key.  What the kernel gets it answers: RST, which the
+    guard lets leave."""
+    src, dst = server.addrs(family)
+    sock = server.socks[(family, P1)]
+    conns_before = set(server.helper.call("conns"))
+    before, rsts = server.counters(), nstat(server.net, "s")["TcpOutRsts"]
+    isn0 = random.getrandbits(32)
+    steered = [tagged_syn(src, dst, 42000, P1, slot=-1, isn=isn0), tagged_syn(src, dst, 42001, P1, slot=1)]
+    for syn in steered:
+        server.send_from_client(family, syn)
+    assert sorted(recv_all(sock, 2)) == sorted((steer_rewrite(s)[8:], (norm(src), parse_tcp(s)[0].sport))
+                                               for s in steered)
+    assert set(server.helper.call("conns")) - conns_before == {bpfsys.conn_key(src, dst, 42000, P1).hex(),
+                                                                bpfsys.conn_key(src, dst, 42001, P1).hex()}
+    probes = {  # sport -> the SYN
+        42002: segment(src, dst, 42002, P1, flags=SYN, seq=12345),  # untagged
+        42003: tagged_syn(src, dst, 42003, P1, slot=-3),  # too old
+        42004: tagged_syn(src, dst, 42004, P1, slot=-1, isn=isn0),  # 42000's SYN, from another port
+        42005: tagged_syn(src, dst, 42005, P1, key=bytes(16)),  # another key
+    }
+    for port, syn in probes.items():
+        server.send_from_client(family, syn)
+        server.cap.wait(lambda s, port=port: s.dport == port and bool(s.flags & RST))  # P1/tcp: nothing bound
+    # an established-looking segment of no connection: the kernel's too
+    server.send_from_client(family, segment(src, dst, 42006, P1, flags=ACK, payload=b"stranger"))
+    server.cap.wait(lambda s: s.dport == 42006 and bool(s.flags & RST))
+    assert_nothing_queued(sock)
+    assert nstat(server.net, "s")["TcpOutRsts"] == rsts + 5  # port P1/tcp has nothing bound
+    assert delta(before, server.counters()) == {f"steered_v{family}": 2, "passed_probe": 5}
+    assert set(server.helper.call("conns")) - conns_before == {bpfsys.conn_key(src, dst, 42000, P1).hex(),
+                                                                bpfsys.conn_key(src, dst, 42001, P1).hex()}
+
+
+def test_server_a_new_key_applies_in_place(server: Env) -> None:
+    src, dst = server.addrs(4)
+    key = Keyring.from_secret("another").syn_key
+    server.helper.call("update", plan=server.plan | {"syn_key": key.hex()})
+    assert server.helper.call("syntag")["slot"] == syntag.slot_of(time.time())
+    try:
+        server.send_from_client(4, tagged_syn(src, dst, 42100, P1))  # the old key's tag: the kernel's
+        server.cap.wait(lambda s: s.dport == 42100 and bool(s.flags & RST))
+        syn = tagged_syn(src, dst, 42101, P1, key=key)
+        server.send_from_client(4, syn)
+        assert recv_all(server.socks[(4, P1)], 1)[0][0] == steer_rewrite(syn)[8:]
+        assert_nothing_queued(server.socks[(4, P1)])
+    finally:
+        server.helper.call("update", plan=server.plan)
+
+
+@pytest.mark.parametrize("family", [4, 6])
 def test_server_bad_tcp_checksum_becomes_bad_udp_checksum(server: Env, family: int) -> None:
     net = server.net
     src, dst = (net.cli4, net.srv4) if family == 4 else (net.cli6, net.srv6)
     send = server.send.v4 if family == 4 else server.send.v6
     name = "UdpInCsumErrors" if family == 4 else "Udp6InCsumErrors"
+    server.open_tuple(family, 40100, P1)
     bad = segment(src, dst, 40100, P1, payload=b"bad checksum")
     good = segment(src, dst, 40100, P1, payload=b"good checksum")
     errors = nstat(net, "s")[name]
@@ -398,6 +495,7 @@ def test_server_unmapped_port_is_left_to_tcp(server: Env) -> None:
 
 def test_server_bad_data_offset_passes_and_is_counted(server: Env) -> None:
     net = server.net
+    server.open_tuple(4, 40300, P1)
     before = server.counters()
     short = bytearray(segment(net.cli4, net.srv4, 40300, P1, payload=b"x" * 8))
     short[12] = 4 << 4  # data offset 4 < 5
@@ -417,6 +515,8 @@ def test_server_bad_data_offset_passes_and_is_counted(server: Env) -> None:
 
 def test_server_ip_options_pass_and_the_guard_drops_the_kernels_rst(server: Env) -> None:
     net = server.net
+    server.open_tuple(4, 40400, P1)
+    server.open_tuple(6, 40401, P1)
     before, rsts = server.counters(), nstat(net, "s")["TcpOutRsts"]
     # IPv4 options (NOP NOP NOP EOL): left to the kernel, whose TCP answers RST from tunnel port P1
     server.send.v4(net.cli4, net.srv4, segment(net.cli4, net.srv4, 40400, P1, flags=ACK), options=bytes([1, 1, 1, 0]))
@@ -433,6 +533,7 @@ def test_server_ip_options_pass_and_the_guard_drops_the_kernels_rst(server: Env)
 
 def test_server_first_fragment_passes_and_is_counted(server: Env) -> None:
     net = server.net
+    server.open_tuple(4, 40500, P1)
     before = server.counters()
     seg = segment(net.cli4, net.srv4, 40500, P1, payload=b"y" * 40)
     server.send.v4(net.cli4, net.srv4, seg[:24], frag=0x2000)  # MF, offset 0: a first fragment
@@ -444,11 +545,13 @@ def test_server_first_fragment_passes_and_is_counted(server: Env) -> None:
 
 def test_server_update_changes_ports_in_place(server: Env) -> None:
     net = server.net
+    server.open_tuple(4, 40600, P2)
     s2 = segment(net.cli4, net.srv4, 40600, P2, payload=b"to P2")
     server.send.v4(net.cli4, net.srv4, s2)
     assert recv_all(server.socks[(4, P2)], 1)[0][0] == steer_rewrite(s2)[8:]
 
     server.helper.call("update", plan=server.plan | {"tunnel_ports": [P1, P3]})
+    server.open_tuple(4, 40600, P3)
     s3 = segment(net.cli4, net.srv4, 40600, P3, payload=b"to P3")
     server.send.v4(net.cli4, net.srv4, s3)
     assert recv_all(server.socks[(4, P3)], 1)[0][0] == steer_rewrite(s3)[8:]
@@ -458,25 +561,32 @@ def test_server_update_changes_ports_in_place(server: Env) -> None:
 
 
 def test_server_syn_admission_limits_syns_and_nothing_else(server: Env) -> None:
-    """rate 1/s, burst 4 per CPU: from a full bucket exactly 4 SYNs pass, on both families (one
-    bucket per CPU, not per family); SYN+ACK, ACK and data segments are never limited."""
+    """rate 1/s, burst 4 per CPU: from a full bucket exactly 4 tagged SYNs pass, on both families
+    (one bucket per CPU, not per family); SYN+ACK, ACK and data segments are never limited, and
+    untagged SYNs (the kernel's) take no token."""
     net = server.net
     cpus = bpfsys.online_cpus()
+    for sport in (41100, 41101, 41102):  # their connections, opened before the limit
+        server.open_tuple(4, sport, P1)
+    server.open_tuple(6, 41299, P1)
     server.helper.call("update", plan=server.plan | {"tunnel_ports": [P1, P3], "syn_rate": 1, "syn_burst": 4 * cpus})
     cfg = server.helper.call("config")
     assert (cfg["syn_rate"], cfg["syn_burst"], cfg["syn_cpus"], cfg["mark"]) == (1, 4 * cpus, cpus, MARK)
 
     before = server.counters()
     sock4, sock6 = server.socks[(4, P1)], server.socks[(6, P1)]
+    # untagged SYNs first: they go to the kernel and leave the bucket full
+    for i in range(5):
+        server.send.v4(net.cli4, net.srv4, segment(net.cli4, net.srv4, 41400 + i, P1, flags=SYN, seq=i))
     # every segment leaves this (pinned) CPU, and veth runs XDP on the sender's CPU: one bucket
-    syns = [segment(net.cli4, net.srv4, 41000 + i, P1, flags=SYN, seq=i) for i in range(12)]
+    syns = [tagged_syn(net.cli4, net.srv4, 41000 + i, P1) for i in range(12)]
     others = [segment(net.cli4, net.srv4, 41100, P1, flags=SYN | ACK),
               segment(net.cli4, net.srv4, 41101, P1, flags=ACK),
               segment(net.cli4, net.srv4, 41102, P1, flags=ACK | PSH, payload=b"data")]
     for seg in syns + others:
         server.send.v4(net.cli4, net.srv4, seg)
     for i in range(3):
-        server.send.v6(net.cli6, net.srv6, segment(net.cli6, net.srv6, 41200 + i, P1, flags=SYN))
+        server.send.v6(net.cli6, net.srv6, tagged_syn(net.cli6, net.srv6, 41200 + i, P1))
     marker6 = segment(net.cli6, net.srv6, 41299, P1, flags=ACK, payload=b"v6 marker")
     server.send.v6(net.cli6, net.srv6, marker6)
 
@@ -487,12 +597,12 @@ def test_server_syn_admission_limits_syns_and_nothing_else(server: Env) -> None:
     assert_nothing_queued(sock4)
     assert_nothing_queued(sock6)
     assert delta(before, server.counters()) == {"steered_v4": 4 + len(others), "steered_v6": 1,
-                                                "syn_limited": len(syns) - 4 + 3}
+                                                "syn_limited": len(syns) - 4 + 3, "passed_probe": 5}
 
     # 0: no limit, in place
     server.helper.call("update", plan=server.plan | {"tunnel_ports": [P1, P3], "syn_rate": 0})
     assert server.helper.call("config")["syn_rate"] == 0
-    late = segment(net.cli6, net.srv6, 41300, P1, flags=SYN)
+    late = tagged_syn(net.cli6, net.srv6, 41300, P1)
     server.send.v6(net.cli6, net.srv6, late)
     assert recv_all(sock6, 1)[0][0] == steer_rewrite(late)[8:]
 
@@ -519,8 +629,11 @@ def client() -> Iterator[Env]:
         for addr in strangers.values():
             net.run("c", ["ip", "neigh", "replace", addr, "lladdr", smac, "dev", net.dev["c"], "nud", "permanent"])
         instance = "test-" + net.tag
-        plan = {"instance": instance, "role": "client", "interfaces": [net.dev["c"]], "tunnel_ports": [PEER_PORT],
-                "local_ports": [LOCAL_PORT], "peers": [net.srv4, net.srv6], "mark": MARK, "xdp_mode": "skb"}
+        # one connection per family, server port PEER_PORT; PEER2 is a server port with none
+        plan = {"instance": instance, "role": "client", "interfaces": [net.dev["c"]],
+                "tunnel_ports": [PEER_PORT, PEER2], "local_ports": [LOCAL_PORT], "peers": [net.srv4, net.srv6],
+                "mark": MARK, "xdp_mode": "skb",
+                "conns": [[net.cli4, LOCAL_PORT, net.srv4, PEER_PORT], [net.cli6, LOCAL_PORT, net.srv6, PEER_PORT]]}
         helper = Helper(net, "c")
         send, cap = Sender(net, "s"), Capture(net, "s")
         env = Env(net, helper, send, cap, instance, plan, {}, strangers=strangers)
@@ -558,22 +671,56 @@ def test_client_steers_segments_from_a_peer(client: Env, family: int) -> None:
 
 
 @pytest.mark.parametrize("family", [4, 6])
-def test_client_wrong_peer_is_not_steered_and_the_guard_drops_the_rst(client: Env, family: int) -> None:
+def test_client_segments_of_no_connection_are_the_kernels(client: Env, family: int) -> None:
+    """Port sharing on the client: only its connections' segments are steered.  Anything else
+    to its local port - from a stranger, from another server port - reaches the kernel, which
+    answers RST (the port is bound, not listening), and the guard lets that RST leave."""
     net = client.net
     peer, dst = (net.srv4, net.cli4) if family == 4 else (net.srv6, net.cli6)
     stranger = client.strangers[family]
     send = client.send.v4 if family == 4 else client.send.v6
     before, rsts = client.counters(), nstat(net, "c")["TcpOutRsts"]
-    # right ports, wrong source address: TCP gets it and answers RST from local port -> peer port,
-    # which the guard drops (the guard's client rule does not look at addresses)
     send(stranger, dst, segment(stranger, dst, PEER_PORT, LOCAL_PORT, flags=ACK, payload=b"stranger"))
-    # right address, sport not a peer port: not steered either; its RST is not ours to drop
+    send(peer, dst, segment(peer, dst, PEER2, LOCAL_PORT, flags=ACK, payload=b"no connection"))
     send(peer, dst, segment(peer, dst, OTHER_PORT, LOCAL_PORT, flags=ACK, payload=b"control"))
     seen = client.cap.wait(lambda s: s.sport == LOCAL_PORT and s.dport == OTHER_PORT and bool(s.flags & RST))
-    assert [s for s in seen if s.dst == norm(stranger)] == []
-    assert nstat(net, "c")["TcpOutRsts"] == rsts + 2
-    assert delta(before, client.counters()) == {"guard_dropped": 1}
+    assert {(s.dst, s.dport) for s in seen if s.flags & RST} == {(norm(stranger), PEER_PORT), (norm(peer), PEER2),
+                                                                 (norm(peer), OTHER_PORT)}
+    assert nstat(net, "c")["TcpOutRsts"] == rsts + 3
+    # the stranger and the non-peer port do not match the client's rule at all; PEER2 does
+    assert delta(before, client.counters()) == {"passed_probe": 1}
     assert_nothing_queued(client.socks[family])
+
+
+def test_client_the_guard_drops_the_kernels_rst_of_a_connection(client: Env) -> None:
+    """A segment of the client's connection that reaches the kernel anyway (IPv4 options): the
+    kernel's RST for it is dropped."""
+    net = client.net
+    before, rsts = client.counters(), nstat(net, "c")["TcpOutRsts"]
+    seg = segment(net.srv4, net.cli4, PEER_PORT, LOCAL_PORT, flags=ACK)
+    client.send.v4(net.srv4, net.cli4, seg, options=bytes([1, 1, 1, 0]))
+    client.send.v4(net.srv4, net.cli4, segment(net.srv4, net.cli4, OTHER_PORT, LOCAL_PORT, flags=ACK))
+    seen = client.cap.wait(lambda s: s.dport == OTHER_PORT and bool(s.flags & RST))
+    assert [s for s in seen if s.dport == PEER_PORT] == []
+    assert nstat(net, "c")["TcpOutRsts"] == rsts + 2
+    assert delta(before, client.counters()) == {"passed_ip_options": 1, "guard_dropped": 1}
+
+
+def test_client_update_moves_the_connections(client: Env) -> None:
+    """A rebind: the new 4-tuple is steered, the old one is the kernel's."""
+    net = client.net
+    moved = client.plan | {"conns": [[net.cli4, LOCAL_PORT, net.srv4, PEER2]]}
+    client.helper.call("update", plan=moved)
+    try:
+        assert client.helper.call("conns") == [bpfsys.conn_key(net.srv4, net.cli4, PEER2, LOCAL_PORT).hex()]
+        now_ours = segment(net.srv4, net.cli4, PEER2, LOCAL_PORT, payload=b"new")
+        client.send.v4(net.srv4, net.cli4, segment(net.srv4, net.cli4, PEER_PORT, LOCAL_PORT, flags=ACK))
+        client.cap.wait(lambda s: s.dport == PEER_PORT and bool(s.flags & RST))
+        client.send.v4(net.srv4, net.cli4, now_ours)
+        assert recv_all(client.socks[4], 1)[0][0] == steer_rewrite(now_ours)[8:]
+        assert_nothing_queued(client.socks[4])
+    finally:
+        client.helper.call("update", plan=client.plan)
 
 
 def test_client_detach_leaves_nothing(client: Env) -> None:

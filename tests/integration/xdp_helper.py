@@ -5,7 +5,7 @@ private mount namespace (bpffs is mounted there and vanishes with it).  One JSON
 line in, one JSON reply per line out::
 
     {"op": "attach", "plan": {...}}    -> {"ok": true, "describe": [...], "report": {...}, "rss_mb": ..}
-    {"op": "update", "plan": {...}} | {"op": "counters"} | {"op": "config"} | {"op": "detach"}
+    {"op": "update", "plan": {...}} | {"op": "counters"} | {"op": "config"} | {"op": "conns"} | {"op": "detach"}
     {"op": "cleanup_stale", "instance": "x"} | {"op": "pins", "instance": "x"}
     errors -> {"ok": false, "type": "SteerError", "error": "..."}
 """
@@ -34,6 +34,8 @@ def make_plan(raw: dict[str, Any]) -> SteerPlan:
         xdp_mode=raw.get("xdp_mode", "auto"),
         syn_rate=raw.get("syn_rate", 0),
         syn_burst=raw.get("syn_burst", 0),
+        syn_key=bytes.fromhex(raw.get("syn_key", "")),
+        conns=frozenset(tuple(c) for c in raw.get("conns", ())),
     )
 
 
@@ -69,6 +71,15 @@ def main() -> None:
                 with bpfsys.PinnedMaps.open(steering.pin_dir) as maps:
                     cfg = maps.read_config()
                 result = {name: getattr(cfg, name) for name, *_ in cfg._fields_}
+            elif op == "syntag":
+                assert steering is not None
+                with bpfsys.PinnedMaps.open(steering.pin_dir) as maps:
+                    st = maps.read_syntag()
+                result = {name: getattr(st, name) for name, *_ in st._fields_}
+            elif op == "conns":
+                assert steering is not None
+                with bpfsys.PinnedMaps.open(steering.pin_dir) as maps:
+                    result = sorted(k.hex() for k in maps.read_conns())
             elif op == "detach":
                 assert steering is not None
                 steering.detach()

@@ -63,12 +63,15 @@ def struct_expect(c_name: str, py: type[ctypes.Structure]) -> dict[str, int]:
 
 def test_rsockd_h_matches_python(tmp_path: Path) -> None:
     body = struct_lines("rsockd_config", bpfsys.RsockdConfig) + struct_lines("rsockd_addr6", bpfsys.RsockdAddr6)
+    body += struct_lines("rsockd_syntag", bpfsys.RsockdSyntag) + struct_lines("rsockd_conn", bpfsys.RsockdConn)
+    body += struct_lines("rsockd_seen_key", bpfsys.RsockdSeenKey)
     body += [
         pr("PORT_SERVER", "RSOCKD_PORT_SERVER"),
         pr("PORT_LOCAL", "RSOCKD_PORT_LOCAL"),
         pr("PORT_PEER", "RSOCKD_PORT_PEER"),
         pr("PORTS_MAX", "RSOCKD_PORTS_MAX"),
         pr("PEERS_MAX", "RSOCKD_PEERS_MAX"),
+        pr("CONNS_MAX", "RSOCKD_CONNS_MAX"),
         pr("STAT_COUNT", "RSOCKD_STAT_COUNT"),
     ]
     # Every counter name must exist in the enum, at its STEER_COUNTERS position.
@@ -76,12 +79,15 @@ def test_rsockd_h_matches_python(tmp_path: Path) -> None:
     got = run_c(tmp_path, ['"rsockd.h"'], body)
 
     want = struct_expect("rsockd_config", bpfsys.RsockdConfig) | struct_expect("rsockd_addr6", bpfsys.RsockdAddr6)
+    want |= struct_expect("rsockd_syntag", bpfsys.RsockdSyntag) | struct_expect("rsockd_conn", bpfsys.RsockdConn)
+    want |= struct_expect("rsockd_seen_key", bpfsys.RsockdSeenKey)
     want |= {
         "PORT_SERVER": bpfsys.PORT_SERVER,
         "PORT_LOCAL": bpfsys.PORT_LOCAL,
         "PORT_PEER": bpfsys.PORT_PEER,
         "PORTS_MAX": bpfsys.PORTS_MAX,
         "PEERS_MAX": bpfsys.PEERS_MAX,
+        "CONNS_MAX": bpfsys.CONNS_MAX,
         "STAT_COUNT": bpfsys.STAT_COUNT,
     }
     want |= {f"stat.{name}": bpfsys.STAT_INDEX[name] for name in STEER_COUNTERS}
@@ -95,16 +101,30 @@ def test_rsockd_h_map_sizes_match_python(tmp_path: Path) -> None:
     got = run_c(tmp_path, ["<linux/types.h>", '"rsockd.h"'], [
         pr("config", "sizeof(struct rsockd_config)"),
         pr("peers6", "sizeof(struct rsockd_addr6)"),
+        pr("syntag", "sizeof(struct rsockd_syntag)"),
+        pr("conns", "sizeof(struct rsockd_conn)"),
+        pr("seen", "sizeof(struct rsockd_seen_key)"),
         pr("u32", "sizeof(__u32)"),
         pr("u64", "sizeof(__u64)"),
     ])
-    assert got == {"config": 32, "peers6": 16, "u32": 4, "u64": 8}
+    assert got == {"config": 32, "peers6": 16, "syntag": 24, "conns": 36, "seen": 8, "u32": 4, "u64": 8}
+
+
+def test_conn_key_is_the_struct_as_the_wire_has_it() -> None:
+    """A conns key: the mapped addresses, then the ports in network order (rsockd.h)."""
+    key = bpfsys.conn_key("192.0.2.1", "198.51.100.2", 10001, 40000)
+    c = bpfsys.RsockdConn.from_buffer_copy(key)
+    assert bytes(c.saddr) == bytes(10) + b"\xff\xff" + bytes([192, 0, 2, 1])
+    assert bytes(c.daddr)[12:] == bytes([198, 51, 100, 2])
+    assert key[32:] == (10001).to_bytes(2, "big") + (40000).to_bytes(2, "big")
+    assert bpfsys.conn_key("2001:db8::1", "2001:db8::2", 1, 2)[:16] == bytes.fromhex("20010db8") + bytes(11) + b"\x01"
 
 
 def test_counter_indices_only_grow_at_the_end() -> None:
     """A stats index keeps its meaning across versions: new counters are appended."""
-    assert STEER_COUNTERS[:8] == ("steered_v4", "steered_v6", "passed_malformed", "passed_fragment",
-                                  "passed_ip_options", "guard_dropped", "syn_limited", "passed_transit")
+    assert STEER_COUNTERS[:9] == ("steered_v4", "steered_v6", "passed_malformed", "passed_fragment",
+                                  "passed_ip_options", "guard_dropped", "syn_limited", "passed_transit",
+                                  "passed_probe")
 
 
 def test_instance_tag_stays_where_older_versions_put_it(tmp_path: Path) -> None:

@@ -3,16 +3,28 @@ parsing.  The kernel side is tests/integration/test_xdp_steer.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
+from rsockd.core import syntag
+from rsockd.core.framing import Keyring
 from rsockd.steer import SteerPlan, bpfsys
 from rsockd.steer.bcc_loader import LoaderError, Request
-from rsockd.steer.xdp import XdpSteering, guard_handle, instance_tag, plan_ports, plan_syn_limit
+from rsockd.steer.xdp import (
+    XdpSteering,
+    guard_handle,
+    instance_tag,
+    plan_conns,
+    plan_ports,
+    plan_syn_key,
+    plan_syn_limit,
+)
 
 
 def test_daemon_side_does_not_import_bcc() -> None:
@@ -53,6 +65,26 @@ def test_loader_request_carries_the_syn_limit() -> None:
     assert (req.syn_rate, req.syn_burst) == (1500, 30)
 
 
+def test_loader_request_carries_the_syn_tag_and_the_clients_connections() -> None:
+    key = Keyring.from_secret("secret").syn_key
+    server = SteerPlan("t", "server", ("eth0",), frozenset({10001}), syn_key=key)
+    req = Request.parse(json.dumps(XdpSteering(server).request()))
+    assert req.syn_key == key and req.conns == ()
+    assert abs(req.slot - syntag.slot_of(time.time())) <= 1
+    # no key configured: the default key's tag, as the endpoint's
+    assert plan_syn_key(SteerPlan("t", "server", ("eth0",), frozenset({10001}))) == Keyring.from_secret(None).syn_key
+
+    client = SteerPlan("t", "client", ("eth0",), frozenset({10001, 10002}), local_ports=frozenset({40001, 40002}),
+                       conns=frozenset({("192.0.2.2", 40001, "192.0.2.1", 10001),
+                                        ("192.0.2.2", 40002, "192.0.2.1", 10002)}))
+    # the keys are the segments as they arrive from the server
+    want = {bpfsys.conn_key("192.0.2.1", "192.0.2.2", 10001, 40001),
+            bpfsys.conn_key("192.0.2.1", "192.0.2.2", 10002, 40002)}
+    assert plan_conns(client) == want
+    assert set(Request.parse(json.dumps(XdpSteering(client).request())).conns) == want
+    assert plan_conns(dataclasses.replace(client, role="server")) == set()
+
+
 def test_online_cpus() -> None:
     assert 1 <= bpfsys.online_cpus() <= bpfsys.possible_cpus()
 
@@ -85,6 +117,10 @@ def test_request_parse() -> None:
     {"syn_rate": "2000"},
     {"syn_burst": True},
     {"syn_burst": 1.5},
+    {"syn_key": "00"},
+    {"syn_key": "xyz"},
+    {"conns": ["00" * 35]},
+    {"slot": -1},
 ])
 def test_request_parse_rejects(change: dict[str, object]) -> None:
     with pytest.raises(LoaderError) as err:
