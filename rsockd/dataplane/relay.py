@@ -1,6 +1,6 @@
 """The data path's I/O: moves bytes between sockets and the pure endpoint (asyncio).
 
-``ServerRelay`` and ``ClientRelay`` own the sockets (tunnel UDP sockets, TCP port reservations,
+``ServerRelay`` and ``ClientRelay`` own the sockets (tunnel UDP sockets, the client's TCP port reservations,
 the application / target UDP sockets, raw and packet senders) and one endpoint
 (``rsockd.core.endpoint``), which owns every protocol decision.  On each wake-up a relay reads a
 socket until ``EAGAIN`` (at most ``BATCH`` datagrams), hands each datagram to the endpoint, and
@@ -415,7 +415,8 @@ class ServerRelay(Relay):
         self.target_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
     def bind(self, interfaces: tuple[str, ...]) -> None:
-        """Reserve every tunnel port (TCP, bound, not listening) and bind its UDP socket."""
+        """Bind every tunnel port's UDP socket.  The TCP side of a port is not reserved: the
+        kernel's TCP keeps it, and serves it to everyone but rsockd's clients (port sharing)."""
         self.interfaces = interfaces
         mtu = self.cfg.mtu or min((interface_mtu(i) for i in interfaces), default=1500)
         families = [socket.AF_INET, socket.AF_INET6]
@@ -430,14 +431,12 @@ class ServerRelay(Relay):
             for fam in families:
                 host = self.cfg.local_ip or ("::" if fam == socket.AF_INET6 else "0.0.0.0")
                 try:
-                    tcp = _bind(fam, socket.SOCK_STREAM, (host, port), "server")
+                    udp = _bind(fam, socket.SOCK_DGRAM, (host, port), "server")
                 except RsockdError:
                     if fam == socket.AF_INET6 and not self.cfg.local_ip and not self._ipv6_usable():
                         families = [socket.AF_INET]
                         continue
                     raise
-                self._sockets.append(tcp)
-                udp = _bind(fam, socket.SOCK_DGRAM, (host, port), "server")
                 _bufsize(udp)
                 if fam == socket.AF_INET:
                     udp.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
