@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -45,6 +46,21 @@ LIVE_KEYS = {"key", "keepalive", "dead_timeout", "syn_timeout", "reconnect_min",
 def _stall() -> dict[str, Any]:
     time.sleep(2.0)
     return {"stalled": 2.0}
+
+
+def conn_timeout(cfg: Config) -> int:
+    """How long a server connection stays steered without a segment: well past the dead-peer
+    timeout (keepalives refresh it long before), so steering never forgets a live connection."""
+    return max(60, math.ceil(2 * cfg.dead_timeout))
+
+
+def client_conns(relay: ClientRelay) -> frozenset[tuple[str, int, str, int]]:
+    """The client's fake-TCP connections as steering keeps them: (server address, server port,
+    local address, local port)."""
+    if "tcp" not in relay.cfg.transports:
+        return frozenset()
+    return frozenset((relay.server_ip, port, relay.src, lport)
+                     for port, lport in zip(relay.cfg.ports, relay.local_ports, strict=True))
 
 
 class Daemon:
@@ -117,7 +133,8 @@ class Daemon:
                     [(0, os.getpid(), relay.ports), *((w.index, w.pid, w.ports) for w in self.workers)]))
             plan = SteerPlan(cfg.instance, "server", relay.interfaces, frozenset(cfg.ports), mark=cfg.mark,
                              xdp_mode=cfg.xdp_mode, syn_rate=cfg.syn_rate, syn_burst=cfg.syn_burst,
-                             receive_ports=frozenset(relay.ports) if self.workers else frozenset())
+                             receive_ports=frozenset(relay.ports) if self.workers else frozenset(),
+                             syn_key=relay.endpoint.keyring.syn_key, conn_timeout=conn_timeout(cfg))
         else:
             assert isinstance(relay, ClientRelay)
             route = relay.route()
@@ -127,7 +144,7 @@ class Daemon:
             relay.interfaces = cfg.dev or relay.interfaces
             plan = SteerPlan(cfg.instance, "client", relay.interfaces, frozenset(cfg.ports),
                              local_ports=frozenset(relay.local_ports), peers=frozenset({relay.server_ip}),
-                             mark=cfg.mark, xdp_mode=cfg.xdp_mode)
+                             mark=cfg.mark, xdp_mode=cfg.xdp_mode, conns=client_conns(relay))
         self.plan = plan
         if "tcp" in cfg.transports:
             self.steering = await self._attach(plan)
@@ -187,7 +204,7 @@ class Daemon:
         """The client rebound to a new address: steer its new local ports (no recompile)."""
         relay, plan = self.relay, self.plan
         assert isinstance(relay, ClientRelay) and plan is not None
-        self.plan = dataclasses.replace(plan, local_ports=frozenset(relay.local_ports))
+        self.plan = dataclasses.replace(plan, local_ports=frozenset(relay.local_ports), conns=client_conns(relay))
         if self.steering is not None:
             try:
                 self.steering.update(self.plan)
@@ -293,8 +310,10 @@ class Daemon:
                 self._ask(w, "config", new, changed)
             except RsockdError as e:
                 LOG.error("reload: worker %d: %s", w.index, e)
-        if {"syn_rate", "syn_burst"} & changed and self.plan is not None and self.steering is not None:
-            self.plan = dataclasses.replace(self.plan, syn_rate=new.syn_rate, syn_burst=new.syn_burst)
+        if {"syn_rate", "syn_burst", "key"} & changed and self.plan is not None and self.steering is not None:
+            syn_key = relay.endpoint.keyring.syn_key if self.plan.role == "server" else b""
+            self.plan = dataclasses.replace(self.plan, syn_rate=new.syn_rate, syn_burst=new.syn_burst,
+                                            syn_key=syn_key)
             self.steering.update(self.plan)
 
     async def _rebuild(self, new: Config) -> None:

@@ -6,8 +6,9 @@ package loads none of them.
 
 - ``xdp``   (Linux): XDP rewrites tunnel segments into UDP in place; they land on the daemon's
             UDP sockets.  A TC egress guard drops kernel RST/ACK.  Needs bcc + kernel headers.
-- ``nft``   (Linux): an nftables table drops tunnel segments before the TCP stack; an AF_PACKET
-            socket with a classic BPF filter receives them.  No bcc needed.
+- ``nft``   (Linux): an nftables table keeps rsockd's own connections from the TCP stack (a SYN
+            queue checks each SYN's tag first, ``nfqueue``); an AF_PACKET socket with a classic
+            BPF filter receives them.  Everything else on the ports is the kernel's.  No bcc needed.
 - ``bpfdev`` (macOS): a BPF device with a classic BPF filter receives; a pf anchor blocks.
 
 The daemon owns the UDP sockets (they are needed for the ``udp`` transport anyway); a backend
@@ -51,6 +52,12 @@ class SteerPlan:
     ``syn_rate``/``syn_burst`` (server): SYNs per second, and the burst, that the backend lets
     through to the daemon; 0 is no limit.  Only the xdp backend can enforce them
     (docs/design.md, "SYN admission").
+
+    Port sharing: ``syn_key`` (server) is the SYN tag key (``core/syntag.py``): only a SYN with
+    its tag makes a connection rsockd's, and ``conn_timeout`` is how long such a connection stays
+    steered without a segment.  ``conns`` (client) are the connections' 4-tuples as they arrive,
+    (server address, server port, local address, local port): only those are kept from the
+    kernel.
     """
 
     instance: str
@@ -64,11 +71,20 @@ class SteerPlan:
     syn_rate: int = 0  # server: SYNs/s passed to userspace, all CPUs together; 0: no limit
     syn_burst: int = 0  # server: SYNs the bucket holds when full
     receive_ports: frozenset[int] = frozenset()  # server, capture backends: the ports this process reads; empty: all
+    syn_key: bytes = b""  # server: the SYN tag key
+    conn_timeout: int = 60  # server: seconds a connection stays steered without a segment
+    conns: frozenset[tuple[str, int, str, int]] = frozenset()  # client: (server addr, port, local addr, port)
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
 
 class Receiver(Protocol):
-    """A capture source: a readable file descriptor that yields whole L3 packets."""
+    """A capture source: a readable file descriptor that yields whole L3 packets.
+
+    ``shared``: the kernel's TCP also receives what this source sees, except rsockd's own
+    connections (port sharing): a segment for no connection is the kernel's to answer.
+    """
+
+    shared: bool
 
     def fileno(self) -> int: ...
 
@@ -81,9 +97,10 @@ class Receiver(Protocol):
 class PacketSocketReceiver:
     """A Linux ``AF_PACKET``/``SOCK_DGRAM`` socket: one packet per read, already L3."""
 
-    def __init__(self, sock: socket.socket, batch: int = 256) -> None:
+    def __init__(self, sock: socket.socket, batch: int = 256, shared: bool = False) -> None:
         self.sock = sock
         self.batch = batch
+        self.shared = shared
 
     def fileno(self) -> int:
         return self.sock.fileno()
