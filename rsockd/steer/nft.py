@@ -1,23 +1,42 @@
-"""nftables steering backend (Linux, no bcc): a table keeps tunnel segments from the kernel's
-TCP stack, an ``AF_PACKET`` socket with a classic BPF filter hands them to us.
+"""nftables steering backend (Linux, no bcc): a table keeps rsockd's own connections from the
+kernel's TCP stack and leaves it everything else on the ports (port sharing); an ``AF_PACKET``
+socket with a classic BPF filter, and the server's SYN queue, hand ours to us.
 
 Everything lives in one table, ``inet rsockd_<instance>``, loaded in one libnftables JSON
 transaction (atomic: either all of it or nothing).  The transaction starts with
 ``add table; delete table; add table`` so that a stale table of the same instance, left by a
 daemon that was killed, is replaced rather than merged with.
 
-    set tunnel_ports, local_ports (inet_service, interval), peers4, peers6
-    counter steered_v4, steered_v6, guard_dropped
+    set tunnel_ports, local_ports (inet_service, interval)
+    set conns4, conns6  (saddr . sport . daddr . dport of arriving segments; server: timeout, size CONNS_MAX)
+    counter steered_v4, steered_v6, guard_dropped, passed_probe
     chain prerouting  (filter hook prerouting priority raw = -300)
-        tunnel segments (the match rule of docs/design.md)  counter steered_v4/v6  drop
+        server: meta mark == <mark>, SYN without ACK  update @conns4/@conns6 {4-tuple}; drop
+        not a SYN without ACK (server), 4-tuple in @conns4/6  [server: update]  counter steered_v4/v6  drop
+        server: SYN without ACK, dport @tunnel_ports, fib daddr local  jump synqueue
+        dport @tunnel_ports (server) / @local_ports (client), fib daddr local  counter passed_probe
+    chain synqueue (server)
+        queue num <N> bypass   (nft_queue; else xtables NFQUEUE --queue-bypass through nft_compat)
     chain output      (filter hook output priority raw)
         meta mark == <mark>  notrack
-        kernel RST/ACK from a tunnel port (mirrored rule)  meta mark != <mark>  counter guard_dropped  drop
+        meta mark != <mark>, reversed 4-tuple in @conns4/6  counter guard_dropped  drop
+
+The SYN queue (``SynQueue``, ``nfqueue.py``): the daemon reads each SYN held there and checks
+its ISN's tag (``core/syntag.py``).  A good one gets ``NF_REPEAT`` with our mark, so the chain
+runs again, adds its 4-tuple to the set and drops it; only then does the queue reader hand it
+to the endpoint, so the connection is steered before rsockd answers.  Any other gets
+``NF_ACCEPT``: the kernel answers it (RST on a closed port, SYN-ACK from a service there) and
+it counts as ``passed_probe``.  ``bypass``: while nobody reads the queue (daemon stopped, queue
+not yet bound) the kernel gets the SYNs.  The queue number is ``QUEUE_FIRST`` + crc32 of the
+table name modulo ``QUEUE_SPAN``, or the next one free (``pick_queue``).  The client adds its
+connections' 4-tuples itself (``SteerPlan.conns``), before it sends their SYNs.
 
 Packet taps run before netfilter, so the ``AF_PACKET`` receiver sees the segments the
-``prerouting`` chain then drops; ``steered_v4``/``steered_v6`` count the drops, i.e. the
-segments kept from the kernel.  The rules use named sets, so ``update`` rewrites the set
-contents without touching the chains (and the counters keep counting).
+``prerouting`` chain then drops - and, on a shared port, the kernel's own traffic too, which the
+endpoint counts (``no_connection``) and never answers.  The server's filter leaves out SYNs
+without ACK (they come through the queue).  ``steered_v4``/``steered_v6`` count the drops,
+i.e. the segments kept from the kernel.  The rules use named sets, so ``update`` rewrites the
+set contents without touching the chains (and the counters keep counting).
 
 Priority -300 is before conntrack (-200): the dropped segments never reach conntrack, and the
 ``notrack`` rule takes effect for our marked raw sends, so a host firewall that drops INVALID
