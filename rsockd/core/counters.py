@@ -14,7 +14,7 @@ DROP_REASONS: dict[str, str] = {
     "bad_auth": "record tag did not verify under the key",
     "replay": "record counter already seen or too old",
     "unexpected": "segment not valid in the connection's state",
-    "no_connection": "segment for no known connection (answered with RST)",
+    "no_connection": "segment for no known connection (answered with RST unless the kernel shares the port)",
     "rst_ignored": "RST/FIN without the exact sequence number (RFC 5961)",
     "bad_tag": "SYN without the key's tag, or replayed from another address (left to the kernel)",
     "backlog_full": "SYN or hello dropped: half-open table full",

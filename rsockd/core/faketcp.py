@@ -828,7 +828,9 @@ class Acceptor:
     after ``timing.syn_timeout``.  ``connections`` holds accepted ones.  A client that reconnects
     on the same 4-tuple gets a new pending connection beside the old one; segments whose ack
     matches the pending connection's sequence space go to it.  Segments for no connection are
-    answered with an RST (rate-limited, RFC 9293 §3.10.7.1), as a closed port would.
+    answered with an RST (rate-limited, RFC 9293 §3.10.7.1), as a closed port would - unless
+    ``reset_strays`` is off: when the port is shared with the kernel's TCP, which receives every
+    segment of no connection of ours and answers it itself (a second answer would show rsockd).
     """
 
     def __init__(
@@ -855,6 +857,7 @@ class Acceptor:
         self.pending: dict[ConnKey, Connection] = {}
         self.connections: dict[ConnKey, Connection] = {}
         self.seen = syntag.SeenSyns()  # tags seen, and where from (a replay from elsewhere is refused)
+        self.reset_strays = True
         self._rst_rate = rst_rate
         self._rst_tokens = rst_rate
         self._rst_time = 0.0
@@ -894,7 +897,7 @@ class Acceptor:
         target = pend if pend is not None and hdr.ack == pend.snd_nxt else self.connections.get(key) or pend
         if target is None:
             self.drops["no_connection"] += 1
-            if not flags & RST:
+            if not flags & RST and self.reset_strays:
                 self._reset(local, remote, hdr, len(payload), now)
             return None, []
         return target, target.receive(hdr, payload, now)

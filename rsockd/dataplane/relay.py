@@ -305,10 +305,13 @@ class Relay:
             self._readers.remove(fd)
 
     def add_receivers(self, receivers: list[Receiver]) -> None:
-        """Capture sources of a capture backend: whole IP packets, checksum unverified."""
+        """Capture sources of a capture backend: whole IP packets, checksum unverified.  When
+        they share the ports with the kernel, the server leaves segments of no connection to it."""
         for rx in receivers:
             self.loop.add_reader(rx.fileno(), self._on_packets, rx)
             self._readers.append(rx.fileno())
+        if isinstance(self.endpoint, ServerEndpoint) and receivers:
+            self.endpoint.acceptor.reset_strays = not any(rx.shared for rx in receivers)
         self.capturing = bool(receivers)
         if self.capturing:
             self.refresh_local_addrs()

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -45,6 +46,12 @@ LIVE_KEYS = {"key", "keepalive", "dead_timeout", "syn_timeout", "reconnect_min",
 def _stall() -> dict[str, Any]:
     time.sleep(2.0)
     return {"stalled": 2.0}
+
+
+def conn_timeout(cfg: Config) -> int:
+    """How long a server connection stays steered without a segment: well past the dead-peer
+    timeout (keepalives refresh it long before), so steering never forgets a live connection."""
+    return max(60, math.ceil(2 * cfg.dead_timeout))
 
 
 class Daemon:
@@ -120,7 +127,7 @@ class Daemon:
             plan = SteerPlan(cfg.instance, "server", relay.interfaces, frozenset(cfg.ports), mark=cfg.mark,
                              xdp_mode=cfg.xdp_mode, syn_rate=cfg.syn_rate, syn_burst=cfg.syn_burst,
                              receive_ports=frozenset(relay.ports) if self.workers else frozenset(),
-                             syn_key=relay.endpoint.keyring.syn_key)
+                             syn_key=relay.endpoint.keyring.syn_key, conn_timeout=conn_timeout(cfg))
         else:
             assert isinstance(relay, ClientRelay)
             route = relay.route()
@@ -300,9 +307,9 @@ class Daemon:
             except RsockdError as e:
                 LOG.error("reload: worker %d: %s", w.index, e)
         if {"syn_rate", "syn_burst", "key"} & changed and self.plan is not None and self.steering is not None:
-            # a new key: the endpoint's acceptor and the steering's SYN tag check change together
+            syn_key = relay.endpoint.keyring.syn_key if self.plan.role == "server" else b""
             self.plan = dataclasses.replace(self.plan, syn_rate=new.syn_rate, syn_burst=new.syn_burst,
-                                            syn_key=relay.endpoint.keyring.syn_key)
+                                            syn_key=syn_key)
             self.steering.update(self.plan)
 
     async def _rebuild(self, new: Config) -> None:

@@ -272,7 +272,8 @@ class Child:
         for iface in plan.interfaces:
             self._capture.append(nft.open_receiver(iface, program))
         assert self.relay is not None
-        self.relay.add_receivers([PacketSocketReceiver(s) for s in self._capture])
+        # SYNs included: the daemon's SYN queue checks their tags, the sets follow (docs/design.md).
+        self.relay.add_receivers([PacketSocketReceiver(s, shared=True) for s in self._capture])
 
 
 def child_main() -> int:

@@ -6,8 +6,9 @@ package loads none of them.
 
 - ``xdp``   (Linux): XDP rewrites tunnel segments into UDP in place; they land on the daemon's
             UDP sockets.  A TC egress guard drops kernel RST/ACK.  Needs bcc + kernel headers.
-- ``nft``   (Linux): an nftables table drops tunnel segments before the TCP stack; an AF_PACKET
-            socket with a classic BPF filter receives them.  No bcc needed.
+- ``nft``   (Linux): an nftables table keeps rsockd's own connections from the TCP stack (a SYN
+            queue checks each SYN's tag first, ``nfqueue``); an AF_PACKET socket with a classic
+            BPF filter receives them.  Everything else on the ports is the kernel's.  No bcc needed.
 - ``bpfdev`` (macOS): a BPF device with a classic BPF filter receives; a pf anchor blocks.
 
 The daemon owns the UDP sockets (they are needed for the ``udp`` transport anyway); a backend
@@ -54,9 +55,11 @@ class SteerPlan:
     (docs/design.md, "SYN admission").
 
     Port sharing (docs/security.md): ``syn_key`` (server) is the SYN tag key
-    (``Keyring.syn_key``; empty: the default key's) a SYN must carry to be ours; ``conns``
-    (client) are the client's own connections as ``(local address, local port, server address,
-    server port)``: only their segments are ours.  Everything else on the ports is the kernel's.
+    (``Keyring.syn_key``; empty: the default key's, ``core/syntag.py``): only a SYN with its tag
+    makes a connection rsockd's, and ``conn_timeout`` is how long the nft backend keeps such a
+    connection steered without a segment.  ``conns`` (client) are the client's own connections
+    as ``(local address, local port, server address, server port)``: only their segments are
+    ours.  Everything else on the ports is the kernel's.
     """
 
     instance: str
@@ -71,12 +74,19 @@ class SteerPlan:
     syn_burst: int = 0  # server: SYNs the bucket holds when full
     receive_ports: frozenset[int] = frozenset()  # server, capture backends: the ports this process reads; empty: all
     syn_key: bytes = b""  # server: the SYN tag key (core/syntag.py); empty: the default key's
+    conn_timeout: int = 60  # server, nft: seconds a connection stays steered without a segment
     conns: frozenset[tuple[str, int, str, int]] = frozenset()  # client: (local, lport, server, port) of each connection
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
 
 class Receiver(Protocol):
-    """A capture source: a readable file descriptor that yields whole L3 packets."""
+    """A capture source: a readable file descriptor that yields whole L3 packets.
+
+    ``shared``: the kernel's TCP also receives what this source sees, except rsockd's own
+    connections (port sharing): a segment for no connection is the kernel's to answer.
+    """
+
+    shared: bool
 
     def fileno(self) -> int: ...
 
@@ -89,9 +99,10 @@ class Receiver(Protocol):
 class PacketSocketReceiver:
     """A Linux ``AF_PACKET``/``SOCK_DGRAM`` socket: one packet per read, already L3."""
 
-    def __init__(self, sock: socket.socket, batch: int = 256) -> None:
+    def __init__(self, sock: socket.socket, batch: int = 256, shared: bool = False) -> None:
         self.sock = sock
         self.batch = batch
+        self.shared = shared
 
     def fileno(self) -> int:
         return self.sock.fileno()

@@ -573,6 +573,8 @@ def _get_uint(data: bytes) -> int:
 class BpfDevice:
     """An open, attached BPF device: a ``Receiver`` yielding the IP packets it captures."""
 
+    shared = False  # the pf anchor blocks every tunnel segment from the kernel
+
     def __init__(self, fd: int, path: str, interface: str, linktype: int, bufsize: int,
                  ioctl: Ioctl = _fcntl_ioctl) -> None:
         self.fd = fd

@@ -18,6 +18,9 @@ can be tested without a kernel; the integration tests run the same programs in t
 - client: IPv4/IPv6 TCP from a peer address whose source port is a tunnel port and whose
   destination port is one of our local ports.
 
+``syns=False`` (server, nft backend) also rejects SYNs without ACK: those reach the daemon
+through the SYN queue once their tag is checked, never before.
+
 IPv4 fragments (MF set or a non-zero offset) are rejected: a non-first fragment carries no
 ports, and a first fragment is useless to a receiver that never reassembles.  IPv6 packets
 must carry TCP directly (no extension headers).
@@ -430,6 +433,7 @@ def tunnel_filter(
     l3_offset: int | None = None,
     link: Link = "raw",
     accept: int = ACCEPT,
+    syns: bool = True,
 ) -> Program:
     """A filter accepting exactly the tunnel segments of ``role`` (see the module docstring).
 
@@ -437,8 +441,8 @@ def tunnel_filter(
     IP header at ``l3_offset`` (Linux ``AF_PACKET``/``SOCK_DGRAM``: 0); ``en10mb`` from the
     Ethernet type just before it (macOS/Linux Ethernet: 14); ``null`` from the 4-byte host-order
     address family of BSD loopback (DLT_NULL: 4).  Port sets compile into a binary search over
-    merged ranges.  Raises ``ValueError`` for bad ports or addresses or a program that would
-    exceed ``BPF_MAXINSNS``.
+    merged ranges.  ``syns=False``: reject segments with SYN set and ACK clear.  Raises
+    ``ValueError`` for bad ports or addresses or a program that would exceed ``BPF_MAXINSNS``.
     """
     l3 = _DEFAULT_L3[link] if l3_offset is None else l3_offset
     if l3 < 0 or (link == "en10mb" and l3 < 2) or (link == "null" and l3 < 4):
@@ -489,7 +493,12 @@ def tunnel_filter(
     asm.label("ports")
     if role == "server":
         asm.op(BPF_LD | BPF_H | BPF_IND, l3 + 2)  # destination port
-        _emit_in_ranges(asm, tunnel, "accept", "reject", 0, 0xFFFF)
+        _emit_in_ranges(asm, tunnel, "accept" if syns else "flags", "reject", 0, 0xFFFF)
+        if not syns:
+            asm.label("flags")
+            asm.op(BPF_LD | BPF_B | BPF_IND, l3 + 13)  # TCP flags
+            asm.op(BPF_ALU | BPF_AND | BPF_K, 0x12)  # SYN | ACK
+            asm.jump(BPF_JEQ, 0x02, "reject", "accept")
     else:
         asm.op(BPF_LD | BPF_H | BPF_IND, l3)  # source port
         _emit_in_ranges(asm, tunnel, "sport_ok", "reject", 0, 0xFFFF)

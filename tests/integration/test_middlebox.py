@@ -88,12 +88,13 @@ def run_json(net: NetnsPair, side: str, argv: list[str], timeout: float) -> dict
     return dict(json.loads(out.strip().splitlines()[-1]))
 
 
-def test_bulk_both_ways_through_strict_conntrack_and_nat(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["xdp", "nft"])
+def test_bulk_both_ways_through_strict_conntrack_and_nat(tmp_path: Path, backend: str) -> None:
     net = Routed()
     daemons: list[Rsockd] = []
     try:
         net.setup()
-        common = ["--backend", "xdp", "--ports", PORTS]
+        common = ["--backend", backend, "--ports", PORTS]
         server = Rsockd(net, "s", ["--role", "server", "-t", "127.0.0.1:9000", "--dev", net.dev["s"], *common],
                         tmp_path, "server").start()
         daemons.append(server)

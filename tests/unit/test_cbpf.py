@@ -247,6 +247,17 @@ def test_server_filter(link: str, l3: int) -> None:
 
 
 @pytest.mark.parametrize(("link", "l3"), LINKS)
+def test_server_filter_without_syns(link: str, l3: int) -> None:
+    """``syns=False``: SYNs without ACK stay out (the nft backend's SYN queue hands them over)."""
+    prog = tunnel_filter("server", PORTS, l3_offset=l3, link=link, syns=False)  # type: ignore[arg-type]
+    for flags, want in ((SYN, False), (SYN | ACK, True), (ACK, True), (0x19, True), (0x04, True), (0x03, False)):
+        for pkt in (ip4(C4, S4, tcp(C4, S4, 40000, 443, flags)), ip6(C6, S6, tcp(C6, S6, 40000, 10010, flags)),
+                    ip4(C4, S4, tcp(C4, S4, 40000, 10004, flags), options=b"\x01\x01\x01\x00")):
+            assert verdict(prog, link, pkt) == want, (flags, pkt.hex())
+    assert not verdict(prog, link, ip4(C4, S4, tcp(C4, S4, 40000, 444, ACK)))  # still only the tunnel ports
+
+
+@pytest.mark.parametrize(("link", "l3"), LINKS)
 def test_client_filter(link: str, l3: int) -> None:
     peers = ["10.9.0.2", "fd09::2", "10.9.0.3"]
     prog = tunnel_filter("client", PORTS, {40000, 40002}, peers, l3_offset=l3, link=link)  # type: ignore[arg-type]
