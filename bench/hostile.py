@@ -549,6 +549,8 @@ EXPECTED: dict[str, dict[str, tuple[str, ...]]] = {
         "bad_options": ("drops.bad_auth", "drops.no_connection", "steer.passed_probe"),
     },
     "nft": {
+        # port sharing: an untagged SYN gets the kernel's verdict from the SYN queue (passed_probe)
+        "syn_flood": ("drops.backlog_full", "steer.passed_probe"),
         "bad_checksum": ("drops.bad_checksum",),
         "bad_offset": ("drops.malformed",),
         "truncated_ip": ("drops.malformed",),

@@ -175,7 +175,16 @@ class Oversized:
     mtu: int
 
 
-EndpointEvent = ConnectionUp | ConnectionDown | HelloRefused | FlowOpened | FlowGone | Oversized
+@dataclass(frozen=True, slots=True)
+class TupleReleased:
+    """Server: no connection uses this 4-tuple any more (port sharing: steering may hand its
+    segments to the kernel again, which answers a late one with RST)."""
+
+    local: HostPort
+    remote: HostPort
+
+
+EndpointEvent = ConnectionUp | ConnectionDown | HelloRefused | FlowOpened | FlowGone | Oversized | TupleReleased
 
 
 def _whole(transport: Transport, local: HostPort, remote: HostPort, seg: bytes, ip: IpIdent | None = None) -> Transmit:
@@ -533,6 +542,9 @@ class ServerEndpoint(_Endpoint):
             self.sessions.remove_connection(conn)
             if admitted:
                 self._events.append(ConnectionDown(conn, ev.reason))
+            key = self.acceptor.key_of(conn)
+            if conn.transport == "tcp" and key not in self.acceptor.pending and key not in self.acceptor.connections:
+                self._events.append(TupleReleased(conn.local, conn.remote))
         elif isinstance(ev, FlowClosed):
             session = self.sessions.session_of(conn)
             if session is not None and session.flows.pop(ev.flow_id, None) is not None:

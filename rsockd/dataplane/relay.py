@@ -38,6 +38,7 @@ from ..core.endpoint import (
     Policy,
     ServerEndpoint,
     Transmit,
+    TupleReleased,
 )
 from ..core.faketcp import Connection, HostPort, State
 from ..core.packet import family_of, pack_address
@@ -146,6 +147,8 @@ class Relay:
         self.interfaces: tuple[str, ...] = ()
         self.closing = False
         self.on_change: Callable[[], None] | None = None  # connections came up or went down
+        # server: 4-tuples no connection uses any more, as (local, lport, peer, pport) (port sharing)
+        self.on_release: Callable[[list[tuple[str, int, str, int]]], None] | None = None
         self.capturing = False
         self._ticks = 0
         self.delivery = Delivery(self.tx_errors)
@@ -589,6 +592,11 @@ class ServerRelay(Relay):
         elif isinstance(ev, HelloRefused):
             if self._limit.allow("refused"):
                 LOG.warning("refused a hello from %s: %s", peer_text(ev.conn.remote), ev.reason)
+        elif isinstance(ev, TupleReleased):
+            if self.on_release is not None:
+                (local, lport), (peer, pport) = ev.local, ev.remote
+                self.on_release([(socket.inet_ntop(family_of(local), local), lport,
+                                  socket.inet_ntop(family_of(peer), peer), pport)])
         else:
             super()._on_event(ev)
 

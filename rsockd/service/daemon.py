@@ -68,6 +68,7 @@ class Daemon:
         self._watchdog: asyncio.TimerHandle | None = None
         self._status_timer: asyncio.TimerHandle | None = None
         self._tick_timer: asyncio.TimerHandle | None = None
+        self._released: list[tuple[str, int, str, int]] = []  # server: ended connections, for steering
         self._reloading = False
         self.workers: list[Worker] = []
         self.exit_code = 0
@@ -112,6 +113,7 @@ class Daemon:
             relay = ClientRelay(cfg, policy_of(cfg))
         self.relay = relay
         relay.on_change = self._refresh_status
+        relay.on_release = self._release
         if isinstance(relay, ServerRelay):
             relay.bind(self._server_interfaces())
             if cfg.workers > 1:
@@ -353,6 +355,20 @@ class Daemon:
             self._watchdog = asyncio.get_running_loop().call_later(interval, tick)
 
         tick()
+
+    def _release(self, conns: list[tuple[str, int, str, int]]) -> None:
+        """Server connections ended: steering forgets their 4-tuples, in one go per loop pass."""
+        if not self._released:
+            asyncio.get_running_loop().call_soon(self._forget_released)
+        self._released += conns
+
+    def _forget_released(self) -> None:
+        conns, self._released = self._released, []
+        if self.steering is not None:
+            try:
+                self.steering.forget(conns)
+            except Exception as e:  # the entries then age out; nothing else depends on it
+                LOG.warning("steering: forgetting ended connections: %s", e)
 
     def _tick_steering(self) -> None:
         """Once a second: steering's time-dependent state (the SYN tag's slot)."""

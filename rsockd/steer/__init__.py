@@ -163,5 +163,9 @@ class Steering(Protocol):
     def tick(self, wall: float) -> None:
         """Called about once a second with the wall clock: what depends on time (the SYN tag's slot)."""
 
+    def forget(self, conns: Iterable[tuple[str, int, str, int]]) -> None:
+        """Server: these connections, ``(local, lport, peer, pport)``, ended: their 4-tuples are
+        the kernel's again (port sharing), so a late segment meets the kernel's RST."""
+
     def detach(self) -> None:
         """Remove everything attached; idempotent; never raises for state already gone."""

@@ -819,6 +819,9 @@ class BpfDevSteering:
     def tick(self, wall: float) -> None:
         pass  # nothing here depends on the time
 
+    def forget(self, conns: Iterable[tuple[str, int, str, int]]) -> None:
+        pass  # the ports are not shared here
+
     def describe(self) -> list[dict[str, str]]:
         anchor = self._attached.anchor if self._attached else self.anchor
         out = []

@@ -654,6 +654,16 @@ class NftSteering:
     def tick(self, wall: float) -> None:
         pass  # nothing here depends on the time
 
+    def forget(self, conns: Iterable[tuple[str, int, str, int]]) -> None:
+        if self._ctx is None:
+            return
+        for local, lport, peer, pport in conns:
+            name = "conns6" if ":" in local else "conns4"
+            elem = {"concat": [peer, pport, local, lport]}
+            # one command each: a delete of an element already gone (its timeout) fails alone
+            self._ctx.json_cmd({"nftables": [{"delete": {"element": {
+                "family": FAMILY, "table": self.table, "name": name, "elem": [elem]}}}]})
+
     def detach(self) -> None:
         """Close the receivers and the SYN queue and delete the table; idempotent."""
         self._close_sockets()

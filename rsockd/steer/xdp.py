@@ -25,7 +25,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -458,6 +458,14 @@ class XdpSteering:
             self._write_syntag(wall)
         except OSError as e:
             LOG.warning("writing the SYN tag slot: %s", bpfsys.os_error_text(e))
+
+    def forget(self, conns: Iterable[tuple[str, int, str, int]]) -> None:
+        if self._maps is None:
+            return
+        try:
+            self._maps.delete_conns({conn_key(peer, local, pport, lport) for local, lport, peer, pport in conns})
+        except OSError as e:
+            LOG.warning("forgetting connections in conns: %s", bpfsys.os_error_text(e))
 
     def receivers(self) -> list[Any]:
         return []  # steered segments arrive on the daemon's UDP sockets

@@ -319,3 +319,28 @@ def test_a_stopped_server_leaves_ordinary_ports(rig: Rig) -> None:
     _, srv = _addrs(rig)
     with kernel_client(rig.net, rig.family) as s, pytest.raises(ConnectionRefusedError):
         s.connect((srv, BARE))
+
+
+def test_a_connection_that_ends_gives_its_tuple_back_to_the_kernel(rig: Rig) -> None:
+    """When rsockd's connection ends (here the client leaves cleanly), the server's steering
+    forgets its 4-tuple: a late segment of it meets the kernel's RST (TcpOutRsts counts only
+    the kernel's), not rsockd's, and a kernel connection may use the tuple again."""
+    net = rig.net
+    cli, srv = _addrs(rig)
+    server, client = rig.server, rig.client
+    assert server is not None
+    row = next(c for c in client.status("ports")["connections"] if c["port"] == SHARED)
+    lport = row["local_port"]
+    assert client.stop() == 0
+    wait_for("the server's connections to end", lambda: server.status()["connections"]["total"] == 0, 10)
+    wire = Wire(net, "c")
+    try:
+        rsts = nstat(net, "s", "TcpOutRsts")["TcpOutRsts"]
+        late = TcpHeader(lport, SHARED, 1, 1, ACK, 512).pack(b"late", psum=pseudo_sum(pack_address(cli),
+                                                                                   pack_address(srv)))
+        wire.send(cli, srv, late)
+        wire.wait(lambda sp, dp, fl: sp == SHARED and dp == lport and bool(fl & RST))
+        assert nstat(net, "s", "TcpOutRsts")["TcpOutRsts"] == rsts + 1
+        assert server.status()["steering"]["guard_dropped"] == 0
+    finally:
+        wire.close()
