@@ -45,6 +45,7 @@ META = struct.Struct("!HHII")  # offflags window seq ack
 META_LEN = META.size
 
 TCP_MIN_HEADER = 20
+TCP_CHECK = 16  # offset of the TCP checksum field
 TCP_MAX_HEADER = 60
 IPV4_MIN_HEADER = 20
 IPV6_HEADER_LEN = 40

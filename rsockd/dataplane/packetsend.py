@@ -26,11 +26,11 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..core.packet import PROTO_TCP, pseudo_sum
+from ..core.packet import PROTO_TCP, TCP_CHECK, pseudo_sum
 from ..core.tcpprofile import IpIdent
 from ..netlink import ARPHRD_ETHER, Host
 from .hostprofile import default_hop_limit
-from .rawsock import SO_MARK, TCP_CHECK, Sender, SocketSender, grow_sndbuf
+from .rawsock import SO_MARK, Sender, SocketSender, grow_sndbuf
 
 SOL_PACKET = 263
 PACKET_VNET_HDR = 15

@@ -22,7 +22,7 @@ import struct
 from collections import Counter
 from collections.abc import Callable
 
-from ..core.packet import IPV4_HEADER, PROTO_TCP, pseudo_sum, run_segments, segment_checksum
+from ..core.packet import IPV4_HEADER, PROTO_TCP, TCP_CHECK, pseudo_sum, run_segments, segment_checksum
 from ..core.tcpprofile import IpIdent
 from ..errors import RsockdError, errno_name
 from ..steer import cbpf
@@ -39,7 +39,6 @@ IN6_PKTINFO = struct.Struct("=16sI")  # struct in6_pktinfo {struct in6_addr addr
 #: Sends a run: (first segment's TCP header, payloads, the connection's IP numbering or None);
 #: see ``endpoint.Transmit``.
 Sender = Callable[[bytes, list[bytes], IpIdent | None], None]
-TCP_CHECK = 16  # offset of the TCP checksum field
 _NO_IDENT = IpIdent()  # never started: ID 0
 
 

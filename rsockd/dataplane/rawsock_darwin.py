@@ -38,10 +38,18 @@ import logging
 import socket
 import struct
 
-from ..core.packet import IPV4_HEADER, IPV4_MIN_HEADER, PROTO_TCP, pseudo_sum, run_segments, segment_checksum
+from ..core.packet import (
+    IPV4_HEADER,
+    IPV4_MIN_HEADER,
+    PROTO_TCP,
+    TCP_CHECK,
+    pseudo_sum,
+    run_segments,
+    segment_checksum,
+)
 from ..core.tcpprofile import IpIdent
 from . import rawsock
-from .rawsock import TCP_CHECK, Sender
+from .rawsock import Sender
 
 __all__ = ["RawSender", "Sender", "ipv4_header"]
 

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from ..core.faketcp import Role
+from ..core.packet import PROTO_TCP, TCP_CHECK, parse_ip, pseudo_sum, transport_checksum
+from ..errors import PacketError
 
 #: Counter names every backend reports (missing ones read as 0).
 STEER_COUNTERS = (
@@ -96,26 +99,54 @@ class Receiver(Protocol):
         ...
 
 
+SOL_PACKET = 263
+PACKET_AUXDATA = 8
+TP_STATUS_CSUMNOTREADY = 1 << 3  # the checksum is left to the device (a local sender's, over a veth)
+_AUXDATA = socket.CMSG_SPACE(20)  # struct tpacket_auxdata
+
+
 class PacketSocketReceiver:
-    """A Linux ``AF_PACKET``/``SOCK_DGRAM`` socket: one packet per read, already L3."""
+    """A Linux ``AF_PACKET``/``SOCK_DGRAM`` socket: one packet per read, already L3.
+
+    A segment whose checksum is not filled in yet (``TP_STATUS_CSUMNOTREADY``: sent by a program
+    of this host with checksum offload, across a veth, as the packet send path does) gets it
+    computed here, so that the endpoint's check holds for it as for any other.
+    """
 
     def __init__(self, sock: socket.socket, batch: int = 256, shared: bool = False) -> None:
         self.sock = sock
         self.batch = batch
         self.shared = shared
+        sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def packets(self, buf: bytearray) -> Iterator[memoryview]:
         view = memoryview(buf)
-        recv_into = self.sock.recv_into
+        recvmsg_into = self.sock.recvmsg_into
         for _ in range(self.batch):
             try:
-                n = recv_into(buf)
+                n, anc, _flags, _addr = recvmsg_into((buf,), _AUXDATA)
             except (BlockingIOError, InterruptedError):
                 return
+            if anc and int.from_bytes(anc[0][2][:4], sys.byteorder) & TP_STATUS_CSUMNOTREADY:
+                fill_checksum(view[:n])
             yield view[:n]
+
+
+def fill_checksum(pkt: memoryview) -> None:
+    """Write the TCP checksum of an IP packet (IPv4 or IPv6 without extension headers) into it;
+    a packet that is not one is left as it is (the endpoint then drops it)."""
+    try:
+        ip, l4 = parse_ip(pkt)
+    except PacketError:
+        return
+    if ip.proto != PROTO_TCP or ip.fragment or len(l4) < 20:
+        return
+    off = len(pkt) - len(l4) + TCP_CHECK
+    pkt[off:off + 2] = b"\0\0"
+    pkt[off:off + 2] = transport_checksum(pseudo_sum(ip.src, ip.dst), l4).to_bytes(2, "big")
 
 
 def split_peers(peers: Iterable[str], backend: str) -> tuple[list[ipaddress.IPv4Address],
