@@ -9,6 +9,7 @@ lists every subset).  tests/integration/test_darwin_fingerprint.py shows p0f's v
 from __future__ import annotations
 
 import random
+import sys
 
 import pytest
 
@@ -31,6 +32,7 @@ from rsockd.core.packet import (
     parse_tcp,
 )
 from rsockd.core.tcpprofile import TcpProfile
+from rsockd.dataplane.hostprofile import darwin_sysctl, darwin_tcp_profile
 
 DARWIN = TcpProfile.darwin(secret=b"s" * 16)
 CLI, SRV = (b"\x0a\0\0\1", 50000), (b"\x0a\0\0\2", 10001)
@@ -128,3 +130,17 @@ def test_darwin_syn_and_synack() -> None:
     before = int.from_bytes(synack_id, "big")
     server.receive(ack, b"", 100.02)
     assert server.ip.take() == (before + 1) & 0xFFFF
+
+
+def test_darwin_host_settings() -> None:
+    host = {"net.inet.tcp.rfc1323": 1, "net.inet.tcp.sack": 0, "net.inet.tcp.win_scale_factor": 3,
+            "net.inet.tcp.recvspace": 131072, "net.inet.tcp.autorcvbufmax": 4 << 20}
+    prof = darwin_tcp_profile(b"s" * 16, host.get)
+    assert prof.stack == "darwin" and not prof.sack and prof.window_scaling and prof.timestamps
+    assert prof.initial_window(1460, True) == (65535, 7)
+    off = darwin_tcp_profile(b"s" * 16, {"net.inet.tcp.rfc1323": 0}.get)
+    assert not off.window_scaling and not off.timestamps and off.sack
+    if sys.platform != "darwin":
+        # Where macOS's sysctl is not to be had (this host), macOS's defaults: no exception.
+        assert darwin_sysctl("net.inet.tcp.rfc1323") is None
+        assert darwin_tcp_profile(b"s" * 16) == DARWIN
