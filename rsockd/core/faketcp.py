@@ -65,7 +65,6 @@ from .packet import (
     SYN,
     TcpHeader,
     TcpOptions,
-    build_options,
     parse_options,
 )
 from .tcpprofile import TS_OPTION_SPACE, IpIdent, ReceiveWindow, TcpProfile
@@ -368,8 +367,8 @@ class Connection:
         if self._tries:
             self.ip.new_label(self.rng)  # Linux re-hashes a flow whose SYN timed out
         # Timestamps always: the tag needs them.  A retransmitted SYN carries the same tag.
-        opts = build_options(mss=self.mss, sack_permitted=self._syn_sack, timestamps=(self._syn_ts, 0),
-                             wscale=self._syn_wscale)
+        opts = self.profile.handshake_options(mss=self.mss, sack_permitted=self._syn_sack,
+                                              timestamps=(self._syn_ts, 0), wscale=self._syn_wscale)
         self._send(SYN, b"", now, opts)
         self._deadline = now + self.timing.rto * (2 ** self._tries)
 
@@ -405,7 +404,10 @@ class Connection:
         self._syn_window, wscale = prof.initial_window(mss, wscale_ok)
         self._syn_wscale = wscale if wscale_ok else None
         self._rwin = ReceiveWindow(prof, self._syn_window, wscale, mss)
-        self.ip.new_label(self.rng)  # the request socket's; its IPv4 ID stays 0 until the ACK
+        self.ip.new_label(self.rng)
+        if prof.synack_ip_id:
+            self.ip.start(self.rng)  # XNU's SYN-ACK comes from the new connection's socket
+        # else Linux's request socket: its IPv4 ID stays 0 until the ACK
         self._deadline = now + self.timing.syn_timeout
         self.last_rx = now
         self._send_synack(now)
@@ -413,7 +415,8 @@ class Connection:
     def _send_synack(self, now: float) -> None:
         self.snd_nxt = self._iss
         ts = (self._tsval(now), self._ts_recent) if self._ts_ok else None
-        out = build_options(mss=self.mss, sack_permitted=self._syn_sack, timestamps=ts, wscale=self._syn_wscale)
+        out = self.profile.handshake_options(mss=self.mss, sack_permitted=self._syn_sack, timestamps=ts,
+                                             wscale=self._syn_wscale)
         self._send(SYN | ACK, b"", now, out)
 
     def accept(self, now: float) -> None:
@@ -471,7 +474,8 @@ class Connection:
                 return []
             self._goto("ack")
             self.snd_nxt = (self._iss + 1) & MASK32
-            self.ip.start(self.rng)  # the kernel's child socket: IPv4 IDs from a random start
+            if not self.profile.synack_ip_id:
+                self.ip.start(self.rng)  # Linux's child socket: IPv4 IDs from a random start
         elif state == State.CLOSED:
             self.drops["unexpected"] += 1
             return []

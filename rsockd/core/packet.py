@@ -255,6 +255,36 @@ def build_options(
     return bytes(out)
 
 
+def build_options_darwin(
+    *,
+    mss: int | None = None,
+    sack_permitted: bool = False,
+    timestamps: tuple[int, int] | None = None,
+    wscale: int | None = None,
+) -> bytes:
+    """Encode options in the order and padding macOS (XNU's ``tcp_output()``) uses.
+
+    SYN and SYN-ACK with all four: ``MSS, NOP, WS, NOP, NOP, TS, SACK_PERM, EOL, 0`` (24 bytes),
+    p0f's ``mss,nop,ws,nop,nop,ts,sok,eol+1``; each option it leaves out drops its own bytes
+    (p0f.fp's Mac OS X ``[tcp:response]`` signatures list every subset).  A data segment's lone
+    timestamps are ``NOP NOP TS``, as Linux's.
+    """
+    out = bytearray()
+    if mss is not None:
+        out += struct.pack("!BBH", OPT_MSS, 4, mss)
+    if wscale is not None:
+        out += bytes((OPT_NOP, OPT_WSCALE, 3, wscale))
+    if timestamps is not None:
+        out += struct.pack("!BBBBII", OPT_NOP, OPT_NOP, OPT_TIMESTAMPS, 10, *timestamps)
+    if sack_permitted:
+        out += bytes((OPT_SACK_PERMITTED, 2))
+    if len(out) % 4:
+        out += bytes(4 - len(out) % 4)  # EOL padding
+    if len(out) > TCP_MAX_HEADER - TCP_MIN_HEADER:
+        raise ValueError("TCP options longer than 40 bytes")
+    return bytes(out)
+
+
 # ---------------------------------------------------------------------------------------------
 # TCP header
 

@@ -10,6 +10,12 @@ net/ipv4/tcp_output.c); after the handshake the window grows as data arrives
 starts at a random number (``inet_id``, set in ``tcp_v4_connect()`` and
 ``tcp_v4_syn_recv_sock()``); a DF packet of no socket (the SYN-ACK of a request socket, a reset of
 the control socket) carries 0.  The rules here follow those functions.
+
+A profile whose ``stack`` is ``"darwin"`` copies macOS (XNU) instead, in what p0f reads: the SYN
+and SYN-ACK options in XNU's order (``build_options_darwin``), their window (the receive buffer's
+space, at most 65535, not rounded to the MSS: ``tcp_output()``), the window scale of
+``tcp_set_max_rwinscale()`` (bsd/netinet/tcp_subr.c), and an IPv4 ID in the SYN-ACK (XNU answers a
+SYN from the new connection's own socket).  After the handshake its window grows as Linux's.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ import hashlib
 import os
 import random
 from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .packet import build_options, build_options_darwin
 
 U16_MAX = 0xFFFF
 TCP_MAX_WSCALE = 14  # RFC 7323 §2.3
@@ -25,13 +34,24 @@ MAX_SIGNED_WINDOW = 32767  # MAX_TCP_WINDOW: tcp_workaround_signed_windows
 TS_OPTION_SPACE = 12  # TCPOLEN_TSTAMP_ALIGNED: what timestamps take from each segment's payload
 FLOW_LABEL_MASK = 0xFFFFF
 
+#: Whose TCP a profile copies.
+Stack = Literal["linux", "darwin"]
+#: macOS's defaults: ``net.inet.tcp.recvspace`` and ``net.inet.tcp.win_scale_factor``.
+DARWIN_RECVSPACE = 131072
+DARWIN_WIN_SCALE_FACTOR = 3
+#: ``net.inet.tcp.autorcvbufmax`` when the host's cannot be read: the value for which XNU's rule
+#: gives the window scale of p0f 3.09b's newest Mac OS X SYN signature (4, "MacOS X 10.9 or
+#: newer"); a Mac's own setting replaces it (1 MiB gives scale 5, 2 MiB 6).
+DARWIN_AUTORCVBUF_MAX = 512 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class TcpProfile:
-    """The host's TCP settings (Linux sysctl names; defaults are Linux's).
+    """The host's TCP settings (Linux sysctl names; defaults are Linux's; ``darwin()`` for macOS).
 
     ``rmem_default``/``rmem_max`` are ``net.ipv4.tcp_rmem[1]``/``[2]`` (a new socket's receive buffer
-    and what autotuning may grow it to), ``core_rmem_max`` is ``net.core.rmem_max``.
+    and what autotuning may grow it to), ``core_rmem_max`` is ``net.core.rmem_max``.  On macOS they
+    are ``net.inet.tcp.recvspace`` and ``net.inet.tcp.autorcvbufmax``.
     """
 
     rmem_default: int = 131072
@@ -43,6 +63,30 @@ class TcpProfile:
     signed_windows: bool = False  # net.ipv4.tcp_workaround_signed_windows
     #: Keys the timestamp clock of each pair of addresses, as the kernel's boot-time ``ts_secret``.
     secret: bytes = field(default_factory=lambda: os.urandom(16), repr=False)
+    #: Whose SYN and SYN-ACK the segments copy: option layout, window, window scale, IPv4 ID.
+    stack: Stack = "linux"
+    #: macOS's ``net.inet.tcp.win_scale_factor``: the least window scale XNU offers.
+    win_scale_factor: int = DARWIN_WIN_SCALE_FACTOR
+
+    @classmethod
+    def darwin(cls, **settings: Any) -> TcpProfile:
+        """A macOS profile: its defaults, with ``settings`` (the host's, where read) over them."""
+        base: dict[str, Any] = {"stack": "darwin", "rmem_default": DARWIN_RECVSPACE,
+                                "rmem_max": DARWIN_AUTORCVBUF_MAX}
+        return cls(**(base | settings))
+
+    @property
+    def synack_ip_id(self) -> bool:
+        """Whether a SYN-ACK carries an IPv4 ID from the connection's counter.  XNU answers from the
+        new connection's own socket (p0f's Mac OS X ``[tcp:response]`` signatures say ``id+``);
+        Linux from a request socket, whose DF packets carry 0."""
+        return self.stack == "darwin"
+
+    def handshake_options(self, *, mss: int, sack_permitted: bool, timestamps: tuple[int, int] | None,
+                          wscale: int | None) -> bytes:
+        """The options of a SYN or SYN-ACK, in the stack's order and padding."""
+        build = build_options_darwin if self.stack == "darwin" else build_options
+        return build(mss=mss, sack_permitted=sack_permitted, timestamps=timestamps, wscale=wscale)
 
     def win_from_space(self, space: int) -> int:
         """The window a buffer of ``space`` bytes offers: half of it, the kernel's default share
@@ -65,6 +109,8 @@ class TcpProfile:
         ``mss`` is what a segment of the connection carries: the advertised MSS, less the
         timestamp option when the peer's SYN carried one (a SYN-ACK's window is rounded to that).
         """
+        if self.stack == "darwin":
+            return self._xnu_initial_window(wscale_ok)
         clamp = U16_MAX << TCP_MAX_WSCALE  # no SO_RCVBUF clamp: the largest scaled window
         space = min(clamp, self.win_from_space(self.rmem_default))  # tcp_full_space()
         if space > mss:
@@ -75,6 +121,19 @@ class TcpProfile:
             # Scale for the largest window the buffer may grow to.
             most = min(max(space, self.rmem_max, self.core_rmem_max), clamp)
             wscale = max(0, min(TCP_MAX_WSCALE, most.bit_length() - 1 - 15))
+        return rcv_wnd, wscale
+
+    def _xnu_initial_window(self, wscale_ok: bool) -> tuple[int, int]:
+        """XNU's handshake window and scale.  ``tcp_output()`` offers the receive buffer's space,
+        at most ``TCP_MAXWIN`` (a SYN's window is never scaled, RFC 7323 §2.2), not rounded to the
+        MSS; ``tcp_set_max_rwinscale()`` takes at least ``win_scale_factor`` and enough scale for
+        ``TCP_MAXWIN`` to reach what autotuning may grow the buffer to."""
+        rcv_wnd = min(self.rmem_default, U16_MAX)
+        wscale = 0
+        if wscale_ok:
+            wscale = max(0, min(TCP_MAX_WSCALE, self.win_scale_factor))
+            while wscale < TCP_MAX_WSCALE and (U16_MAX << wscale) < self.rmem_max:
+                wscale += 1
         return rcv_wnd, wscale
 
 

@@ -1,8 +1,9 @@
 """The host's own TCP/IP settings, read for rsockd's segments to copy (rsockd/core/tcpprofile.py).
 
 Linux: the sysctls of the daemon's network namespace (``/proc/sys`` is per namespace for these)
-and the route's metrics.  macOS: its defaults (its own SYN layout is not copied yet; docs/design.md,
-"Looking like the host").
+and the route's metrics.  macOS: a Darwin profile (XNU's SYN and SYN-ACK) with what ``sysctl -n``
+tells of the host's settings, macOS's defaults for what it cannot (docs/design.md, "Looking like the
+host").
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..core.tcpprofile import TcpProfile
@@ -42,10 +45,41 @@ def _secret(seed: bytes, root: Path) -> bytes:
     return hashlib.blake2b(seed + b"\0" + boot, digest_size=16, person=b"rsockd-tcp-ts").digest()
 
 
+def darwin_sysctl(name: str) -> int | None:
+    """An integer sysctl of macOS (``sysctl -n``), or None when it cannot be read."""
+    try:
+        out = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5, check=True).stdout
+        return int(out.split()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def darwin_tcp_profile(secret: bytes, read: Callable[[str], int | None] = darwin_sysctl) -> TcpProfile:
+    """macOS's TCP as XNU sets it up: ``net.inet.tcp.rfc1323`` (window scale and timestamps),
+    ``sack``, ``win_scale_factor``, ``recvspace`` and ``autorcvbufmax``; macOS's default for each
+    that ``read`` cannot give."""
+    def get(name: str) -> int | None:
+        got = read(f"net.inet.tcp.{name}")
+        return got if got is not None and got >= 0 else None
+
+    settings: dict[str, bool | int] = {}
+    if (rfc1323 := get("rfc1323")) is not None:
+        settings["window_scaling"] = settings["timestamps"] = rfc1323 != 0
+    if (sack := get("sack")) is not None:
+        settings["sack"] = sack != 0
+    for name, setting in (("win_scale_factor", "win_scale_factor"), ("recvspace", "rmem_default"),
+                          ("autorcvbufmax", "rmem_max")):
+        if (value := get(name)) is not None:
+            settings[setting] = value
+    return TcpProfile.darwin(secret=secret, **settings)
+
+
 def tcp_profile(seed: bytes = b"", root: Path = PROC_SYS) -> TcpProfile:
-    """The host's TCP settings; a value that cannot be read keeps Linux's default.  ``seed``
-    (the instance's key) keys the timestamp clocks."""
+    """The host's TCP settings; a value that cannot be read keeps the platform's default.
+    ``seed`` (the instance's key) keys the timestamp clocks."""
     base = TcpProfile(secret=_secret(seed, root))
+    if sys.platform == "darwin":
+        return darwin_tcp_profile(base.secret)
     if sys.platform != "linux":
         return base
 
