@@ -48,7 +48,16 @@ from ..logs import RateLimit
 from ..steer import Receiver
 from .delivery import Delivery
 from .hostprofile import tcp_profile
-from .platform import DARWIN, RawSender, Route, Sender, interface_addresses, interface_mtu, resolve, route_to
+from .platform import (
+    DARWIN,
+    RawSender,
+    Route,
+    Sender,
+    interface_addresses,
+    interface_mtu,
+    resolve,
+    route_to,
+)
 
 if TYPE_CHECKING:
     from ..service.config import Config
@@ -63,6 +72,9 @@ IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 61 if DARWIN else 49)
 IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 46 if DARWIN else 50)
 BUF = 65536 + 64
 BATCH = 256  # datagrams read per socket per wake-up before yielding to the loop
+# ... and bytes: a read of coalesced segments (GRO) holds up to 64 of them, and what one wake-up
+# reads is held until its pump has sent it on.  Bounds the daemon's memory under a flood.
+READ_BUDGET = 256 << 10
 SOCKBUF = 4 << 20
 ANC = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(4)  # the destination (pktinfo), and GRO's segment size
 UDP_GRO = 104  # <linux/udp.h>: setsockopt to receive coalesced datagrams; the cmsg with their size
@@ -391,8 +403,8 @@ class Relay:
         now = self.loop.time()
         receive = self.endpoint.receive_packet
         try:
-            for pkt in rx.packets(self._buf):
-                receive(pkt, now)
+            for pkt, unfilled in rx.packets(self._buf):
+                receive(pkt, now, unfilled)
         except OSError as e:
             self.tx_errors["rx_" + errno_name(e)] += 1
         self._pump(now)
@@ -525,7 +537,10 @@ class ServerRelay(Relay):
         recvmsg_into = sock.recvmsg_into
         receive = self.endpoint.receive_steered
         fallback = pack_address(self.cfg.local_ip) if self.cfg.local_ip else None
+        got = 0
         for _ in range(BATCH):
+            if got >= READ_BUDGET:
+                break
             try:
                 n, anc, _flags, addr = recvmsg_into((buf,), ANC)
             except (BlockingIOError, InterruptedError):
@@ -533,6 +548,7 @@ class ServerRelay(Relay):
             except OSError as e:  # e.g. ECONNREFUSED from an earlier ICMP: not about this read
                 self.tx_errors["rx_" + errno_name(e)] += 1
                 continue
+            got += n
             dst, seg = _pktinfo_gro(anc)
             dst = dst or fallback
             if dst is None:
@@ -791,7 +807,10 @@ class ClientRelay(Relay):
         now = self.loop.time()
         receive = self.endpoint.receive_steered
         recvmsg_into = sock.recvmsg_into
+        got = 0
         for _ in range(BATCH):
+            if got >= READ_BUDGET:
+                break
             try:
                 n, anc, _flags, addr = recvmsg_into((buf,), ANC)
             except (BlockingIOError, InterruptedError):
@@ -799,6 +818,7 @@ class ClientRelay(Relay):
             except OSError as e:
                 self.tx_errors["rx_" + errno_name(e)] += 1
                 continue
+            got += n
             local, remote = (b"", lport), (socket.inet_pton(family, addr[0].split("%")[0]), addr[1])
             seg = _pktinfo_gro(anc)[1] if anc else 0
             if seg and n > seg:  # coalesced by GRO (see _gro)

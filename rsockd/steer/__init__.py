@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from ..core.faketcp import Role
-from ..core.packet import PROTO_TCP, TCP_CHECK, parse_ip, pseudo_sum, transport_checksum
-from ..errors import PacketError
 
 #: Counter names every backend reports (missing ones read as 0).
 STEER_COUNTERS = (
@@ -93,9 +91,11 @@ class Receiver(Protocol):
 
     def fileno(self) -> int: ...
 
-    def packets(self, buf: bytearray) -> Iterator[memoryview]:
+    def packets(self, buf: bytearray) -> Iterator[tuple[memoryview, bool]]:
         """Read what is ready (non-blocking, bounded) into ``buf``; yield each packet, IP header
-        first.  A yielded view is valid until the next item is requested."""
+        first, and whether its TCP checksum is still to be filled in by a device of this host (a
+        local sender's, with offload: not to be checked).  A yielded view is valid until the next
+        item is requested."""
         ...
 
 
@@ -109,44 +109,33 @@ class PacketSocketReceiver:
     """A Linux ``AF_PACKET``/``SOCK_DGRAM`` socket: one packet per read, already L3.
 
     A segment whose checksum is not filled in yet (``TP_STATUS_CSUMNOTREADY``: sent by a program
-    of this host with checksum offload, across a veth, as the packet send path does) gets it
-    computed here, so that the endpoint's check holds for it as for any other.
+    of this host with checksum offload, across a veth, as the packet send path does) is yielded
+    as such: the field holds only a partial sum, and the data never left the host.
     """
 
-    def __init__(self, sock: socket.socket, batch: int = 256, shared: bool = False) -> None:
+    def __init__(self, sock: socket.socket, batch: int = 256, shared: bool = False, budget: int = 256 << 10) -> None:
         self.sock = sock
         self.batch = batch
+        self.budget = budget  # bytes per call: a read may be a GSO packet of 64 segments
         self.shared = shared
         sock.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def packets(self, buf: bytearray) -> Iterator[memoryview]:
+    def packets(self, buf: bytearray) -> Iterator[tuple[memoryview, bool]]:
         view = memoryview(buf)
         recvmsg_into = self.sock.recvmsg_into
+        got = 0
         for _ in range(self.batch):
+            if got >= self.budget:
+                return
             try:
                 n, anc, _flags, _addr = recvmsg_into((buf,), _AUXDATA)
             except (BlockingIOError, InterruptedError):
                 return
-            if anc and int.from_bytes(anc[0][2][:4], sys.byteorder) & TP_STATUS_CSUMNOTREADY:
-                fill_checksum(view[:n])
-            yield view[:n]
-
-
-def fill_checksum(pkt: memoryview) -> None:
-    """Write the TCP checksum of an IP packet (IPv4 or IPv6 without extension headers) into it;
-    a packet that is not one is left as it is (the endpoint then drops it)."""
-    try:
-        ip, l4 = parse_ip(pkt)
-    except PacketError:
-        return
-    if ip.proto != PROTO_TCP or ip.fragment or len(l4) < 20:
-        return
-    off = len(pkt) - len(l4) + TCP_CHECK
-    pkt[off:off + 2] = b"\0\0"
-    pkt[off:off + 2] = transport_checksum(pseudo_sum(ip.src, ip.dst), l4).to_bytes(2, "big")
+            got += n
+            yield view[:n], bool(anc) and bool(int.from_bytes(anc[0][2][:4], sys.byteorder) & TP_STATUS_CSUMNOTREADY)
 
 
 def split_peers(peers: Iterable[str], backend: str) -> tuple[list[ipaddress.IPv4Address],

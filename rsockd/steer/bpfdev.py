@@ -588,9 +588,10 @@ class BpfDevice:
     def fileno(self) -> int:
         return self.fd
 
-    def packets(self, buf: bytearray) -> Iterator[memoryview]:
-        """Read what is ready and yield each captured IP packet.  ``buf`` is not used: a BPF
-        device must be read with a buffer of exactly its own size, which the device keeps."""
+    def packets(self, buf: bytearray) -> Iterator[tuple[memoryview, bool]]:
+        """Read what is ready and yield each captured IP packet (its checksum always to be
+        checked).  ``buf`` is not used: a BPF device must be read with a buffer of exactly its
+        own size, which the device keeps."""
         for _ in range(READS_PER_WAKEUP):
             try:
                 n = os.readv(self.fd, [self._buf])
@@ -598,7 +599,8 @@ class BpfDevice:
                 return
             if n <= 0:
                 return
-            yield from parse_records(self._buf, n, self.linktype)
+            for pkt in parse_records(self._buf, n, self.linktype):
+                yield pkt, False
 
     def set_filter(self, program: cbpf.Program) -> None:
         """``BIOCSETF``: replace the filter (xnu also flushes the buffer and the counters)."""

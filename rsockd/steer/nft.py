@@ -474,7 +474,7 @@ class SynQueue:
             return None
         return hdr.dport
 
-    def packets(self, buf: bytearray) -> Iterator[memoryview]:
+    def packets(self, buf: bytearray) -> Iterator[tuple[memoryview, bool]]:
         queue = self.queue
         pkts = queue.read(self._rbuf)
         if not pkts:
@@ -497,7 +497,7 @@ class SynQueue:
         for pkt in ours:
             n = len(pkt)
             buf[:n] = pkt
-            yield view[:n]
+            yield view[:n], False  # the queue fills a checksum left to offload in before the copy
 
     def close(self) -> None:
         self.queue.close()

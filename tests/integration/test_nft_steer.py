@@ -137,7 +137,7 @@ def _syn_queue(steering: NftSteering | None) -> SynQueue | None:
 
 def drain(steering: NftSteering) -> list[bytes]:
     buf = bytearray(65536)
-    return [bytes(pkt) for rx in steering.receivers() for pkt in rx.packets(buf)]
+    return [bytes(pkt) for rx in steering.receivers() for pkt, _ in rx.packets(buf)]
 
 
 def tags(frames: list[bytes]) -> set[int]:

@@ -173,11 +173,11 @@ def test_device_reads_until_empty() -> None:
     try:
         a, b, c = ip4(b"1"), ip6(b"22"), ip4(b"333")
         os.write(w, bpf_buffer([eth(0x0800, a), eth(0x86DD, b)], DLT_EN10MB))
-        got = [bytes(p) for p in dev.packets(bytearray(16))]
+        got = [bytes(p) for p, _ in dev.packets(bytearray(16))]
         assert got == [a, b]
         assert list(dev.packets(bytearray(16))) == []  # EAGAIN: nothing more
         os.write(w, bpf_buffer([eth(0x0800, c)], DLT_EN10MB))
-        assert [bytes(p) for p in dev.packets(bytearray(16))] == [c]
+        assert [bytes(p) for p, _ in dev.packets(bytearray(16))] == [c]
     finally:
         dev.close()
         os.close(w)

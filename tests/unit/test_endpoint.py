@@ -16,11 +16,13 @@ from rsockd.core.endpoint import (
     HelloRefused,
     Oversized,
     Policy,
+    ServerEndpoint,
 )
-from rsockd.core.faketcp import State, Timing
-from rsockd.core.packet import parse_tcp
+from rsockd.core.faketcp import Connection, State, Timing
+from rsockd.core.framing import Keyring
+from rsockd.core.packet import ipv4_header, parse_tcp
 
-from .tunnelpair import APP, EndpointPair, wire_segments
+from .tunnelpair import APP, CLI, SRV, EndpointPair, wire_segments
 
 FAST = Timing(keepalive=1.0, dead_timeout=3.0, reconnect_min=0.5, reconnect_max=2.0)
 
@@ -192,3 +194,21 @@ def test_reconfigure_a_new_key_takes_new_connections_and_established_ones_keep_t
     p.client.connect(p.now)
     p.pump()
     assert p.up() == 3
+
+
+def test_a_captured_segment_is_checked_unless_its_checksum_is_still_to_be_filled() -> None:
+    # A capture backend hands over whole IP packets: a wrong checksum is a drop, except where the
+    # capture says the sender's device is still to fill it in (a local sender with offload).
+    server = ServerEndpoint(Policy(key="k"), mtu=1500)
+    server.set_local_addresses({SRV[0]})
+    client = Connection(role="client", local=CLI, remote=SRV, keyring=Keyring.from_secret("k"),
+                        client_id=b"check-me")
+    client.connect(1000.0)
+    (syn,) = client.segments_to_send()
+    bad = bytearray(syn)
+    bad[16:18] = b"\x12\x34"  # not the checksum of this segment
+    pkt = ipv4_header(CLI[0], SRV[0], len(bad)) + bytes(bad)
+    server.receive_packet(memoryview(pkt), 1000.0)
+    assert server.drops["bad_checksum"] == 1 and not server.acceptor.pending
+    server.receive_packet(memoryview(pkt), 1000.0, unfilled=True)
+    assert server.drops["bad_checksum"] == 1 and len(server.acceptor.pending) == 1
