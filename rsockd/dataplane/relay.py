@@ -23,7 +23,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..core.endpoint import (
@@ -144,7 +144,7 @@ class Relay:
         if cfg.send_path == "packet":
             if sys.platform != "linux":
                 raise RsockdError('send_path = "packet" is supported on Linux only; use "raw"')
-            self.packet = self._packet_sender_()
+            self.packet = self._make_packet_sender()
         # (local, remote) address -> its send function and kind ("packet" or "raw")
         self._paths: dict[tuple[bytes, bytes], tuple[Sender, str]] = {}
         self.started = time.time()
@@ -200,7 +200,7 @@ class Relay:
 
     # -- the packet send path -------------------------------------------------------------------
 
-    def _packet_sender_(self) -> PacketSender:
+    def _make_packet_sender(self) -> PacketSender:
         if self._packet_sender is None:
             from .packetsend import PacketSender
 
@@ -217,7 +217,7 @@ class Relay:
             return
         self._bypassed = bypassed
         if bypassed is None:
-            self.packet = self._packet_sender_()
+            self.packet = self._make_packet_sender()
             LOG.info("send path: packet (auto: nothing on this host's egress for it to skip)")
         else:
             if self.packet is not None:
@@ -442,6 +442,14 @@ def _gro(sock: socket.socket) -> None:
             pass  # an older kernel: one datagram per read, as without it
 
 
+def _gro_parts(view: memoryview, n: int, seg: int) -> Sequence[memoryview]:
+    """The datagrams of a read of ``n`` bytes: GRO's coalesced ones cut at its segment size
+    ``seg`` (each one steered segment again, the last maybe shorter), else the one read."""
+    if seg and n > seg:
+        return [view[off:min(off + seg, n)] for off in range(0, n, seg)]
+    return (view[:n],)
+
+
 def _pktinfo_gro(anc: list[tuple[int, int, bytes]]) -> tuple[bytes | None, int]:
     """The header's destination address (pktinfo), and GRO's segment size (0: one datagram)."""
     dst, seg = None, 0
@@ -555,11 +563,8 @@ class ServerRelay(Relay):
                 self.endpoint.drops["malformed"] += 1
                 continue
             local, remote = (dst, port), (socket.inet_pton(family, addr[0].split("%")[0]), addr[1])
-            if seg and n > seg:  # segments GRO coalesced: each is one steered segment again
-                for off in range(0, n, seg):
-                    receive(local, remote, view[off:min(off + seg, n)], now)
-            else:
-                receive(local, remote, view[:n], now)
+            for part in _gro_parts(view, n, seg):
+                receive(local, remote, part, now)
         self._pump(now)
 
     def _on_target(self, key: FlowKey, sock: socket.socket) -> None:
@@ -820,12 +825,8 @@ class ClientRelay(Relay):
                 continue
             got += n
             local, remote = (b"", lport), (socket.inet_pton(family, addr[0].split("%")[0]), addr[1])
-            seg = _pktinfo_gro(anc)[1] if anc else 0
-            if seg and n > seg:  # coalesced by GRO (see _gro)
-                for off in range(0, n, seg):
-                    receive(local, remote, view[off:min(off + seg, n)], now)
-            else:
-                receive(local, remote, view[:n], now)
+            for part in _gro_parts(view, n, _pktinfo_gro(anc)[1] if anc else 0):
+                receive(local, remote, part, now)
         self._pump(now)
 
     def _on_app(self) -> None:
