@@ -105,3 +105,21 @@ def test_framing_parsers_raise_only_frame_error(blob: bytes) -> None:
             fn(blob)
         except FrameError:
             pass
+
+
+def test_a_record_is_as_protocol_md_writes_it() -> None:
+    # docs/protocol.md §3, computed here from its text alone: length, counter, then
+    # tag = BLAKE2b(key=BLAKE2s-256(secret, person "rsockdK1"), digest 8, person "rsockdT2")
+    #       (nonce ‖ direction ‖ counter ‖ frames).
+    import hashlib
+    import struct
+
+    frames = framing.data_frame(7, b"payload")
+    sealer = Keyring.from_secret("k").sealer(NONCE, framing.DIR_SERVER_TO_CLIENT)
+    sealer.seal(b"first")
+    rec = sealer.seal(frames)
+    key = hashlib.blake2s(b"k", digest_size=32, person=b"rsockdK1").digest()
+    counter = struct.pack("!Q", 1)
+    tag = hashlib.blake2b(NONCE + bytes([1]) + counter + frames, key=key, digest_size=8, person=b"rsockdT2").digest()
+    assert rec == struct.pack("!H", 16 + len(frames)) + counter + tag + frames
+    assert framing.PROTOCOL_VERSION == 2
