@@ -380,6 +380,18 @@ check_daemon_workers_under_systemd() {
   for p in $workers; do
     grep -qw "$p" <<<"$procs" || { echo "  worker $p is not in the unit's cgroup"; bad=1; }
   done
+  # The workers report before steering is attached again (the compile takes 30-60 s in this VM);
+  # meanwhile the client's segments meet the server kernel's RST and it reconnects with backoff.
+  # Wait until the new relay holds all 4 connections, then ask for traffic.
+  local up=0
+  for _ in $(seq 1 150); do
+    up=$(rsockctl --instance server --json status 2>/dev/null | python3 -c \
+      'import json, sys; print(json.load(sys.stdin)["status"]["connections"]["by_state"].get("established", 0))' \
+      2>/dev/null)
+    [ "$up" = 4 ] && break
+    sleep 1
+  done
+  echo "  connections up through the workers: ${up:-0}/4"
   expect "UDP round trip through two workers" udp_roundtrip "through workers" || bad=1
   [ $bad = 0 ] || journalctl -q -o cat -u rsockd@server | tail -n 20 | sed 's/^/    journal: /'
   return $bad
