@@ -44,7 +44,6 @@ _PERSON = b"rsockdS1"
 _MASK = 0xFFFFFFFFFFFFFFFF
 _M32 = 0xFFFFFFFF
 SLOT_MASK = _M32
-_V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 
 
 def tag_key(mac_key: bytes) -> bytes:
@@ -112,12 +111,6 @@ def tag_ok(key: bytes, isn: int, tsval: int, wall: float) -> bool:
     return any(syn_tag(key, isn, (slot + d) & _M32) == tsval for d in SLOTS_ACCEPTED)
 
 
-def addr16(packed: bytes) -> bytes:
-    """An address as 16 bytes, IPv4 as IPv4-mapped IPv6 (``::ffff:a.b.c.d``): how the steering
-    maps key a connection (``steer/bpfsys.py``)."""
-    return _V4_MAPPED + packed if len(packed) == 4 else packed
-
-
 def key_words(key: bytes) -> tuple[int, int]:
     """``k0, k1`` as the XDP program's map holds them."""
     k0, k1 = struct.unpack("<QQ", key)
@@ -151,5 +144,5 @@ class SeenSyns:
         return True
 
 
-__all__ = ["SLOTS_ACCEPTED", "SLOT_MASK", "SLOT_SECONDS", "WINDOW_SECONDS", "SeenSyns", "addr16", "key_words",
+__all__ = ["SLOTS_ACCEPTED", "SLOT_MASK", "SLOT_SECONDS", "WINDOW_SECONDS", "SeenSyns", "key_words",
            "message", "siphash24", "slot_of", "syn_tag", "tag_key", "tag_ok"]

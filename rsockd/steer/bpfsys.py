@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core import syntag
+from ..core.packet import pack_address
 from ..errors import SteerError
 from . import STEER_COUNTERS
 
@@ -755,13 +756,19 @@ class PinnedMaps:
         return out
 
 
+_V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
+
+
+def _addr16(addr: str | bytes) -> bytes:
+    """An address as ``struct rsockd_conn`` holds it: 16 bytes, IPv4 as IPv4-mapped IPv6."""
+    packed = pack_address(addr)
+    return _V4_MAPPED + packed if len(packed) == 4 else packed
+
+
 def conn_key(src: str | bytes, dst: str | bytes, sport: int, dport: int) -> bytes:
     """A ``conns`` key: a segment from ``src:sport`` to ``dst:dport`` (addresses textual or packed)."""
-    def packed(a: str | bytes) -> bytes:
-        return a if isinstance(a, bytes) else socket.inet_pton(socket.AF_INET6 if ":" in a else socket.AF_INET, a)
-
     ports = _port(sport).to_bytes(2, "big") + _port(dport).to_bytes(2, "big")
-    return syntag.addr16(packed(src)) + syntag.addr16(packed(dst)) + ports
+    return _addr16(src) + _addr16(dst) + ports
 
 
 def _port(port: int) -> int:
