@@ -7,6 +7,7 @@ daemon would start (warnings do not block).
 from __future__ import annotations
 
 import errno
+import functools
 import importlib.util
 import json
 import os
@@ -61,16 +62,25 @@ _BACKEND_FIX = {"xdp": "install python3-bpfcc and kernel headers, or backend = n
                 "bpfdev": "run as root on macOS"}
 
 
-def check_backend(cfg: Config) -> list[Result]:
-    """The backend the daemon would attach, asked the way it asks (``rsockd.steer.choose``)."""
-    from ..errors import SteerError
+@functools.cache
+def _backends(backend: str) -> dict[str, str | None]:
+    """The candidates for ``backend``, in the daemon's order, each with why it is unavailable
+    (None: usable), asked the way the daemon asks (``rsockd.steer.choose``); raises ``SteerError``.
+    Asked once: ``check_backend`` and ``check_ports`` both need it."""
     from ..steer.choose import candidates, unavailable
 
+    return {name: unavailable(name) for name in candidates(backend)}
+
+
+def check_backend(cfg: Config) -> list[Result]:
+    """The backend the daemon would attach."""
+    from ..errors import SteerError
+
     try:
-        names = candidates(cfg.backend)
+        why = _backends(cfg.backend)
     except SteerError as e:
         return [Result("FAIL", str(e), "backend = auto")]
-    why = {name: unavailable(name) for name in names}
+    names = list(why)
     usable = [name for name in names if why[name] is None]
     if not usable:
         if len(names) == 1:
@@ -125,16 +135,15 @@ def _port_free(fam: int, kind: int, host: str, port: int) -> str | None:
 
 #: Backends that share the tunnel ports' TCP side with a service of the host (port sharing,
 #: docs/security.md): they hand the kernel every segment that is not of rsockd's connections.
-SHARING_BACKENDS = frozenset({"xdp"})
+SHARING_BACKENDS = frozenset({"xdp", "nft"})
 
 
 def _chosen_backend(cfg: Config) -> str | None:
     """The backend the daemon would attach (the first usable candidate), or None."""
     from ..errors import SteerError
-    from ..steer.choose import candidates, unavailable
 
     try:
-        return next((n for n in candidates(cfg.backend) if unavailable(n) is None), None)
+        return next((n for n, why in _backends(cfg.backend).items() if why is None), None)
     except SteerError:
         return None
 

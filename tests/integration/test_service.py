@@ -208,6 +208,19 @@ def test_check_passes_on_a_good_host_and_names_each_problem(tmp_path: Path) -> N
             busy.close()
         assert "xdp" not in net.run("s", ["ip", "link", "show", net.dev["s"]]).stdout
 
+        with net.inside("s"):  # a service on a tunnel port's TCP side: port sharing, both backends
+            web = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            web.bind(("0.0.0.0", 10004))
+            web.listen()
+        try:
+            for backend in ("xdp", "nft"):
+                shared = check(net, "--backend", backend)
+                assert shared.returncode == 0, shared.stdout
+                assert (f"ok    10004/tcp in use by a service of this host: shared with it (the {backend} "
+                        "backend hands it every connection that is not rsockd's)") in shared.stdout, shared.stdout
+        finally:
+            web.close()
+
         bad = tmp_path / "bad.toml"
         bad.write_text('role = "server"\ntarget = "127.0.0.1:9000"\nports = "10010-10001"\n')
         broken = net.run("s", [RSOCKD, "--check", "-f", str(bad)], check=False)
