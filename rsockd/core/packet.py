@@ -224,6 +224,15 @@ def parse_options(data: bytes | bytearray | memoryview) -> TcpOptions:
     return TcpOptions(mss, wscale, sack_perm, ts, tuple(sack), tuple(unknown))
 
 
+def _padded(out: bytearray) -> bytes:
+    """Options padded to a multiple of 4 with EOL, refused past the header's 40 bytes."""
+    if len(out) % 4:
+        out += bytes(4 - len(out) % 4)
+    if len(out) > TCP_MAX_HEADER - TCP_MIN_HEADER:
+        raise ValueError("TCP options longer than 40 bytes")
+    return bytes(out)
+
+
 def build_options(
     *,
     mss: int | None = None,
@@ -248,11 +257,7 @@ def build_options(
             out += struct.pack("!BBBBII", OPT_NOP, OPT_NOP, OPT_TIMESTAMPS, 10, *timestamps)
     if wscale is not None:
         out += bytes((OPT_NOP, OPT_WSCALE, 3, wscale))
-    if len(out) % 4:
-        out += bytes(4 - len(out) % 4)  # EOL padding
-    if len(out) > TCP_MAX_HEADER - TCP_MIN_HEADER:
-        raise ValueError("TCP options longer than 40 bytes")
-    return bytes(out)
+    return _padded(out)
 
 
 def build_options_darwin(
@@ -278,11 +283,7 @@ def build_options_darwin(
         out += struct.pack("!BBBBII", OPT_NOP, OPT_NOP, OPT_TIMESTAMPS, 10, *timestamps)
     if sack_permitted:
         out += bytes((OPT_SACK_PERMITTED, 2))
-    if len(out) % 4:
-        out += bytes(4 - len(out) % 4)  # EOL padding
-    if len(out) > TCP_MAX_HEADER - TCP_MIN_HEADER:
-        raise ValueError("TCP options longer than 40 bytes")
-    return bytes(out)
+    return _padded(out)
 
 
 # ---------------------------------------------------------------------------------------------
