@@ -30,6 +30,13 @@ class Result:
 
 def check_python() -> list[Result]:
     out = [Result("ok", f"python {sys.version.split()[0]}")]
+    from .. import PURE, compiled
+
+    if compiled():
+        out.append(Result("ok", "core compiled (mypyc)"))
+    else:
+        out.append(Result("ok", "core interpreted" + (" (RSOCKD_PURE or a stale build)" if PURE else ""),
+                          "a build with mypyc installed compiles it: several times less CPU per datagram"))
     for mod, pkg, need in (("sdnotify", "python3-sdnotify", False),
                            ("nftables", "python3-nftables", False), ("bcc", "python3-bpfcc", False)):
         if importlib.util.find_spec(mod) is None:

@@ -217,7 +217,8 @@ def parse_options(data: bytes | bytearray | memoryview) -> TcpOptions:
         elif kind == OPT_SACK:
             if (length - 2) % 8:
                 raise PacketError(f"SACK option length {length} is not 2 + 8n")
-            sack.extend(struct.unpack_from("!II", body, j) for j in range(0, length - 2, 8))
+            sack.extend((int.from_bytes(body[j:j + 4], "big"), int.from_bytes(body[j + 4:j + 8], "big"))
+                        for j in range(0, length - 2, 8))
         else:
             unknown.append((kind, body))
         i += length

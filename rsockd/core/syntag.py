@@ -34,7 +34,6 @@ reference vectors.
 from __future__ import annotations
 
 import hashlib
-import struct
 from collections import OrderedDict
 
 SLOT_SECONDS = 64
@@ -77,7 +76,7 @@ def _rounds(count: int, v0: int, v1: int, v2: int, v3: int) -> tuple[int, int, i
 
 def siphash24(key: bytes, data: bytes) -> int:
     """SipHash-2-4 of ``data`` under a 16-byte ``key`` (Aumasson & Bernstein), as an integer."""
-    k0, k1 = struct.unpack("<QQ", key)
+    k0, k1 = int.from_bytes(key[:8], "little"), int.from_bytes(key[8:16], "little")
     v0 = k0 ^ 0x736F6D6570736575
     v1 = k1 ^ 0x646F72616E646F6D
     v2 = k0 ^ 0x6C7967656E657261
@@ -113,7 +112,7 @@ def tag_ok(key: bytes, isn: int, tsval: int, wall: float) -> bool:
 
 def key_words(key: bytes) -> tuple[int, int]:
     """``k0, k1`` as the XDP program's map holds them."""
-    k0, k1 = struct.unpack("<QQ", key)
+    k0, k1 = int.from_bytes(key[:8], "little"), int.from_bytes(key[8:16], "little")
     return k0, k1
 
 

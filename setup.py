@@ -1,0 +1,41 @@
+"""Build rsockd, compiling its typed pure core with mypyc when mypyc is there.
+
+Everything else is in pyproject.toml.  The compiled modules are the same source: the
+interpreter imports a module's extension before its ``.py``, and ``RSOCKD_PURE=1`` at run time
+makes it take the ``.py`` (rsockd/__init__.py).  ``RSOCKD_COMPILE=0`` builds the pure package
+(also what happens when mypyc cannot be imported); ``RSOCKD_COMPILE=1`` makes a missing mypyc an
+error instead.  docs/design.md "The compiled core" says which modules and why.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+# The pure core (rsockd/core, every module but the package's own): the endpoint, the TCP state
+# machine, records and tags, the packet builder: the per-datagram path.  One shared library
+# (calls between them stay native), inside the package.
+COMPILED = sorted(str(p) for p in Path("rsockd/core").glob("*.py") if p.name != "__init__.py")
+
+
+def ext_modules() -> list:  # type: ignore[type-arg]
+    want = os.environ.get("RSOCKD_COMPILE", "auto")
+    if want == "0":
+        return []
+    try:
+        from mypyc.build import mypycify
+    except ImportError:
+        if want == "1":
+            sys.exit("setup.py: RSOCKD_COMPILE=1 but mypyc is not installed")
+        print("setup.py: mypyc not installed: building the pure-Python package", file=sys.stderr)
+        return []
+    try:  # the shared library inside the package, where mypyc can name it (1.3+)
+        return mypycify(COMPILED, opt_level="3", debug_level="0", group_name="rsockd.core._native")
+    except TypeError:  # an older mypyc (Debian bookworm's 1.0): a top-level module of its own
+        return mypycify(COMPILED, opt_level="3", debug_level="0")
+
+
+setup(ext_modules=ext_modules())

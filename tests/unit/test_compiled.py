@@ -1,0 +1,61 @@
+"""The compiled core (setup.py, mypyc) and the switch back to its source (``RSOCKD_PURE``).
+
+``scripts/test`` runs the unit tests twice: on the compiled core, then with ``RSOCKD_PURE=1``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+import rsockd
+from rsockd.core import endpoint, faketcp, framing
+
+ROOT = Path(__file__).resolve().parents[2]
+STAMP = ROOT / "rsockd" / "core" / "_native.sha256"
+
+
+def _probe(env: dict[str, str]) -> str:
+    code = "import rsockd; print(rsockd.compiled(), rsockd.PURE)"
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, cwd=ROOT,
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_this_run_takes_what_it_asked_for() -> None:
+    """Under ``RSOCKD_PURE=1`` nothing compiled is loaded; otherwise a tree built by
+    scripts/setup runs its build (a stale one would fall back, and this fails)."""
+    if rsockd.PURE:
+        assert not rsockd.compiled()
+        assert all(m.__file__ and m.__file__.endswith(".py") for m in (endpoint, faketcp, framing))
+    elif STAMP.exists():
+        assert rsockd.compiled()
+        assert STAMP.read_text().strip() == rsockd.core_digest()
+    else:
+        pytest.skip("no compiled build in this tree")
+
+
+@pytest.mark.skipif(not STAMP.exists(), reason="no compiled build in this tree")
+def test_pure_switch_takes_the_source() -> None:
+    assert _probe({"RSOCKD_PURE": "1"}) == "False True"
+    assert _probe({"RSOCKD_PURE": "0"}) == "True False"
+
+
+@pytest.mark.skipif(not STAMP.exists(), reason="no compiled build in this tree")
+def test_a_stale_build_never_runs(tmp_path: Path) -> None:
+    """A core module edited after the build: the tree runs its source, and says why."""
+    shutil.copytree(ROOT / "rsockd", tmp_path / "rsockd", ignore=shutil.ignore_patterns("__pycache__"))
+    code = "import rsockd; print(rsockd.compiled(), rsockd.PURE)"
+    run = partial(subprocess.run, [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                  check=True, env={k: v for k, v in os.environ.items() if k != "RSOCKD_PURE"})
+    assert run().stdout.strip() == "True False"  # the copy as built
+    with open(tmp_path / "rsockd" / "core" / "counters.py", "a") as f:
+        f.write("# edited\n")
+    done = run()
+    assert done.stdout.strip() == "False True"
+    assert "compiled core is older than its source" in done.stderr
