@@ -6,35 +6,38 @@ macOS ioctls are imported only inside their backends (``rsockd.steer``).
 The core (``rsockd.core``) may be compiled with mypyc (setup.py, docs/design.md "The compiled
 core"): the interpreter then imports each module's extension before its ``.py``.  The source is
 taken instead when ``RSOCKD_PURE=1`` is in the environment, or in a source tree whose build is
-older than its source (the digest ``scripts/setup`` leaves in ``rsockd/core/_native.sha256``
+older than its source (the digest ``scripts/setup`` leaves in ``rsockd/core/_native.stamp``
 differs): a stale build never runs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
-from pathlib import Path
+import zlib
 
 __version__ = "0.1.0"
 
-_CORE = Path(__file__).parent / "core"
-_STAMP = _CORE / "_native.sha256"
+_CORE = os.path.join(os.path.dirname(__file__), "core")
+_STAMP = os.path.join(_CORE, "_native.stamp")
 
 
 def core_digest() -> str:
-    """The hash of the core's source: the modules that a compiled build compiles."""
-    h = hashlib.sha256()
-    for p in sorted(_CORE.glob("*.py")):
-        if p.name != "__init__.py":
-            h.update(p.name.encode() + b"\0" + p.read_bytes())
-    return h.hexdigest()
+    """A checksum of the core's source: the modules that a compiled build compiles.  (zlib, not
+    hashlib: this runs before rsockd.service.entry keeps OpenSSL out of the daemon, and it only
+    tells a build from an edit.)"""
+    crc = 0
+    for name in sorted(os.listdir(_CORE)):
+        if name.endswith(".py") and name != "__init__.py":
+            with open(os.path.join(_CORE, name), "rb") as f:
+                crc = zlib.crc32(name.encode() + b"\0" + f.read(), crc)
+    return f"crc32:{crc:08x}"
 
 
 def _stale_build() -> bool:
     try:
-        built = _STAMP.read_text().strip()
+        with open(_STAMP) as f:
+            built = f.read().strip()
     except OSError:
         return False  # an installed package (no stamp): its build is its source
     if built == core_digest():

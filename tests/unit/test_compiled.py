@@ -18,7 +18,7 @@ import rsockd
 from rsockd.core import endpoint, faketcp, framing
 
 ROOT = Path(__file__).resolve().parents[2]
-STAMP = ROOT / "rsockd" / "core" / "_native.sha256"
+STAMP = ROOT / "rsockd" / "core" / "_native.stamp"
 
 
 def _probe(env: dict[str, str]) -> str:
