@@ -824,8 +824,11 @@ def _git(*args: str) -> str:
 def code_info() -> dict[str, Any]:
     """Which rsockd was measured: the working tree, its commit, and the files of rsockd/ and bpf/
     changed since that commit."""
+    import rsockd  # the daemons' environment is this one: RSOCKD_PURE, the tree's build
+
     dirty = [line[3:] for line in _git("status", "--porcelain", "--", "rsockd", "bpf").splitlines()]
-    return {"source": "working tree", "commit": _git("rev-parse", "--short=12", "HEAD") or None, "dirty": dirty}
+    return {"source": "working tree", "commit": _git("rev-parse", "--short=12", "HEAD") or None, "dirty": dirty,
+            "core": "compiled" if rsockd.compiled() else "interpreted"}
 
 
 def export_rsockd(rev: str, dest: Path) -> dict[str, Any]:
@@ -839,7 +842,7 @@ def export_rsockd(rev: str, dest: Path) -> dict[str, Any]:
                              check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     (dest / "bpf").rename(dest / "rsockd" / "bpf")
-    return {"source": f"git archive {rev}", "commit": sha, "dirty": []}
+    return {"source": f"git archive {rev}", "commit": sha, "dirty": [], "core": "interpreted"}
 
 
 def ratios(data: dict[str, Any]) -> dict[str, Any]:
