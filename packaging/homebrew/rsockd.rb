@@ -25,8 +25,9 @@ class Rsockd < Formula
 
   # No resource blocks: of pyproject.toml's dependencies, pyroute2 and sdnotify are marked
   # sys_platform == 'linux' and tomli python_version < '3.11', so on macOS with Python 3.12 rsockd
-  # needs nothing from PyPI at run time.  (The build backend, setuptools, comes into pip's
-  # isolated build environment: virtualenv_install_with_resources builds with isolation.)
+  # needs nothing from PyPI at run time.  (The build requirements, setuptools and mypy, come into
+  # pip's isolated build environment: virtualenv_install_with_resources builds with isolation;
+  # mypyc then compiles rsockd's core with the Xcode command line tools' clang, setup.py.)
   # tests/unit/test_homebrew_formula.py keeps the resources equal to pyproject's non-Linux
   # dependencies.
 
