@@ -59,3 +59,11 @@ def test_a_stale_build_never_runs(tmp_path: Path) -> None:
     done = run()
     assert done.stdout.strip() == "False True"
     assert "compiled core is older than its source" in done.stderr
+
+
+def test_check_says_which_core_runs() -> None:
+    from rsockd.cli.check import check_python
+
+    said = [r.what for r in check_python() if r.what.startswith("core ")]
+    assert said == (["core compiled (mypyc)"] if rsockd.compiled() else
+                    ["core interpreted" + (" (RSOCKD_PURE or a stale build)" if rsockd.PURE else "")])
