@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 from setuptools import setup
 
-# The pure core (rsockd/core, every module but the package's own): the endpoint, the TCP state
-# machine, records and tags, the packet builder: the per-datagram path.  One shared library
-# (calls between them stay native), inside the package.
-COMPILED = sorted(str(p) for p in Path("rsockd/core").glob("*.py") if p.name != "__init__.py")
+# What rsockd.NATIVE names: the pure core and the dataplane's per-datagram modules, as one shared
+# library inside the package (calls between them stay native).  rsockd/__init__.py reads only
+# the standard library; RSOCKD_PURE keeps it from looking for a build of its own.
+os.environ["RSOCKD_PURE"] = "1"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from rsockd import native_sources
+
+COMPILED = [os.path.relpath(p) for p in native_sources()]
 
 
 def ext_modules() -> list:  # type: ignore[type-arg]

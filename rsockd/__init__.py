@@ -3,8 +3,9 @@
 Importing the package loads nothing platform-specific: bcc, nftables and the
 macOS ioctls are imported only inside their backends (``rsockd.steer``).
 
-The core (``rsockd.core``) may be compiled with mypyc (setup.py, docs/design.md "The compiled
-core"): the interpreter then imports each module's extension before its ``.py``.  The source is
+The core (``rsockd.core``) and the dataplane's per-datagram modules may be compiled with mypyc
+(setup.py, ``NATIVE``, docs/design.md "The compiled core"): the interpreter then imports each
+module's extension before its ``.py``.  The source is
 taken instead when ``RSOCKD_PURE=1`` is in the environment, or in a source tree whose build is
 older than its source (the digest ``scripts/setup`` leaves in ``rsockd/core/_native.stamp``
 differs): a stale build never runs.
@@ -18,19 +19,31 @@ import zlib
 
 __version__ = "0.1.0"
 
-_CORE = os.path.join(os.path.dirname(__file__), "core")
-_STAMP = os.path.join(_CORE, "_native.stamp")
+_STAMP = os.path.join(os.path.dirname(__file__), "core", "_native.stamp")
 
 
-def core_digest() -> str:
-    """A checksum of the core's source: the modules that a compiled build compiles.  (zlib, not
-    hashlib: this runs before rsockd.service.entry keeps OpenSSL out of the daemon, and it only
-    tells a build from an edit.)"""
+#: What a build compiles (setup.py), relative to the package: the pure core, and the dataplane
+#: modules that every datagram passes through.
+NATIVE = ("core/*.py", "dataplane/relay.py", "dataplane/delivery.py", "dataplane/packetsend.py")
+
+
+def native_sources() -> list[str]:
+    """The source files a compiled build compiles (``__init__.py`` files never are)."""
+    import glob
+
+    base = os.path.dirname(__file__)
+    return sorted(p for pattern in NATIVE for p in glob.glob(os.path.join(base, pattern))
+                  if os.path.basename(p) != "__init__.py")
+
+
+def native_digest() -> str:
+    """A checksum of what a build compiles.  (zlib, not hashlib: this runs before
+    rsockd.service.entry keeps OpenSSL out of the daemon, and it only tells a build from an
+    edit.)"""
     crc = 0
-    for name in sorted(os.listdir(_CORE)):
-        if name.endswith(".py") and name != "__init__.py":
-            with open(os.path.join(_CORE, name), "rb") as f:
-                crc = zlib.crc32(name.encode() + b"\0" + f.read(), crc)
+    for path in native_sources():
+        with open(path, "rb") as f:
+            crc = zlib.crc32(os.path.basename(path).encode() + b"\0" + f.read(), crc)
     return f"crc32:{crc:08x}"
 
 
@@ -40,9 +53,9 @@ def _stale_build() -> bool:
             built = f.read().strip()
     except OSError:
         return False  # an installed package (no stamp): its build is its source
-    if built == core_digest():
+    if built == native_digest():
         return False
-    print("rsockd: the compiled core is older than its source: running the source "
+    print("rsockd: the compiled build is older than its source: running the source "
           "(./scripts/setup rebuilds it)", file=sys.stderr)
     return True
 

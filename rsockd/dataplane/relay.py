@@ -24,7 +24,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ..core.endpoint import (
     ClientEndpoint,
@@ -121,11 +121,14 @@ def peer_text(remote: HostPort) -> str:
     return f"{a}:{remote[1]}" if fam == socket.AF_INET else f"[{a}]:{remote[1]}"
 
 
-class Relay:
+E = TypeVar("E", ServerEndpoint, ClientEndpoint)
+
+
+class Relay(Generic[E]):
     """What both roles share: sending, the timer, the pump, reading packet sockets."""
 
     role = ""
-    endpoint: ServerEndpoint | ClientEndpoint
+    endpoint: E
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -467,11 +470,10 @@ def _pktinfo_gro(anc: list[tuple[int, int, bytes]]) -> tuple[bytes | None, int]:
 # Server
 
 
-class ServerRelay(Relay):
+class ServerRelay(Relay[ServerEndpoint]):
     """Serves the tunnel ports: their sockets, and one UDP socket towards ``target`` per flow."""
 
     role = "server"
-    endpoint: ServerEndpoint
 
     def __init__(self, cfg: Config, policy: Policy, ports: tuple[int, ...] | None = None) -> None:
         super().__init__(cfg)
@@ -660,11 +662,10 @@ class ServerRelay(Relay):
 # Client
 
 
-class ClientRelay(Relay):
+class ClientRelay(Relay[ClientEndpoint]):
     """Listens on ``listen`` and owns one local port (TCP reserved + UDP bound) per server port."""
 
     role = "client"
-    endpoint: ClientEndpoint
 
     def __init__(self, cfg: Config, policy: Policy, client_id: bytes | None = None,
                  flows: FlowTable | None = None) -> None:

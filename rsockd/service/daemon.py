@@ -59,7 +59,7 @@ class Daemon:
         self.cfg = cfg
         self.argv = list(argv)  # re-read on SIGHUP
         self.notifier = notifier or Notifier()
-        self.relay: Relay | None = None
+        self.relay: Relay[Any] | None = None
         self.steering: Steering | None = None
         self.control: ControlServer | None = None
         self.plan: SteerPlan | None = None
@@ -100,11 +100,11 @@ class Daemon:
             await self._tear_down()
         return self.exit_code
 
-    async def _bring_up(self, keep: Relay | None = None) -> None:
+    async def _bring_up(self, keep: Relay[Any] | None = None) -> None:
         """Bind, attach, start.  ``keep``: a client relay whose identity (client id, flows) to carry
         over, so the server keeps the session and its flows."""
         cfg = self.cfg
-        relay: Relay
+        relay: Relay[Any]
         if cfg.role == "server":
             relay = ServerRelay(cfg, policy_of(cfg), share(cfg.ports, cfg.workers, 0))
         elif isinstance(keep, ClientRelay):

@@ -15,7 +15,7 @@ from ..dataplane.relay import ClientRelay, Relay, ServerRelay, peer_text
 SUMMED = ("sessions", "flows", "half_open", "connections", "traffic", "drops", "tx_errors")
 
 
-def connection_row(relay: Relay, conn: Connection, now: float) -> dict[str, Any]:
+def connection_row(relay: Relay[Any], conn: Connection, now: float) -> dict[str, Any]:
     """One row of ``rsockctl ports``."""
     return {
         "transport": conn.transport,
@@ -37,12 +37,12 @@ def connection_row(relay: Relay, conn: Connection, now: float) -> dict[str, Any]
     }
 
 
-def connection_rows(relay: Relay) -> list[dict[str, Any]]:
+def connection_rows(relay: Relay[Any]) -> list[dict[str, Any]]:
     now = relay.loop.time()
     return [connection_row(relay, c, now) for c in relay.connections()]
 
 
-def _role_status(relay: Relay) -> dict[str, Any]:
+def _role_status(relay: Relay[Any]) -> dict[str, Any]:
     if isinstance(relay, ServerRelay):
         ep: ServerEndpoint = relay.endpoint
         sessions = ep.sessions.sessions
@@ -65,7 +65,7 @@ def _role_status(relay: Relay) -> dict[str, Any]:
     }
 
 
-def relay_status(relay: Relay) -> dict[str, Any]:
+def relay_status(relay: Relay[Any]) -> dict[str, Any]:
     """The part of ``rsockctl status`` a relay answers (a worker sends this to the daemon)."""
     ep = relay.endpoint
     detail = _role_status(relay)

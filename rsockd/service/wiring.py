@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from ..core.endpoint import Policy
 from ..core.faketcp import Timing
@@ -22,7 +23,7 @@ def policy_of(cfg: Config) -> Policy:
                   max_conns_per_client=cfg.max_conns_per_client, hello_skew=cfg.hello_skew)
 
 
-def apply_live(relay: Relay, new: Config, changed: set[str]) -> None:
+def apply_live(relay: Relay[Any], new: Config, changed: set[str]) -> None:
     """Apply the ``LIVE_KEYS`` in ``changed`` to a running relay (the daemon's or a worker's)."""
     relay.cfg = new
     if "log_level" in changed:

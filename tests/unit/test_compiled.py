@@ -16,6 +16,7 @@ import pytest
 
 import rsockd
 from rsockd.core import endpoint, faketcp, framing
+from rsockd.dataplane import delivery, packetsend, relay
 
 ROOT = Path(__file__).resolve().parents[2]
 STAMP = ROOT / "rsockd" / "core" / "_native.stamp"
@@ -32,10 +33,11 @@ def test_this_run_takes_what_it_asked_for() -> None:
     scripts/setup runs its build (a stale one would fall back, and this fails)."""
     if rsockd.PURE:
         assert not rsockd.compiled()
-        assert all(m.__file__ and m.__file__.endswith(".py") for m in (endpoint, faketcp, framing))
+        assert all(m.__file__ and m.__file__.endswith(".py") for m in (endpoint, faketcp, framing, relay))
     elif STAMP.exists():
         assert rsockd.compiled()
-        assert STAMP.read_text().strip() == rsockd.core_digest()
+        assert not any((m.__file__ or ".py").endswith(".py") for m in (relay, delivery, packetsend))
+        assert STAMP.read_text().strip() == rsockd.native_digest()
     else:
         pytest.skip("no compiled build in this tree")
 
@@ -47,18 +49,19 @@ def test_pure_switch_takes_the_source() -> None:
 
 
 @pytest.mark.skipif(not STAMP.exists(), reason="no compiled build in this tree")
-def test_a_stale_build_never_runs(tmp_path: Path) -> None:
-    """A core module edited after the build: the tree runs its source, and says why."""
+@pytest.mark.parametrize("edited", ["core/counters.py", "dataplane/delivery.py"])
+def test_a_stale_build_never_runs(tmp_path: Path, edited: str) -> None:
+    """A compiled module edited after the build: the tree runs its source, and says why."""
     shutil.copytree(ROOT / "rsockd", tmp_path / "rsockd", ignore=shutil.ignore_patterns("__pycache__"))
     code = "import rsockd; print(rsockd.compiled(), rsockd.PURE)"
     run = partial(subprocess.run, [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                   check=True, env={k: v for k, v in os.environ.items() if k != "RSOCKD_PURE"})
     assert run().stdout.strip() == "True False"  # the copy as built
-    with open(tmp_path / "rsockd" / "core" / "counters.py", "a") as f:
+    with open(tmp_path / "rsockd" / edited, "a") as f:
         f.write("# edited\n")
     done = run()
     assert done.stdout.strip() == "False True"
-    assert "compiled core is older than its source" in done.stderr
+    assert "compiled build is older than its source" in done.stderr
 
 
 def test_check_says_which_core_runs() -> None:
