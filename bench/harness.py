@@ -815,10 +815,12 @@ def machine_info(o: Options) -> dict[str, Any]:
             "veth_offload": o.offload}
 
 
-def _git(*args: str) -> str:
+def _git(*args: str, strip: bool = True) -> str:
     r = subprocess.run(["git", "--no-optional-locks", "-C", str(REPO), *args], capture_output=True, text=True,
                        check=False)
-    return r.stdout.strip() if r.returncode == 0 else ""
+    if r.returncode != 0:
+        return ""
+    return r.stdout.strip() if strip else r.stdout
 
 
 def code_info() -> dict[str, Any]:
@@ -826,7 +828,8 @@ def code_info() -> dict[str, Any]:
     changed since that commit."""
     import rsockd  # the daemons' environment is this one: RSOCKD_PURE, the tree's build
 
-    dirty = [line[3:] for line in _git("status", "--porcelain", "--", "rsockd", "bpf").splitlines()]
+    # unstripped: a porcelain line starts with its two status columns, the first maybe a space
+    dirty = [line[3:] for line in _git("status", "--porcelain", "--", "rsockd", "bpf", strip=False).splitlines()]
     return {"source": "working tree", "commit": _git("rev-parse", "--short=12", "HEAD") or None, "dirty": dirty,
             "core": "compiled" if rsockd.compiled() else "interpreted"}
 

@@ -1,0 +1,29 @@
+"""The benchmark names the code it measured: the commit, and the files changed since."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bench import harness
+
+
+def test_dirty_paths_are_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A porcelain line starts with two status columns, the first a space for an unstaged change:
+    the first path of the list keeps its first letter."""
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    (tmp_path / "rsockd").mkdir()
+    for name in ("a.py", "b.py"):
+        (tmp_path / "rsockd" / name).write_text("x = 1\n")
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    (tmp_path / "rsockd" / "a.py").write_text("x = 2\n")  # " M": unstaged
+    (tmp_path / "rsockd" / "b.py").write_text("x = 3\n")
+    subprocess.run([*git, "add", "rsockd/b.py"], check=True)  # "M ": staged
+    monkeypatch.setattr(harness, "REPO", tmp_path)
+    info = harness.code_info()
+    assert info["dirty"] == ["rsockd/a.py", "rsockd/b.py"]
+    assert info["commit"] and info["core"] in ("compiled", "interpreted")
