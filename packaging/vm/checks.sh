@@ -405,15 +405,17 @@ check_daemon_packet_send_path_under_systemd() {
   local bad=0 paths
   echo 'send_path = "packet"' >> /etc/rsockd/client.toml
   expect "systemctl reload rsockd@client (send_path = \"packet\")" systemctl reload rsockd@client || bad=1
-  expect "UDP round trip" udp_roundtrip "packet send path" || bad=1
-  for _ in $(seq 1 30); do
-    paths=$(rsockctl --instance client --json ports 2>/dev/null | python3 -c \
-      'import json, sys; print(" ".join(sorted({c["send_path"] for c in json.load(sys.stdin)["ports"]["connections"]})))' \
+  # The reload re-attaches steering (a bcc compile of 30-60 s in this VM) and systemctl returns
+  # before it is done: wait until the rebuilt relay holds all 4 connections on packet sockets.
+  local up=0
+  for _ in $(seq 1 150); do
+    read -r up paths < <(rsockctl --instance client --json ports 2>/dev/null | python3 -c \
+      'import json, sys; c = json.load(sys.stdin)["ports"]["connections"]; print(sum(x["state"] == "established" for x in c), " ".join(sorted({x["send_path"] for x in c})))' \
       2>/dev/null)
-    [ "$paths" = packet ] && break
+    [ "$paths" = packet ] && [ "$up" = 4 ] && break
     sleep 1
   done
-  echo "  client send paths: $paths"
+  echo "  client send paths: $paths; connections established: ${up:-0}/4"
   [ "$paths" = packet ] || { echo "  the client's connections are not on the packet send path"; bad=1; }
   expect "UDP round trip on the packet send path" udp_roundtrip "through packet sockets" || bad=1
   journalctl -q -o cat -u rsockd@client | grep -q "cannot open a packet socket" \
