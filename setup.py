@@ -1,4 +1,4 @@
-"""Build rsockd, compiling its typed pure core with mypyc when mypyc is there.
+"""Build rsockd, compiling with mypyc, when mypyc is there, the modules ``rsockd.NATIVE`` names.
 
 Everything else is in pyproject.toml.  The compiled modules are the same source: the
 interpreter imports a module's extension before its ``.py``, and ``RSOCKD_PURE=1`` at run time

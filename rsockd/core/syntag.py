@@ -76,7 +76,7 @@ def _rounds(count: int, v0: int, v1: int, v2: int, v3: int) -> tuple[int, int, i
 
 def siphash24(key: bytes, data: bytes) -> int:
     """SipHash-2-4 of ``data`` under a 16-byte ``key`` (Aumasson & Bernstein), as an integer."""
-    k0, k1 = int.from_bytes(key[:8], "little"), int.from_bytes(key[8:16], "little")
+    k0, k1 = key_words(key)
     v0 = k0 ^ 0x736F6D6570736575
     v1 = k1 ^ 0x646F72616E646F6D
     v2 = k0 ^ 0x6C7967656E657261

@@ -22,10 +22,10 @@ ROOT = Path(__file__).resolve().parents[2]
 STAMP = ROOT / "rsockd" / "core" / "_native.stamp"
 
 
-def _probe(env: dict[str, str]) -> str:
+def _probe(env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """A fresh interpreter's answer in ``cwd``'s tree: ``compiled() PURE``, on stdout."""
     code = "import rsockd; print(rsockd.compiled(), rsockd.PURE)"
-    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, cwd=ROOT,
-                          capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, check=True)
 
 
 def test_this_run_takes_what_it_asked_for() -> None:
@@ -44,8 +44,8 @@ def test_this_run_takes_what_it_asked_for() -> None:
 
 @pytest.mark.skipif(not STAMP.exists(), reason="no compiled build in this tree")
 def test_pure_switch_takes_the_source() -> None:
-    assert _probe({"RSOCKD_PURE": "1"}) == "False True"
-    assert _probe({"RSOCKD_PURE": "0"}) == "True False"
+    assert _probe({**os.environ, "RSOCKD_PURE": "1"}).stdout.strip() == "False True"
+    assert _probe({**os.environ, "RSOCKD_PURE": "0"}).stdout.strip() == "True False"
 
 
 @pytest.mark.skipif(not STAMP.exists(), reason="no compiled build in this tree")
@@ -53,9 +53,7 @@ def test_pure_switch_takes_the_source() -> None:
 def test_a_stale_build_never_runs(tmp_path: Path, edited: str) -> None:
     """A compiled module edited after the build: the tree runs its source, and says why."""
     shutil.copytree(ROOT / "rsockd", tmp_path / "rsockd", ignore=shutil.ignore_patterns("__pycache__"))
-    code = "import rsockd; print(rsockd.compiled(), rsockd.PURE)"
-    run = partial(subprocess.run, [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                  check=True, env={k: v for k, v in os.environ.items() if k != "RSOCKD_PURE"})
+    run = partial(_probe, {k: v for k, v in os.environ.items() if k != "RSOCKD_PURE"}, tmp_path)
     assert run().stdout.strip() == "True False"  # the copy as built
     with open(tmp_path / "rsockd" / edited, "a") as f:
         f.write("# edited\n")
