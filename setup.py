@@ -12,14 +12,14 @@ from __future__ import annotations
 import os
 import sys
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 # What rsockd.NATIVE names: the pure core and the dataplane's per-datagram modules, as one shared
 # library inside the package (calls between them stay native).  rsockd/__init__.py reads only
 # the standard library; RSOCKD_PURE keeps it from looking for a build of its own.
 os.environ["RSOCKD_PURE"] = "1"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from rsockd import native_sources
+from rsockd import C_EXTENSIONS, native_sources
 
 COMPILED = [os.path.relpath(p) for p in native_sources()]
 
@@ -41,4 +41,13 @@ def ext_modules() -> list:  # type: ignore[type-arg]
         return mypycify(COMPILED, opt_level="3", debug_level="0")
 
 
-setup(ext_modules=ext_modules())
+def c_extensions() -> list[Extension]:
+    """The C extensions (rsockd.C_EXTENSIONS: Linux only, they read sockets with recvmmsg), built
+    whenever the package compiles anything; ``RSOCKD_COMPILE=0`` leaves them out too."""
+    if os.environ.get("RSOCKD_COMPILE", "auto") == "0" or not sys.platform.startswith("linux"):
+        return []
+    return [Extension(name, [os.path.join("rsockd", src)], extra_compile_args=["-O2", "-std=gnu11"])
+            for name, src in C_EXTENSIONS.items()]
+
+
+setup(ext_modules=[*ext_modules(), *c_extensions()])

@@ -831,7 +831,14 @@ def code_info() -> dict[str, Any]:
     # unstripped: a porcelain line starts with its two status columns, the first maybe a space
     dirty = [line[3:] for line in _git("status", "--porcelain", "--", "rsockd", "bpf", strip=False).splitlines()]
     return {"source": "working tree", "commit": _git("rev-parse", "--short=12", "HEAD") or None, "dirty": dirty,
-            "core": "compiled" if rsockd.compiled() else "interpreted"}
+            "core": "compiled" if rsockd.compiled() else "interpreted", "reader": _reader()}
+
+
+def _reader() -> str:
+    """Which reader of the tunnel sockets the daemons run: "compiled" (C) or "python"."""
+    from rsockd.dataplane.relay import _steered_reader
+
+    return "compiled" if _steered_reader() is not None else "python"
 
 
 def export_rsockd(rev: str, dest: Path) -> dict[str, Any]:
@@ -845,7 +852,7 @@ def export_rsockd(rev: str, dest: Path) -> dict[str, Any]:
                              check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     (dest / "bpf").rename(dest / "rsockd" / "bpf")
-    return {"source": f"git archive {rev}", "commit": sha, "dirty": [], "core": "interpreted"}
+    return {"source": f"git archive {rev}", "commit": sha, "dirty": [], "core": "interpreted", "reader": "python"}
 
 
 def ratios(data: dict[str, Any]) -> dict[str, Any]:

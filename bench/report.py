@@ -180,7 +180,8 @@ def render(data: dict[str, Any]) -> str:
            f"machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gb']} GB, kernel {m['kernel']}, "
            f"Python {m['python']}; veth tx offload {'on' if m['veth_offload'] else 'off'}; "
            f"other programs at start: {m.get('background_cpus', 0):.2f} CPU",
-           f"rsockd {_get(data, 'code', 'commit') or '?'}, core {_get(data, 'code', 'core') or '?'}"
+           f"rsockd {_get(data, 'code', 'commit') or '?'}, core {_get(data, 'code', 'core') or '?'}, "
+           f"reader {_get(data, 'code', 'reader') or '?'}"
            f"{' + uncommitted changes to ' + ', '.join(data['code']['dirty']) if _get(data, 'code', 'dirty') else ''}",
            f"load: {o.get('gen_procs', 1)} generator process(es) x {o['flows']} flow(s), {o['workers']} worker(s); "
            f"steps {o['step_s']} s after {o['warmup_s']} s "

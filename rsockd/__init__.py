@@ -23,12 +23,15 @@ _STAMP = os.path.join(os.path.dirname(__file__), "core", "_native.stamp")
 
 
 #: What a build compiles (setup.py), relative to the package: the pure core, and the dataplane
-#: modules that every datagram passes through.
+#: modules that every datagram passes through (mypyc).
 NATIVE = ("core/*.py", "dataplane/relay.py", "dataplane/delivery.py", "dataplane/packetsend.py")
+#: ... and the C extensions, which have no Python twin of the same name: the compiled reader of the
+#: tunnel sockets (Linux; relay.py's loops are what runs without it).
+C_EXTENSIONS = {"rsockd.dataplane._steered": "dataplane/_steered.c"}
 
 
 def native_sources() -> list[str]:
-    """The source files a compiled build compiles (``__init__.py`` files never are)."""
+    """The source files a compiled build compiles with mypyc (``__init__.py`` files never are)."""
     import glob
 
     base = os.path.dirname(__file__)
@@ -41,7 +44,8 @@ def native_digest() -> str:
     rsockd.service.entry keeps OpenSSL out of the daemon, and it only tells a build from an
     edit.)"""
     crc = 0
-    for path in native_sources():
+    base = os.path.dirname(__file__)
+    for path in native_sources() + sorted(os.path.join(base, c) for c in C_EXTENSIONS.values()):
         with open(path, "rb") as f:
             crc = zlib.crc32(os.path.basename(path).encode() + b"\0" + f.read(), crc)
     return f"crc32:{crc:08x}"

@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,8 @@ from .faketcp import (
     Connected,
     Connection,
     ConnectionClosed,
+    ConnKey,
+    FastState,
     FlowClosed,
     HelloReceived,
     HostPort,
@@ -278,6 +280,24 @@ class _Endpoint:
         else:
             self.drops["malformed"] += 1
 
+    def fast_conn(self, laddr: bytes, lport: int, raddr: bytes, rport: int) -> FastState | None:
+        """The compiled reader (dataplane/_steered.c) asks, once per wake-up, whether it may take
+        the data segments of the connection on this 4-tuple itself (``Connection.fast_state``)."""
+        raise NotImplementedError
+
+    def steered_run(self, conn: Connection, data: list[tuple[int, bytes]] | None, segments: int, nbytes: int,
+                    authed: int, authed_bytes: int, rcv_nxt: int, ts_recent: int | None, top: int, bits: bytes,
+                    replays: int, bad: int, now: float) -> None:
+        """What the compiled reader did with a run of ``conn``'s data segments
+        (``Connection.received_run``), and their DATA frames: the rest as for any segment."""
+        conn.received_run(segments, nbytes, authed, authed_bytes, rcv_nxt, ts_recent, top, bits, replays, bad, now)
+        if data:
+            self._deliver_frames(conn, data, now)
+        self._service(conn, now)
+
+    def _deliver_frames(self, conn: Connection, data: list[tuple[int, bytes]], now: float) -> None:
+        raise NotImplementedError
+
     def receive_packet(self, pkt: memoryview, now: float, unfilled: bool = False) -> None:
         """One IP packet from a capture backend: parse, verify the checksum, dispatch.
         ``unfilled``: the capture says a device of this host is still to fill the checksum in
@@ -467,6 +487,17 @@ class ServerEndpoint(_Endpoint):
                 self._deliver(conn, frames, now)
             self._service(conn, now)
 
+    def fast_conn(self, laddr: bytes, lport: int, raddr: bytes, rport: int) -> FastState | None:
+        key: ConnKey = ("tcp", laddr, lport, raddr, rport)
+        a = self.acceptor
+        conn = a.connections.get(key)
+        if conn is None or key in a.pending:  # a reconnect on the tuple: Acceptor.segment decides
+            return None
+        return conn.fast_state()
+
+    def _deliver_frames(self, conn: Connection, data: list[tuple[int, bytes]], now: float) -> None:
+        self._deliver(conn, data, now)
+
     def _take_resets(self) -> None:
         for local, remote, seg in self.acceptor.segments_to_send():
             self._transmits.append(_whole("tcp", local, remote, seg))
@@ -507,7 +538,7 @@ class ServerEndpoint(_Endpoint):
             out = [d for d in out if d[0] not in failed]
         return out
 
-    def _deliver(self, conn: Connection, data: list[tuple[int, memoryview]], now: float) -> None:
+    def _deliver(self, conn: Connection, data: Sequence[tuple[int, bytes | memoryview]], now: float) -> None:
         session = self.sessions.session_of(conn)
         if session is None:
             self.drops["unexpected"] += len(data)
@@ -668,7 +699,7 @@ class ClientEndpoint(_Endpoint):
             self._deliver(frames)
         self._service(conn, now)
 
-    def _deliver(self, data: list[tuple[int, memoryview]]) -> None:
+    def _deliver(self, data: Sequence[tuple[int, bytes | memoryview]]) -> None:
         by_id = self.flows.by_id
         for flow_id, dgram in data:
             flow = by_id.get(flow_id)
@@ -679,6 +710,13 @@ class ClientEndpoint(_Endpoint):
             self.app_tx += 1
             self.app_tx_bytes += len(dgram)
             self._deliveries.append((flow.addr, bytes(dgram)))
+
+    def fast_conn(self, laddr: bytes, lport: int, raddr: bytes, rport: int) -> FastState | None:
+        conn = self._by_port.get(("tcp", lport, rport)) if raddr == self.server else None
+        return conn.fast_state() if conn is not None else None
+
+    def _deliver_frames(self, conn: Connection, data: list[tuple[int, bytes]], now: float) -> None:
+        self._deliver(data)
 
     def send_app(self, addr: Any, datagram: bytes | memoryview, now: float) -> None:
         """A datagram from the application at ``addr``: onto its flow's connection."""

@@ -512,6 +512,54 @@ class Connection:
                 self.drops["rst_ignored"] += 1
         return data
 
+    def fast_state(self) -> FastState | None:
+        """What the compiled reader (dataplane/_steered.c) needs to take this connection's data
+        segments itself: (self, rcv_nxt, timestamps on, the timestamp to echo, the tag's key,
+        the replay window's top, bits and size).  None unless ESTABLISHED over tcp: every
+        segment then takes ``receive``."""
+        opener = self._opener
+        if self.state != State.ESTABLISHED or self.transport != "tcp" or opener is None:
+            return None
+        w = opener.window
+        if w.size > 1024:
+            return None
+        return (self, self.rcv_nxt, self._ts_ok, self._ts_recent, opener.mac_key, w.top,
+                w.bits.to_bytes((w.size + 7) // 8, "little"), w.size)
+
+    def received_run(self, segments: int, nbytes: int, authed: int, authed_bytes: int, rcv_nxt: int,
+                     ts_recent: int | None, top: int, bits: bytes, replays: int, bad: int, now: float) -> None:
+        """The compiled reader took ``segments`` data segments of this connection (``nbytes`` of
+        payload), ``authed`` of them with a record that authenticated: what ``receive`` does
+        for each, at once.  One ACK answers them all when they reach ``ack_every``; the window
+        (the look of our segments, tcpprofile) grows as for ``authed`` segments of equal size."""
+        self.rx_packets += segments
+        self.rx_bytes += nbytes
+        self.last_rx = now
+        if replays:
+            self.drops["replay"] += replays
+        if bad:
+            self.drops["bad_auth"] += bad
+        opener = self._opener
+        if not authed or opener is None:
+            return
+        self._last_auth = now
+        opener.window.top = top
+        opener.window.bits = int.from_bytes(bits, "little")
+        rwin = self._rwin
+        each = authed_bytes // authed
+        for _ in range(authed):
+            if rwin.wnd >= rwin.clamp:
+                break
+            rwin.received(each)
+        self.rcv_nxt = rcv_nxt
+        if ts_recent is not None:
+            self._ts_recent = ts_recent
+        self._unacked += authed
+        if self._unacked >= self.timing.ack_every:
+            self._send(ACK, b"", now)
+        elif self._ack_at is None:
+            self._ack_at = now + self.timing.ack_delay
+
     def receive_datagram(self, payload: bytes | memoryview, now: float) -> list[tuple[int, memoryview]]:
         """Process one datagram of the udp transport (first byte ``UDP_MARKER``)."""
         self.rx_packets += 1
@@ -814,6 +862,8 @@ class Connection:
 # The server's passive side
 
 ConnKey = tuple[str, bytes, int, bytes, int]  # transport, local address and port, remote address and port
+#: ``Connection.fast_state``: what the compiled reader needs of a connection.
+FastState = tuple[Connection, int, bool, int, tuple[bytes, bytes, bytes], int, bytes, int]
 
 
 def _syn_tsval(hdr: TcpHeader) -> int | None:

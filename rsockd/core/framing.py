@@ -171,9 +171,10 @@ def derive_key(secret: str | bytes | None) -> bytes:
 class Keyring:
     """A keyed BLAKE2b state, copied per record (cheaper than re-keying)."""
 
-    __slots__ = ("_base", "is_default", "syn_key")
+    __slots__ = ("_base", "is_default", "key", "syn_key")
 
     def __init__(self, key: bytes, *, is_default: bool = False) -> None:
+        self.key = key
         self._base = hashlib.blake2b(key=key, digest_size=TAG_LEN, person=_TAG_PERSON)
         self.is_default = is_default
         self.syn_key = syntag.tag_key(key)  # the SYN tag's key (core/syntag.py)
@@ -189,9 +190,10 @@ class Keyring:
         return Sealer(h)
 
     def opener(self, nonce: bytes, direction: int, window: int = 1024) -> Opener:
+        context = nonce + bytes((direction,))
         h = self._base.copy()
-        h.update(nonce + bytes((direction,)))
-        return Opener(h, ReplayWindow(window))
+        h.update(context)
+        return Opener(h, ReplayWindow(window), (self.key, _TAG_PERSON, context))
 
 
 class Sealer:
@@ -246,11 +248,13 @@ class ReplayWindow:
 class Opener:
     """Splits a payload into records, authenticates them, rejects replays."""
 
-    __slots__ = ("_ctx", "window")
+    __slots__ = ("_ctx", "mac_key", "window")
 
-    def __init__(self, ctx: hashlib.blake2b, window: ReplayWindow) -> None:
+    def __init__(self, ctx: hashlib.blake2b, window: ReplayWindow,
+                 mac_key: tuple[bytes, bytes, bytes] = (b"", b"", b"")) -> None:
         self._ctx = ctx
         self.window = window
+        self.mac_key = mac_key  # (key, personalization, context): the tag, for the compiled reader
 
     def verify(self, counter: int, tag: bytes | memoryview, frames: bytes | memoryview) -> bool:
         h = self._ctx.copy()

@@ -26,6 +26,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+import rsockd
+
 from ..core.endpoint import (
     ClientEndpoint,
     ConnectionDown,
@@ -167,6 +169,7 @@ class Relay(Generic[E]):
         self.capturing = False
         self._ticks = 0
         self.delivery = Delivery(self.tx_errors)
+        self._reader = _steered_reader()
         if self._auto:
             self._choose_send_path()
 
@@ -412,6 +415,26 @@ class Relay(Generic[E]):
             self.tx_errors["rx_" + errno_name(e)] += 1
         self._pump(now)
 
+    def _drain(self, reader: Any, sock: socket.socket, family: int, port: int, now: float,
+               fallback: bytes | None) -> None:
+        """A wake-up of a tunnel socket through the compiled reader (dataplane/_steered.c): it
+        takes the established connections' data segments itself and hands back each other one,
+        which takes ``receive_steered`` as in the loop it replaces."""
+        receive, fd, pktinfo = self.endpoint.receive_steered, sock.fileno(), self.role == "server"
+        while True:
+            try:
+                back = reader.drain(fd, family, port, self.endpoint, now, pktinfo, fallback, BATCH, READ_BUDGET)
+            except OSError as e:  # e.g. ECONNREFUSED from an earlier ICMP: not about this read
+                self.tx_errors["rx_" + errno_name(e)] += 1
+                continue
+            if back is None:
+                return
+            local, remote, segment = back
+            if local is None:
+                self.endpoint.drops["malformed"] += 1
+            else:
+                receive(local, remote, memoryview(segment), now)
+
     # -- shutdown -------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -464,6 +487,18 @@ def _pktinfo_gro(anc: list[tuple[int, int, bytes]]) -> tuple[bytes | None, int]:
         elif level == socket.SOL_UDP and kind == UDP_GRO and len(data) >= 4:
             seg = int.from_bytes(data[:4], sys.byteorder)
     return dst, seg
+
+
+def _steered_reader() -> Any | None:
+    """The compiled reader of the tunnel sockets (dataplane/_steered.c, Linux), where the build
+    made it and the package runs compiled; None: the Python loops of ``_on_tunnel``."""
+    if sys.platform != "linux" or rsockd.PURE:
+        return None
+    try:
+        from ._steered import Reader
+    except ImportError:
+        return None
+    return Reader()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,9 +579,13 @@ class ServerRelay(Relay[ServerEndpoint]):
     def _on_tunnel(self, sock: socket.socket, family: int, port: int) -> None:
         buf, view = self._buf, self._view
         now = self.loop.time()
+        fallback = pack_address(self.cfg.local_ip) if self.cfg.local_ip else None
+        if self._reader is not None:
+            self._drain(self._reader, sock, family, port, now, fallback)
+            self._pump(now)
+            return
         recvmsg_into = sock.recvmsg_into
         receive = self.endpoint.receive_steered
-        fallback = pack_address(self.cfg.local_ip) if self.cfg.local_ip else None
         got = 0
         for _ in range(BATCH):
             if got >= READ_BUDGET:
@@ -811,6 +850,10 @@ class ClientRelay(Relay[ClientEndpoint]):
     def _on_tunnel(self, sock: socket.socket, family: int, lport: int) -> None:
         buf, view = self._buf, self._view
         now = self.loop.time()
+        if self._reader is not None:
+            self._drain(self._reader, sock, family, lport, now, None)
+            self._pump(now)
+            return
         receive = self.endpoint.receive_steered
         recvmsg_into = sock.recvmsg_into
         got = 0

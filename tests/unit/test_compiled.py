@@ -34,8 +34,10 @@ def test_this_run_takes_what_it_asked_for() -> None:
     if rsockd.PURE:
         assert not rsockd.compiled()
         assert all(m.__file__ and m.__file__.endswith(".py") for m in (endpoint, faketcp, framing, relay))
+        assert relay._steered_reader() is None
     elif STAMP.exists():
         assert rsockd.compiled()
+        assert relay._steered_reader() is not None or sys.platform != "linux"
         assert not any((m.__file__ or ".py").endswith(".py") for m in (relay, delivery, packetsend))
         assert STAMP.read_text().strip() == rsockd.native_digest()
     else:
@@ -49,7 +51,7 @@ def test_pure_switch_takes_the_source() -> None:
 
 
 @pytest.mark.skipif(not STAMP.exists(), reason="no compiled build in this tree")
-@pytest.mark.parametrize("edited", ["core/counters.py", "dataplane/delivery.py"])
+@pytest.mark.parametrize("edited", ["core/counters.py", "dataplane/delivery.py", "dataplane/_steered.c"])
 def test_a_stale_build_never_runs(tmp_path: Path, edited: str) -> None:
     """A compiled module edited after the build: the tree runs its source, and says why."""
     shutil.copytree(ROOT / "rsockd", tmp_path / "rsockd", ignore=shutil.ignore_patterns("__pycache__"))
@@ -65,6 +67,6 @@ def test_a_stale_build_never_runs(tmp_path: Path, edited: str) -> None:
 def test_check_says_which_core_runs() -> None:
     from rsockd.cli.check import check_python
 
-    said = [r.what for r in check_python() if r.what.startswith("core ")]
-    assert said == (["core compiled (mypyc)"] if rsockd.compiled() else
+    said = [r.what for r in check_python() if r.what.startswith(("core ", "tunnel socket reader"))]
+    assert said == (["core compiled (mypyc)", "tunnel socket reader compiled (C)"] if rsockd.compiled() else
                     ["core interpreted" + (" (RSOCKD_PURE or a stale build)" if rsockd.PURE else "")])

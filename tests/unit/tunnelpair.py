@@ -194,10 +194,13 @@ class EndpointPair:
     seed: int = 1
     now: float = 1000.0
     wire: Wire = passthrough
+    client_addr: bytes = CLI[0]
+    server_addr: bytes = SRV[0]
+    first_local_port: int = 40001
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
-        self.local_ports = [40001 + i for i in range(len(self.ports))]
+        self.local_ports = [self.first_local_port + i for i in range(len(self.ports))]
         self.server = self.new_server()
         self.client = self.new_client(b"client01")
         self.app_got: list[tuple[Any, bytes]] = []
@@ -207,14 +210,14 @@ class EndpointPair:
 
     def new_server(self, policy: Policy | None = None) -> ServerEndpoint:
         server = ServerEndpoint(policy or self.server_policy, rng=self.rng)
-        server.set_local_addresses({SRV[0]})
+        server.set_local_addresses({self.server_addr})
         return server
 
     def new_client(self, client_id: bytes, policy: Policy | None = None) -> ClientEndpoint:
-        client = ClientEndpoint(policy or self.client_policy, server=SRV[0], ports=self.ports,
+        client = ClientEndpoint(policy or self.client_policy, server=self.server_addr, ports=self.ports,
                                 client_id=client_id, rng=self.rng)
-        client.set_local_addresses({CLI[0]})
-        client.bind(CLI[0], self.local_ports)
+        client.set_local_addresses({self.client_addr})
+        client.bind(self.client_addr, self.local_ports)
         return client
 
     def start(self) -> None:

@@ -1,0 +1,713 @@
+/* The compiled reader of steered segments (Linux): one wake-up's datagrams of a tunnel UDP socket.
+ *
+ * relay.py's ``_on_tunnel`` reads a tunnel socket with ``recvmsg`` and hands every datagram to
+ * the endpoint (``receive_steered``), which parses it, finds its connection, authenticates its
+ * records and takes out its DATA frames, each step a few Python objects.  This reader does the
+ * same for the common case, an established connection's data, without a Python object per
+ * datagram: ``recvmmsg`` reads up to 32 datagrams (UDP GRO's coalesced ones cut apart again),
+ * and the segments are parsed, their records checked against the replay window and their tags
+ * verified (BLAKE2b, RFC 7693) here.
+ *
+ * The protocol stays in Python (rsockd.core).  The reader caches nothing between wake-ups:
+ * * it asks the endpoint once per connection and wake-up for the connection's receive state
+ *   (``endpoint.fast_conn``: None when the connection must take the full path);
+ * * it gives back what a run of that connection's segments did (``endpoint.steered_run``:
+ *   counters, the new sequence number, timestamp and replay window, the DATA frames), and the
+ *   endpoint does the rest as for any segment (deliveries, ACKs, timers).
+ * Anything else (a handshake, FIN, RST, a control frame, a record that does not parse, no
+ * connection, the udp transport) is returned as it came, after every run so far has been given
+ * back, and the caller passes it to ``receive_steered``: order within a connection is kept, and
+ * what that path counts or answers is its own.  tests/unit/test_steered.py runs both paths over
+ * the same segments and compares the endpoints afterwards.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/socket.h>
+
+#ifndef SOL_UDP
+#define SOL_UDP 17
+#endif
+#define UDP_GRO 104
+
+#define NMSG 32               /* datagrams per recvmmsg */
+#define BUFSZ (65536 + 64)    /* one read: up to 64 coalesced segments (GRO) */
+#define CTLSZ 64              /* pktinfo (v4: 12 bytes, v6: 20) and GRO's segment size */
+#define MAXRUNS 16            /* connections given back together */
+#define WINDOW_WORDS 16       /* the replay window: up to 1024 counters */
+
+/* -- BLAKE2b (RFC 7693), keyed, with a personalization: the record tag ------------------------ */
+
+typedef struct {
+    uint64_t h[8], t[2];
+    uint8_t b[128];
+    size_t c, outlen;
+} b2b;
+
+static const uint64_t IV[8] = {
+    0x6a09e667f3bcc908ULL, 0xbb67ae8584caa73bULL, 0x3c6ef372fe94f82bULL, 0xa54ff53a5f1d36f1ULL,
+    0x510e527fade682d1ULL, 0x9b05688c2b3e6c1fULL, 0x1f83d9abfb41bd6bULL, 0x5be0cd19137e2179ULL,
+};
+
+static const uint8_t SIGMA[12][16] = {
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+    {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3},
+    {11, 8, 12, 0, 5, 2, 15, 13, 10, 14, 3, 6, 7, 1, 9, 4},
+    {7, 9, 3, 1, 13, 12, 11, 14, 2, 6, 5, 10, 4, 0, 15, 8},
+    {9, 0, 5, 7, 2, 4, 10, 15, 14, 1, 11, 12, 6, 8, 3, 13},
+    {2, 12, 6, 10, 0, 11, 8, 3, 4, 13, 7, 5, 15, 14, 1, 9},
+    {12, 5, 1, 15, 14, 13, 4, 10, 0, 7, 6, 3, 9, 2, 8, 11},
+    {13, 11, 7, 14, 12, 1, 3, 9, 5, 0, 15, 4, 8, 6, 2, 10},
+    {6, 15, 14, 9, 11, 3, 0, 8, 12, 2, 13, 7, 1, 4, 10, 5},
+    {10, 2, 8, 4, 7, 6, 1, 5, 15, 11, 9, 14, 3, 12, 13, 0},
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+    {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3},
+};
+
+static inline uint64_t load64le(const uint8_t *p)
+{
+    return (uint64_t)p[0] | (uint64_t)p[1] << 8 | (uint64_t)p[2] << 16 | (uint64_t)p[3] << 24 |
+           (uint64_t)p[4] << 32 | (uint64_t)p[5] << 40 | (uint64_t)p[6] << 48 | (uint64_t)p[7] << 56;
+}
+
+#define ROTR64(x, n) (((x) >> (n)) | ((x) << (64 - (n))))
+#define G(a, b, c, d, x, y)                                  \
+    do {                                                     \
+        v[a] = v[a] + v[b] + (x); v[d] = ROTR64(v[d] ^ v[a], 32); \
+        v[c] = v[c] + v[d];       v[b] = ROTR64(v[b] ^ v[c], 24); \
+        v[a] = v[a] + v[b] + (y); v[d] = ROTR64(v[d] ^ v[a], 16); \
+        v[c] = v[c] + v[d];       v[b] = ROTR64(v[b] ^ v[c], 63); \
+    } while (0)
+
+static void b2b_compress(b2b *s, int last)
+{
+    uint64_t v[16], m[16];
+    for (int i = 0; i < 8; i++) {
+        v[i] = s->h[i];
+        v[i + 8] = IV[i];
+    }
+    v[12] ^= s->t[0];
+    v[13] ^= s->t[1];
+    if (last)
+        v[14] = ~v[14];
+    for (int i = 0; i < 16; i++)
+        m[i] = load64le(s->b + 8 * i);
+    for (int r = 0; r < 12; r++) {
+        const uint8_t *z = SIGMA[r];
+        G(0, 4, 8, 12, m[z[0]], m[z[1]]);
+        G(1, 5, 9, 13, m[z[2]], m[z[3]]);
+        G(2, 6, 10, 14, m[z[4]], m[z[5]]);
+        G(3, 7, 11, 15, m[z[6]], m[z[7]]);
+        G(0, 5, 10, 15, m[z[8]], m[z[9]]);
+        G(1, 6, 11, 12, m[z[10]], m[z[11]]);
+        G(2, 7, 8, 13, m[z[12]], m[z[13]]);
+        G(3, 4, 9, 14, m[z[14]], m[z[15]]);
+    }
+    for (int i = 0; i < 8; i++)
+        s->h[i] ^= v[i] ^ v[i + 8];
+}
+
+static void b2b_init(b2b *s, size_t outlen, const uint8_t *key, size_t keylen, const uint8_t *person,
+                     size_t personlen)
+{
+    uint8_t p[64] = {0};
+    p[0] = (uint8_t)outlen;
+    p[1] = (uint8_t)keylen;
+    p[2] = 1; /* fanout */
+    p[3] = 1; /* depth */
+    memcpy(p + 48, person, personlen);
+    for (int i = 0; i < 8; i++)
+        s->h[i] = IV[i] ^ load64le(p + 8 * i);
+    s->t[0] = s->t[1] = 0;
+    s->c = 0;
+    s->outlen = outlen;
+    if (keylen) { /* the key is the first block, compressed once more input comes */
+        memset(s->b, 0, 128);
+        memcpy(s->b, key, keylen);
+        s->c = 128;
+    }
+}
+
+static void b2b_update(b2b *s, const uint8_t *in, size_t n)
+{
+    while (n > 0) {
+        if (s->c == 128) {
+            s->t[0] += 128;
+            if (s->t[0] < 128)
+                s->t[1]++;
+            b2b_compress(s, 0);
+            s->c = 0;
+        }
+        size_t k = 128 - s->c;
+        if (k > n)
+            k = n;
+        memcpy(s->b + s->c, in, k);
+        s->c += k;
+        in += k;
+        n -= k;
+    }
+}
+
+static void b2b_final(b2b *s, uint8_t *out)
+{
+    s->t[0] += s->c;
+    if (s->t[0] < s->c)
+        s->t[1]++;
+    memset(s->b + s->c, 0, 128 - s->c);
+    b2b_compress(s, 1);
+    for (size_t i = 0; i < s->outlen; i++)
+        out[i] = (uint8_t)(s->h[i >> 3] >> (8 * (i & 7)));
+}
+
+/* -- the reader ------------------------------------------------------------------------------ */
+
+static inline uint32_t be16(const uint8_t *p) { return (uint32_t)p[0] << 8 | p[1]; }
+static inline uint32_t be32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+static inline uint64_t be64(const uint8_t *p) { return (uint64_t)be32(p) << 32 | be32(p + 4); }
+
+enum { FIN = 0x01, SYN = 0x02, RST = 0x04, PSH = 0x08, ACK = 0x10 };
+enum { DATA = 3, KEEPALIVE = 4 }; /* core/framing.py FrameType */
+
+/* One connection's segments within a wake-up, and its receive state while they are read. */
+typedef struct {
+    PyObject *conn;                   /* strong reference */
+    PyObject *data;                   /* list of (flow_id, bytes), or NULL */
+    uint8_t key[36];                  /* local address, local port, remote address, remote port */
+    b2b mac;                          /* keyed, personalized, the connection's context absorbed */
+    uint32_t rcv_nxt, ts_recent;
+    int ts_ok, ts_set;
+    uint64_t top;                     /* the replay window (framing.ReplayWindow) */
+    int has_top;
+    uint32_t size;
+    uint64_t bits[WINDOW_WORDS];
+    long segments, nbytes, authed, authed_bytes, replays, bad;
+} Run;
+
+typedef struct {
+    PyObject_HEAD
+    uint8_t *bufs;
+    struct mmsghdr msgs[NMSG];
+    struct iovec iov[NMSG];
+    struct sockaddr_storage names[NMSG];
+    uint8_t ctl[NMSG][CTLSZ];
+    int n, idx;                       /* datagrams read and not yet taken apart; the next one */
+    size_t off;                       /* where the next segment of datagram idx starts (GRO) */
+    uint8_t dst[16];                  /* datagram idx's destination (pktinfo) */
+    int has_dst;
+    size_t seg;                       /* datagram idx's GRO segment size, 0: one segment */
+    long datagrams, got;              /* this wake-up's reads, against its budget */
+    Run runs[MAXRUNS];
+    int nruns;
+} Reader;
+
+static void window_mark(Run *r, uint64_t counter)
+{
+    if (!r->has_top || counter > r->top) {
+        uint64_t shift = r->has_top ? counter - r->top : (uint64_t)r->size + 1;
+        if (shift >= r->size) {
+            memset(r->bits, 0, sizeof r->bits);
+            r->bits[0] = 1;
+        } else {
+            unsigned words = (unsigned)(shift / 64), b = (unsigned)(shift % 64);
+            for (int i = WINDOW_WORDS - 1; i >= 0; i--) {
+                uint64_t hi = i - (int)words >= 0 ? r->bits[i - words] : 0;
+                uint64_t lo = i - (int)words - 1 >= 0 ? r->bits[i - words - 1] : 0;
+                r->bits[i] = b ? (hi << b) | (lo >> (64 - b)) : hi;
+            }
+            r->bits[0] |= 1;
+            unsigned keep = r->size; /* bits at or above size fall out of the window */
+            for (unsigned i = 0; i < WINDOW_WORDS; i++) {
+                if (keep >= 64 * (i + 1))
+                    continue;
+                r->bits[i] &= keep <= 64 * i ? 0 : (((uint64_t)1 << (keep - 64 * i)) - 1);
+            }
+        }
+        r->top = counter;
+        r->has_top = 1;
+    } else {
+        uint64_t age = r->top - counter;
+        r->bits[age / 64] |= (uint64_t)1 << (age % 64);
+    }
+}
+
+static int window_fresh(const Run *r, uint64_t counter)
+{
+    if (!r->has_top || counter > r->top)
+        return 1;
+    uint64_t age = r->top - counter;
+    return age < r->size && !((r->bits[age / 64] >> (age % 64)) & 1);
+}
+
+static void run_clear(Run *r)
+{
+    Py_CLEAR(r->conn);
+    Py_CLEAR(r->data);
+}
+
+/* Give one run back to the endpoint (steered_run). */
+static int run_flush(Run *r, PyObject *endpoint, PyObject *now)
+{
+    uint8_t raw[WINDOW_WORDS * 8];
+    for (int i = 0; i < WINDOW_WORDS; i++)
+        for (int k = 0; k < 8; k++)
+            raw[8 * i + k] = (uint8_t)(r->bits[i] >> (8 * k));
+    PyObject *ts = r->ts_set ? PyLong_FromUnsignedLong(r->ts_recent) : Py_NewRef(Py_None);
+    PyObject *res = ts == NULL ? NULL : PyObject_CallMethod(
+        endpoint, "steered_run", "OOllllkOLy#llO", r->conn, r->data ? r->data : Py_None, r->segments,
+        r->nbytes, r->authed, r->authed_bytes, (unsigned long)r->rcv_nxt, ts,
+        r->has_top ? (long long)r->top : -1LL, (const char *)raw, (Py_ssize_t)sizeof raw, r->replays, r->bad, now);
+    Py_XDECREF(ts);
+    run_clear(r);
+    if (res == NULL)
+        return -1;
+    Py_DECREF(res);
+    return 0;
+}
+
+static int flush_all(Reader *self, PyObject *endpoint, PyObject *now)
+{
+    int rc = 0;
+    for (int i = 0; i < self->nruns; i++) {
+        if (rc == 0)
+            rc = run_flush(&self->runs[i], endpoint, now);
+        else
+            run_clear(&self->runs[i]);
+    }
+    self->nruns = 0;
+    return rc;
+}
+
+/* The run of this segment's connection: found, or started from the endpoint's fast_conn.
+ * NULL with no exception: the connection takes the full path (or is not one). */
+static Run *run_for(Reader *self, const uint8_t *key, size_t llen, size_t ralen, PyObject *endpoint,
+                    PyObject *now)
+{
+    for (int i = 0; i < self->nruns; i++)
+        if (memcmp(self->runs[i].key, key, sizeof self->runs[i].key) == 0)
+            return &self->runs[i];
+    if (self->nruns == MAXRUNS && flush_all(self, endpoint, now) < 0)
+        return NULL;
+    PyObject *st = PyObject_CallMethod(endpoint, "fast_conn", "y#Iy#I", (const char *)key, (Py_ssize_t)llen,
+                                       be16(key + 16), (const char *)key + 18, (Py_ssize_t)ralen, be16(key + 34));
+    if (st == NULL || st == Py_None) {
+        Py_XDECREF(st);
+        return NULL;
+    }
+    /* (conn, rcv_nxt, ts_ok, ts_recent, (key, person, context), top, bits, size) */
+    PyObject *conn, *mac, *bits;
+    unsigned long rcv_nxt, ts_recent, size;
+    int ts_ok;
+    long long top;
+    const char *k, *person, *context;
+    Py_ssize_t klen, plen, clen, blen;
+    Run *r = &self->runs[self->nruns];
+    if (!PyArg_ParseTuple(st, "OkpkOLSk", &conn, &rcv_nxt, &ts_ok, &ts_recent, &mac, &top, &bits, &size) ||
+        !PyArg_ParseTuple(mac, "y#y#y#", &k, &klen, &person, &plen, &context, &clen)) {
+        Py_DECREF(st);
+        return NULL;
+    }
+    blen = PyBytes_GET_SIZE(bits);
+    if (klen > 64 || plen > 16 || size == 0 || size > 64 * WINDOW_WORDS || blen > (Py_ssize_t)sizeof r->bits) {
+        Py_DECREF(st);
+        PyErr_SetString(PyExc_ValueError, "fast_conn: a key, personalization or window the reader cannot hold");
+        return NULL;
+    }
+    memset(r, 0, sizeof *r);
+    memcpy(r->key, key, sizeof r->key);
+    Py_INCREF(conn);
+    r->conn = conn;
+    r->rcv_nxt = (uint32_t)rcv_nxt;
+    r->ts_ok = ts_ok;
+    r->ts_recent = (uint32_t)ts_recent;
+    r->has_top = top >= 0;
+    r->top = top >= 0 ? (uint64_t)top : 0;
+    r->size = (uint32_t)size;
+    const uint8_t *b = (const uint8_t *)PyBytes_AS_STRING(bits);
+    for (Py_ssize_t i = 0; i < blen; i++)
+        r->bits[i / 8] |= (uint64_t)b[i] << (8 * (i % 8));
+    b2b_init(&r->mac, 8, (const uint8_t *)k, (size_t)klen, (const uint8_t *)person, (size_t)plen);
+    b2b_update(&r->mac, (const uint8_t *)context, (size_t)clen);
+    Py_DECREF(st);
+    self->nruns++;
+    return r;
+}
+
+/* Can the records of this payload be taken here?  Every record and frame must parse, and the
+ * frames be DATA (with a flow id) or KEEPALIVE; else the full path (which counts and handles). */
+static int records_simple(const uint8_t *p, size_t n)
+{
+    size_t i = 0;
+    while (i < n) {
+        if (i + 18 > n)
+            return 0;
+        size_t length = be16(p + i);
+        if (length < 16 || i + 2 + length > n)
+            return 0;
+        size_t f = i + 18, stop = i + 2 + length;
+        while (f < stop) {
+            if (f + 3 > stop)
+                return 0;
+            uint8_t type = p[f];
+            size_t flen = be16(p + f + 1);
+            f += 3;
+            if (f + flen > stop || !(type == KEEPALIVE || (type == DATA && flen >= 4)))
+                return 0;
+            f += flen;
+        }
+        i = stop;
+    }
+    return 1;
+}
+
+/* One segment of an eligible connection: 0 taken, -1 an error (exception set). */
+static int take(Run *r, uint32_t seq, int has_ts, uint32_t tsval, const uint8_t *p, size_t n)
+{
+    r->segments++;
+    r->nbytes += (long)n;
+    if (n == 0)
+        return 0;
+    int authed = 0;
+    size_t i = 0;
+    while (i < n) {
+        size_t stop = i + 2 + be16(p + i);
+        uint64_t counter = be64(p + i + 2);
+        const uint8_t *tag = p + i + 10, *frames = p + i + 18;
+        size_t flen = stop - (i + 18);
+        if (!window_fresh(r, counter)) {
+            r->replays++;
+            i = stop;
+            continue;
+        }
+        b2b h = r->mac;
+        uint8_t out[8];
+        b2b_update(&h, p + i + 2, 8);
+        b2b_update(&h, frames, flen);
+        b2b_final(&h, out);
+        uint8_t diff = 0;
+        for (int k = 0; k < 8; k++)
+            diff |= out[k] ^ tag[k];
+        if (diff) {
+            r->bad++;
+            i = stop;
+            continue;
+        }
+        window_mark(r, counter);
+        authed = 1;
+        size_t f = 0;
+        while (f < flen) {
+            uint8_t type = frames[f];
+            size_t len = be16(frames + f + 1);
+            const uint8_t *body = frames + f + 3;
+            if (type == DATA) {
+                if (r->data == NULL && (r->data = PyList_New(0)) == NULL)
+                    return -1;
+                PyObject *item = Py_BuildValue("(ky#)", (unsigned long)be32(body), (const char *)body + 4,
+                                               (Py_ssize_t)(len - 4));
+                if (item == NULL || PyList_Append(r->data, item) < 0) {
+                    Py_XDECREF(item);
+                    return -1;
+                }
+                Py_DECREF(item);
+            }
+            f += 3 + len;
+        }
+        i = stop;
+    }
+    if (authed) {
+        r->authed++;
+        r->authed_bytes += (long)n;
+        uint32_t end = seq + (uint32_t)n;
+        if ((int32_t)(end - r->rcv_nxt) > 0) /* faketcp.seq_after */
+            r->rcv_nxt = end;
+        if (has_ts && r->ts_ok) {
+            r->ts_recent = tsval;
+            r->ts_set = 1;
+        }
+    }
+    return 0;
+}
+
+/* The next datagram's destination and GRO segment size, from its control messages. */
+static void parse_cmsgs(Reader *self, struct msghdr *mh)
+{
+    self->has_dst = 0;
+    self->seg = 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(mh); c != NULL; c = CMSG_NXTHDR(mh, c)) {
+        size_t dlen = c->cmsg_len - CMSG_LEN(0);
+        const uint8_t *d = CMSG_DATA(c);
+        if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO && dlen >= 12) {
+            memcpy(self->dst, d + 8, 4); /* struct in_pktinfo: ifindex, spec_dst, addr */
+            self->has_dst = 4;
+        } else if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO && dlen >= 16) {
+            memcpy(self->dst, d, 16);
+            self->has_dst = 16;
+        } else if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO && dlen >= 4) {
+            int v;
+            memcpy(&v, d, sizeof v);
+            self->seg = v > 0 ? (size_t)v : 0;
+        }
+    }
+}
+
+static PyObject *slow(const uint8_t *local, size_t llen, int lport, const uint8_t *remote, size_t rlen, int rport,
+                      const uint8_t *p, size_t n)
+{
+    if (local == NULL)
+        return Py_BuildValue("(O(y#i)y#)", Py_None, (const char *)remote, (Py_ssize_t)rlen, rport,
+                             (const char *)p, (Py_ssize_t)n);
+    return Py_BuildValue("((y#i)(y#i)y#)", (const char *)local, (Py_ssize_t)llen, lport, (const char *)remote,
+                         (Py_ssize_t)rlen, rport, (const char *)p, (Py_ssize_t)n);
+}
+
+PyDoc_STRVAR(drain_doc,
+"drain(fd, family, port, endpoint, now, pktinfo, fallback, batch, budget)\n--\n\n"
+"Read the tunnel socket ``fd`` (``family``, tunnel port ``port``) until EAGAIN or ``batch``\n"
+"datagrams / ``budget`` bytes, taking every established connection's data segment here.\n"
+"Returns None when done, or ``(local, remote, segment)`` for the caller to pass to\n"
+"``endpoint.receive_steered`` before calling again (``local`` None: no destination known).\n"
+"``pktinfo``: the local address comes from IP_PKTINFO (server), else it is b\"\" (client);\n"
+"``fallback``: the server's local_ip (packed) for a datagram without one, or None.");
+
+static PyObject *Reader_drain(Reader *self, PyObject *args)
+{
+    int fd, family, port, pktinfo, batch;
+    long budget;
+    PyObject *endpoint, *now, *fallback;
+    if (!PyArg_ParseTuple(args, "iiiOOpOil:drain", &fd, &family, &port, &endpoint, &now, &pktinfo, &fallback,
+                          &batch, &budget))
+        return NULL;
+    const uint8_t *fb = NULL;
+    Py_ssize_t fblen = 0;
+    if (fallback != Py_None) {
+        if (!PyBytes_Check(fallback) || (PyBytes_GET_SIZE(fallback) != 4 && PyBytes_GET_SIZE(fallback) != 16)) {
+            PyErr_SetString(PyExc_TypeError, "drain: fallback is a packed address or None");
+            return NULL;
+        }
+        fb = (const uint8_t *)PyBytes_AS_STRING(fallback);
+        fblen = PyBytes_GET_SIZE(fallback);
+    }
+    size_t alen = family == AF_INET6 ? 16 : 4;
+    for (;;) {
+        if (self->idx >= self->n) {
+            if (self->datagrams >= batch || self->got >= budget)
+                break;
+            int want = batch - (int)self->datagrams < NMSG ? batch - (int)self->datagrams : NMSG;
+            for (int i = 0; i < want; i++) {
+                struct msghdr *mh = &self->msgs[i].msg_hdr;
+                self->iov[i].iov_base = self->bufs + (size_t)i * BUFSZ;
+                self->iov[i].iov_len = BUFSZ;
+                mh->msg_iov = &self->iov[i];
+                mh->msg_iovlen = 1;
+                mh->msg_name = &self->names[i];
+                mh->msg_namelen = sizeof self->names[i];
+                mh->msg_control = self->ctl[i];
+                mh->msg_controllen = CTLSZ;
+                mh->msg_flags = 0;
+            }
+            int got = recvmmsg(fd, self->msgs, (unsigned)want, MSG_DONTWAIT, NULL); /* never blocks */
+            if (got <= 0) {
+                if (got == 0 || errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+                    break;
+                int err = errno;
+                self->datagrams++; /* an error counts against the batch: a lasting one cannot spin */
+                if (flush_all(self, endpoint, now) < 0)
+                    return NULL;
+                errno = err;
+                return PyErr_SetFromErrno(PyExc_OSError);
+            }
+            self->n = got;
+            self->idx = 0;
+            self->off = 0;
+            self->datagrams += got;
+            for (int i = 0; i < got; i++)
+                self->got += (long)self->msgs[i].msg_len;
+            parse_cmsgs(self, &self->msgs[0].msg_hdr);
+        }
+        /* the next segment: datagram idx, from off (GRO: cut at its segment size) */
+        struct mmsghdr *m = &self->msgs[self->idx];
+        const uint8_t *buf = self->bufs + (size_t)self->idx * BUFSZ;
+        size_t len = m->msg_len, start = self->off;
+        size_t end = self->seg && len > self->seg ? (start + self->seg < len ? start + self->seg : len) : len;
+        const struct sockaddr *sa = (const struct sockaddr *)&self->names[self->idx];
+        uint8_t key[36] = {0};
+        const uint8_t *raddr;
+        int rport;
+        if (sa->sa_family == AF_INET6) {
+            const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)sa;
+            raddr = s6->sin6_addr.s6_addr;
+            rport = ntohs(s6->sin6_port);
+        } else {
+            const struct sockaddr_in *s4 = (const struct sockaddr_in *)sa;
+            raddr = (const uint8_t *)&s4->sin_addr;
+            rport = ntohs(s4->sin_port);
+        }
+        const uint8_t *laddr = NULL;
+        size_t llen = 0;
+        if (!pktinfo) {
+            laddr = (const uint8_t *)"";
+        } else if (self->has_dst == (int)alen) {
+            laddr = self->dst;
+            llen = alen;
+        } else if (fb != NULL) {
+            laddr = fb;
+            llen = (size_t)fblen;
+        }
+        /* move on first: a segment returned to the caller is not read again */
+        self->off = end;
+        if (self->off >= len) {
+            self->idx++;
+            self->off = 0;
+            if (self->idx < self->n)
+                parse_cmsgs(self, &self->msgs[self->idx].msg_hdr);
+        }
+        const uint8_t *p = buf + start;
+        size_t n = end - start;
+        /* a segment of an established connection's data, in the layout the XDP program makes
+         * (docs/protocol.md): offflags window seq ack options payload, options none or our
+         * timestamps (NOP NOP TS) */
+        if (laddr == NULL || n < 12 || p[0] < 0x50)
+            goto full;
+        uint32_t offflags = be16(p), hlen = (offflags >> 12) * 4, flags = offflags & 0x1FF;
+        if (hlen < 20 || 12 + (size_t)(hlen - 20) > n || (flags & ~(uint32_t)PSH) != ACK)
+            goto full;
+        int has_ts = 0;
+        uint32_t tsval = 0;
+        if (hlen == 32 && p[12] == 1 && p[13] == 1 && p[14] == 8 && p[15] == 10) {
+            has_ts = 1;
+            tsval = be32(p + 16);
+        } else if (hlen != 20) {
+            goto full;
+        }
+        const uint8_t *payload = p + 12 + (hlen - 20);
+        size_t plen = n - 12 - (hlen - 20);
+        if (plen && !records_simple(payload, plen))
+            goto full;
+        if (llen)
+            memcpy(key, laddr, llen);
+        key[16] = (uint8_t)(port >> 8);
+        key[17] = (uint8_t)port;
+        memcpy(key + 18, raddr, alen);
+        key[34] = (uint8_t)(rport >> 8);
+        key[35] = (uint8_t)rport;
+        Run *r = run_for(self, key, llen, alen, endpoint, now);
+        if (r == NULL) {
+            if (PyErr_Occurred()) {
+                flush_all(self, endpoint, now);
+                return NULL;
+            }
+            goto full;
+        }
+        if (take(r, be32(p + 4), has_ts, tsval, payload, plen) < 0) {
+            flush_all(self, endpoint, now);
+            return NULL;
+        }
+        continue;
+    full:
+        if (flush_all(self, endpoint, now) < 0)
+            return NULL;
+        return slow(laddr, llen, port, raddr, alen, rport, p, n);
+    }
+    self->datagrams = 0;
+    self->got = 0;
+    if (flush_all(self, endpoint, now) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(tag_doc,
+"tag(key, person, context, data)\n--\n\n"
+"The 8-byte keyed BLAKE2b of ``context + data`` (the record tag's construction), for tests.");
+
+static PyObject *steered_tag(PyObject *mod, PyObject *args)
+{
+    const char *k, *person, *context, *data;
+    Py_ssize_t klen, plen, clen, dlen;
+    if (!PyArg_ParseTuple(args, "y#y#y#y#:tag", &k, &klen, &person, &plen, &context, &clen, &data, &dlen))
+        return NULL;
+    if (klen > 64 || plen > 16) {
+        PyErr_SetString(PyExc_ValueError, "tag: a key of at most 64 bytes, a personalization of at most 16");
+        return NULL;
+    }
+    b2b s;
+    uint8_t out[8];
+    b2b_init(&s, 8, (const uint8_t *)k, (size_t)klen, (const uint8_t *)person, (size_t)plen);
+    b2b_update(&s, (const uint8_t *)context, (size_t)clen);
+    b2b_update(&s, (const uint8_t *)data, (size_t)dlen);
+    b2b_final(&s, out);
+    return PyBytes_FromStringAndSize((const char *)out, 8);
+}
+
+static PyObject *Reader_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    if (PyTuple_GET_SIZE(args) || (kw != NULL && PyDict_GET_SIZE(kw))) {
+        PyErr_SetString(PyExc_TypeError, "Reader() takes no arguments");
+        return NULL;
+    }
+    Reader *self = (Reader *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->bufs = PyMem_RawMalloc((size_t)NMSG * BUFSZ); /* pages are touched only as reads need them */
+    if (self->bufs == NULL) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    return (PyObject *)self;
+}
+
+static void Reader_dealloc(Reader *self)
+{
+    for (int i = 0; i < self->nruns; i++)
+        run_clear(&self->runs[i]);
+    PyMem_RawFree(self->bufs);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Reader_methods[] = {
+    {"drain", (PyCFunction)Reader_drain, METH_VARARGS, drain_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ReaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "rsockd.dataplane._steered.Reader",
+    .tp_doc = PyDoc_STR("Reads steered segments of a tunnel socket in batches (see the module)."),
+    .tp_basicsize = sizeof(Reader),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = Reader_new,
+    .tp_dealloc = (destructor)Reader_dealloc,
+    .tp_methods = Reader_methods,
+};
+
+static PyMethodDef module_methods[] = {
+    {"tag", steered_tag, METH_VARARGS, tag_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef steered_module = {
+    PyModuleDef_HEAD_INIT, "rsockd.dataplane._steered",
+    "The compiled reader of steered segments (rsockd/dataplane/_steered.c).", -1, module_methods,
+};
+
+PyMODINIT_FUNC PyInit__steered(void)
+{
+    if (PyType_Ready(&ReaderType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&steered_module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&ReaderType);
+    if (PyModule_AddObject(m, "Reader", (PyObject *)&ReaderType) < 0) {
+        Py_DECREF(&ReaderType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

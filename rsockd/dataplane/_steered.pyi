@@ -1,0 +1,12 @@
+"""The compiled reader of steered segments (rsockd/dataplane/_steered.c)."""
+
+from typing import Any
+
+HostPort = tuple[bytes, int]
+
+class Reader:
+    def __init__(self) -> None: ...
+    def drain(self, fd: int, family: int, port: int, endpoint: Any, now: float, pktinfo: bool,
+              fallback: bytes | None, batch: int, budget: int) -> tuple[HostPort | None, HostPort, bytes] | None: ...
+
+def tag(key: bytes, person: bytes, context: bytes, data: bytes) -> bytes: ...

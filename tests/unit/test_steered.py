@@ -1,0 +1,240 @@
+"""The compiled reader of the tunnel sockets (rsockd/dataplane/_steered.c) against the Python path.
+
+Two identical tunnels (same seed: the same keys, nonces and sequence numbers) receive the same
+steered segments: one end reads them from a real UDP socket through the reader, the other takes
+each one with ``receive_steered``, as relay.py does without the reader.  Afterwards both ends
+must hold the same: deliveries in the same order, drops, and each connection's sequence number,
+timestamp, replay window and counters.  The segments are a client's (or server's) real ones,
+with what a hostile or lossy path adds: replays, forged tags, reordering, control frames, a FIN,
+junk, a stranger's segments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import select
+import socket
+from typing import Any
+
+import pytest
+
+import rsockd
+from rsockd.core.endpoint import ClientEndpoint, ServerEndpoint, Transmit
+from rsockd.core.faketcp import Connection, State
+from rsockd.core.packet import run_segments
+from rsockd.dataplane import relay
+from tests.unit.tunnelpair import EndpointPair
+
+steered = pytest.importorskip("rsockd.dataplane._steered", reason="the compiled reader is not built (pure run)")
+pytestmark = pytest.mark.skipif(rsockd.PURE, reason="RSOCKD_PURE: the package runs its source")
+
+LO = bytes([127, 0, 0, 1])
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+
+
+def test_tag_is_keyed_blake2b_with_personalization() -> None:
+    rng = random.Random(7)
+    for n in (0, 1, 111, 119, 120, 127, 128, 129, 247, 1200, 9000):
+        key, context, data = rng.randbytes(32), rng.randbytes(9), rng.randbytes(n)
+        h = hashlib.blake2b(key=key, digest_size=8, person=b"rsockdT2")
+        h.update(context + data)
+        assert steered.tag(key, b"rsockdT2", context, data) == h.digest(), n
+
+
+def steered_form(seg: bytes) -> bytes:
+    """A TCP segment as the XDP program hands it over: offflags window seq ack, then the options
+    and the payload (docs/protocol.md)."""
+    return seg[12:16] + seg[4:12] + seg[20:]
+
+
+def segments(t: Transmit) -> list[bytes]:
+    return [steered_form(h + p) for h, p in run_segments(t.header, t.payloads)]
+
+
+class Rig:
+    """Two identical tunnels on loopback ports; ``role`` is the end that receives."""
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self.rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the receiving end's tunnel socket
+        self.tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the sending end's
+        self.stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for s in (self.rx, self.tx, self.stranger):
+            s.bind(("127.0.0.1", 0))
+            s.setblocking(False)
+        self.rx.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        relay._bufsize(self.rx)  # as the relay sizes it: a test's burst must not overflow it
+        self.rx.setsockopt(socket.SOL_UDP, 104, 1)  # UDP_GRO, as relay.py sets it
+        rport, tport = self.rx.getsockname()[1], self.tx.getsockname()[1]
+        sport, cport = (rport, tport) if role == "server" else (tport, rport)
+        self.pairs = [EndpointPair(ports=(sport,), client_addr=LO, server_addr=LO, first_local_port=cport)
+                      for _ in range(2)]
+        for p in self.pairs:
+            p.start()
+        a, b = self.pairs
+        assert a.up() == b.up() == 1
+        self.fast_end: ServerEndpoint | ClientEndpoint = a.server if role == "server" else a.client
+        self.slow_end: ServerEndpoint | ClientEndpoint = b.server if role == "server" else b.client
+        self.sender = a.client if role == "server" else a.server  # whose segments both ends get
+        self.local = (LO if role == "server" else b"", rport)
+        self.remote = (LO, tport)
+        self.reader = steered.Reader()
+        self.sent = 0
+        self.handed_back = 0  # segments the reader left to receive_steered
+        self.fast_conn, self.slow_conn = self.conn(self.fast_end), self.conn(self.slow_end)  # kept when closed
+
+    def close(self) -> None:
+        for s in (self.rx, self.tx, self.stranger):
+            s.close()
+
+    def conn(self, end: ServerEndpoint | ClientEndpoint) -> Connection:
+        (c,) = [c for c in end.connections() if c.transport == "tcp"]
+        return c
+
+    def outgoing(self) -> list[bytes]:
+        """The sending end's segments since the last call, in the reader's form."""
+        out: list[bytes] = []
+        for t in self.sender.transmits(self.pairs[0].now):
+            out += segments(t)
+        return out
+
+    def deliver(self, segs: list[bytes], sock: socket.socket | None = None) -> None:
+        """Both ends receive ``segs``: the reader's end through the socket, the other directly."""
+        sock = sock or self.tx
+        now = self.pairs[0].now
+        for seg in segs:
+            sock.sendto(seg, self.rx.getsockname())
+            remote = (LO, sock.getsockname()[1])
+            self.slow_end.receive_steered(self.local, remote, memoryview(seg), now)
+        self.sent += len(segs)
+        self.drain()
+
+    def drain(self) -> None:
+        now = self.pairs[0].now
+        while select.select([self.rx], [], [], 2.0)[0]:
+            while True:
+                back = self.reader.drain(self.rx.fileno(), socket.AF_INET, self.local[1], self.fast_end, now,
+                                         self.role == "server", None, relay.BATCH, relay.READ_BUDGET)
+                if back is None:
+                    break
+                local, remote, seg = back
+                self.handed_back += 1
+                assert local == self.local
+                self.fast_end.receive_steered(local, remote, memoryview(seg), now)
+            if not select.select([self.rx], [], [], 0.05)[0]:
+                break
+
+    def compare(self) -> None:
+        """Both ends hold the same after the same segments."""
+        a, b = self.fast_end, self.slow_end
+        assert self.fast_conn.rx_packets == self.slow_conn.rx_packets, "the socket lost datagrams"
+        assert a.deliveries() == b.deliveries()
+        assert a.drops == b.drops
+        assert (a.app_tx, a.app_tx_bytes) == (b.app_tx, b.app_tx_bytes)
+        assert snapshot(self.fast_conn) == snapshot(self.slow_conn)
+
+
+def snapshot(c: Connection) -> dict[str, Any]:
+    w = c._opener.window if c._opener is not None else None
+    return {"state": c.state, "rcv_nxt": c.rcv_nxt, "ts_recent": c._ts_recent, "rx_packets": c.rx_packets,
+            "rx_bytes": c.rx_bytes, "last_rx": c.last_rx, "last_auth": c._last_auth,
+            "window": (w.top, w.bits) if w is not None else None, "rwin": c._rwin.wnd}
+
+
+@pytest.fixture(params=["server", "client"])
+def rig(request: pytest.FixtureRequest) -> Any:
+    r = Rig(request.param)
+    yield r
+    r.close()
+
+
+def send_datagrams(r: Rig, count: int, sizes: tuple[int, ...] = (1200, 64, 700)) -> None:
+    now = r.pairs[0].now
+    for i in range(count):
+        data = bytes([i & 0xFF]) * sizes[i % len(sizes)]
+        if r.role == "server":
+            assert isinstance(r.sender, ClientEndpoint)
+            r.sender.send_app(("127.0.0.1", 5000 + i % 3), data, now)
+        else:
+            assert isinstance(r.sender, ServerEndpoint)
+            for key in r.flow_keys:  # type: ignore[attr-defined]
+                r.sender.send_target(key, data, now)
+
+
+def open_flows(r: Rig) -> None:
+    """The client side's flows must exist on the server before it can send to them."""
+    if r.role == "client":
+        a, b = r.pairs
+        for p in (a, b):
+            for k in range(2):
+                p.client.send_app(("127.0.0.1", 6000 + k), b"open", p.now)
+            p.pump()
+        assert a.target_got == b.target_got
+        r.flow_keys = sorted({k for k, _ in a.target_got})  # type: ignore[attr-defined]
+        for end in (r.fast_end, r.slow_end):
+            end.deliveries()
+
+
+def test_data_segments_leave_both_ends_alike(rig: Rig) -> None:
+    open_flows(rig)
+    send_datagrams(rig, 60)
+    segs = rig.outgoing()
+    assert len(segs) > 20
+    rig.deliver(segs)
+    delivered = rig.fast_end.deliveries()
+    rig.slow_end.deliveries()
+    assert len(delivered) == 60 * (1 if rig.role == "server" else 2)
+    rig.compare()
+    assert rig.fast_conn.state == State.ESTABLISHED
+    assert rig.handed_back == 0, "data segments of an established connection are the reader's"
+
+
+def test_replays_forgeries_reordering_and_control_frames(rig: Rig) -> None:
+    open_flows(rig)
+    rng = random.Random(3)
+    send_datagrams(rig, 300, sizes=(1200, 64, 64, 300))
+    segs = rig.outgoing()
+    half = len(segs) // 2
+    assert half > 40
+    # reordered (the replay window shifts by many words at once, and old counters land)
+    block = segs[:half]
+    rng.shuffle(block)
+    rig.deliver(block)
+    rig.compare()
+    # replays of what came, a forged tag, a forged payload, and the rest with duplicates
+    forged_tag = bytearray(segs[half + 1])
+    forged_tag[12 + ((forged_tag[0] >> 4) * 4 - 20) + 10] ^= 1  # the first record's tag
+    forged_body = bytearray(segs[half + 2])
+    forged_body[-1] ^= 0x40
+    rest = segs[half:]
+    mixed = [*segs[:5], bytes(forged_tag), bytes(forged_body), *rest, *rest[:10]]
+    rig.deliver(mixed)
+    rig.compare()
+    # a keepalive (taken by the reader) and a flow closing (a control frame: the full path)
+    now = rig.pairs[0].now
+    conn = rig.conn(rig.sender)
+    conn.probe(now)
+    conn.close_flow(1, now)
+    send_datagrams(rig, 5)
+    rig.deliver([steered_form(s) for s in conn.segments_to_send()] + rig.outgoing())
+    rig.compare()
+    # junk, a header without its options, one with a bad data offset, and a stranger's copy
+    junk = [b"\x01", b"\x50\x10", os.urandom(40), b"\x40" + segs[0][1:], segs[0][:12], segs[0][:12] + b"\x01"]
+    rig.deliver(junk)
+    rig.deliver(segs[-3:], rig.stranger)
+    rig.compare()
+    assert rig.fast_end.drops["replay"] > 0 and rig.fast_end.drops["bad_auth"] >= 2
+    assert 0 < rig.handed_back < rig.sent / 4  # the junk, the control frame, the stranger's
+
+
+def test_fin_takes_the_full_path(rig: Rig) -> None:
+    open_flows(rig)
+    send_datagrams(rig, 10)
+    rig.deliver(rig.outgoing())
+    conn = rig.conn(rig.sender)
+    conn.close(rig.pairs[0].now)
+    rig.deliver([steered_form(s) for s in conn.segments_to_send()])
+    rig.compare()
+    assert rig.fast_conn.state != State.ESTABLISHED
