@@ -186,6 +186,9 @@ class TupleReleased:
     remote: HostPort
 
 
+#: ``fast_flow``: (the flow, its connection, flow id, largest datagram, the tag's key, the next counter).
+FastFlow = tuple[Any, Connection, int, int, tuple[bytes, bytes, bytes], int]
+
 EndpointEvent = ConnectionUp | ConnectionDown | HelloRefused | FlowOpened | FlowGone | Oversized | TupleReleased
 
 
@@ -297,6 +300,25 @@ class _Endpoint:
 
     def _deliver_frames(self, conn: Connection, data: list[tuple[int, bytes]], now: float) -> None:
         raise NotImplementedError
+
+    def fast_flow(self, source: Any, now: float) -> FastFlow | None:
+        """The compiled writer (dataplane/_steered.c) asks, once per flow and wake-up, whether it
+        may frame and seal the flow's datagrams itself: the application's address (client) or
+        the flow's key (server).  None: they take ``send_app`` / ``send_target`` (a new flow,
+        no route, a connection that is not ESTABLISHED over tcp)."""
+        raise NotImplementedError
+
+    def flow_sent(self, flow: Any, count: int, nbytes: int, now: float) -> None:
+        """The compiled writer framed ``count`` datagrams (``nbytes``) of ``flow`` (``fast_flow``)."""
+        raise NotImplementedError
+
+    def _fast_flow(self, flow: Any, conn: Connection | None, flow_id: int, limit: int, now: float) -> FastFlow | None:
+        if conn is None or conn.fast_sealer() is None:
+            return None
+        self._flush_pending(conn, now)
+        sealer = conn.fast_sealer()
+        assert sealer is not None
+        return flow, conn, flow_id, limit, sealer[0], sealer[1]
 
     def receive_packet(self, pkt: memoryview, now: float, unfilled: bool = False) -> None:
         """One IP packet from a capture backend: parse, verify the checksum, dispatch.
@@ -413,16 +435,38 @@ class _Endpoint:
         if not conn.established:
             self.drops["no_route"] += sum(k for _, k in records)
             return
+        sealed = [conn.seal(r, now) for r, _ in records]
+        self._emit_sealed(conn, [s for s in sealed if s is not None], now)
+
+    def _emit_sealed(self, conn: Connection, payloads: list[bytes], now: float) -> None:
+        """Sealed records into segments: runs of equal-sized ones as one ``Transmit``."""
         local, remote, transport = conn.local, conn.remote, conn.transport
-        for i, j in runs([len(r) for r, _ in records], BATCH_MAX, overhead=BATCH_OVERHEAD):
-            batch = conn.send_batch([r for r, _ in records[i:j]], now) if j - i > 1 else None
-            if batch is not None:
-                self._transmits.append(Transmit(transport, local, remote, batch[0], batch[1], conn.ip))
+        batches = conn.batches
+        for i, j in runs([len(p) for p in payloads], BATCH_MAX, overhead=BATCH_OVERHEAD - framing.RECORD_OVERHEAD):
+            if j - i > 1 and batches:
+                run = payloads[i:j]
+                self._transmits.append(Transmit(transport, local, remote, conn.batch_header(run, now), run, conn.ip))
                 continue
-            for record, _k in records[i:j]:  # one record, or a connection without timestamps / udp
-                seg = conn.send_frames(record, now)
+            for payload in payloads[i:j]:  # one record, or a connection without timestamps / udp
+                seg = conn.send_sealed(payload, now)
                 if seg is not None:
                     self._transmits.append(_whole(transport, local, remote, seg, conn.ip))
+
+    def _flush_pending(self, conn: Connection, now: float) -> None:
+        """Seal and send what is queued for ``conn`` now, before the compiled writer's records."""
+        entry = self._frames.pop(conn, None)
+        if entry is not None:
+            self._close_record(conn, entry[0])
+        records = self._records.pop(conn, None)
+        if records:
+            self._emit_records(conn, records, now)
+
+    def sealed_run(self, conn: Connection, payloads: list[bytes], counter: int, now: float) -> None:
+        """The compiled writer sealed ``payloads`` for ``conn`` (its counter is now ``counter``):
+        into segments, as ``transmits`` does with the records it seals."""
+        conn.sealed_by_writer(counter, now)
+        if payloads:
+            self._emit_sealed(conn, payloads, now)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,6 +541,23 @@ class ServerEndpoint(_Endpoint):
 
     def _deliver_frames(self, conn: Connection, data: list[tuple[int, bytes]], now: float) -> None:
         self._deliver(conn, data, now)
+
+    def fast_flow(self, source: Any, now: float) -> FastFlow | None:
+        key: FlowKey = source
+        session = self.sessions.sessions.get(key[0])
+        flow = session.flows.get(key[1]) if session is not None else None
+        if session is None or flow is None:
+            return None
+        conn = session.route(flow)
+        limit = self.max_datagram_v6 if conn is not None and len(conn.remote[0]) == 16 else self.max_datagram
+        return self._fast_flow((session, flow), conn, key[1], limit, now)
+
+    def flow_sent(self, flow: Any, count: int, nbytes: int, now: float) -> None:
+        session, f = flow
+        f.last_active = session.last_active = now
+        f.tx += count
+        self.app_rx += count
+        self.app_rx_bytes += nbytes
 
     def _take_resets(self) -> None:
         for local, remote, seg in self.acceptor.segments_to_send():
@@ -717,6 +778,18 @@ class ClientEndpoint(_Endpoint):
 
     def _deliver_frames(self, conn: Connection, data: list[tuple[int, bytes]], now: float) -> None:
         self._deliver(data)
+
+    def fast_flow(self, source: Any, now: float) -> FastFlow | None:
+        flow = self.flows.by_addr.get(source)
+        if flow is None:
+            return None
+        return self._fast_flow(flow, self.flows.route(flow, self.conns), flow.flow_id, self.max_datagram, now)
+
+    def flow_sent(self, flow: Any, count: int, nbytes: int, now: float) -> None:
+        flow.last_active = now
+        flow.tx += count
+        self.app_rx += count
+        self.app_rx_bytes += nbytes
 
     def send_app(self, addr: Any, datagram: bytes | memoryview, now: float) -> None:
         """A datagram from the application at ``addr``: onto its flow's connection."""

@@ -740,23 +740,55 @@ class Connection:
             return None
         return self._emit(ACK | PSH, self._seal(frames, now), now)
 
+    def seal(self, frames: bytes, now: float) -> bytes | None:
+        """``frames`` sealed as this connection's next record; None unless ESTABLISHED."""
+        return self._seal(frames, now) if self.state == State.ESTABLISHED else None
+
+    def send_sealed(self, record: bytes, now: float) -> bytes | None:
+        """One segment carrying a record sealed already (``seal``, or the compiled writer)."""
+        if self.state != State.ESTABLISHED:
+            return None
+        return self._emit(ACK | PSH, record, now)
+
     def send_batch(self, records: list[bytes], now: float) -> tuple[bytes, list[bytes]] | None:
         """Seal ``records`` (each the frames of one segment) for one send that the kernel splits
         into segments (GSO): returns the first segment's TCP header, checksum left 0, and the
         sealed payloads, whose sequence numbers follow on from the header's.  The caller passes
         records of one length (the last may be shorter), so every payload but the last is as
         long as the first.  None unless an ESTABLISHED tcp connection with timestamps."""
-        if self.state != State.ESTABLISHED or self.transport != "tcp" or not self._ts_ok:
+        if not self.batches:
             return None
         payloads = [self._seal(r, now) for r in records]
+        return self.batch_header(payloads, now), payloads
+
+    @property
+    def batches(self) -> bool:
+        """Can runs of segments leave as one send (``batch_header``)?"""
+        return self.state == State.ESTABLISHED and self.transport == "tcp" and self._ts_ok
+
+    def batch_header(self, payloads: list[bytes], now: float) -> bytes:
+        """The first TCP header of a run carrying sealed ``payloads`` (``send_batch``)."""
         total = sum(map(len, payloads))
         self.tx_packets += len(payloads)
         self.tx_bytes += total
         self.last_tx = now
         seq, ack = self._advance(ACK | PSH, total)
-        hdr = _HDR_TS.pack(self.local[1], self.remote[1], seq, ack, _OFF8 | ACK | PSH, self._rwin.field, 0, 0,
-                           _TS_LEAD, self._tsval(now), self._ts_recent)
-        return hdr, payloads
+        return _HDR_TS.pack(self.local[1], self.remote[1], seq, ack, _OFF8 | ACK | PSH, self._rwin.field, 0, 0,
+                            _TS_LEAD, self._tsval(now), self._ts_recent)
+
+    def fast_sealer(self) -> tuple[tuple[bytes, bytes, bytes], int] | None:
+        """What the compiled writer (dataplane/_steered.c) needs to seal this connection's
+        records itself: the tag's key and the next counter.  None unless ESTABLISHED over tcp."""
+        sealer = self._sealer
+        if self.state != State.ESTABLISHED or self.transport != "tcp" or sealer is None:
+            return None
+        return sealer.mac_key, sealer.counter
+
+    def sealed_by_writer(self, counter: int, now: float) -> None:
+        """The compiled writer sealed this connection's records up to ``counter`` (exclusive)."""
+        assert self._sealer is not None
+        self._sealer.counter = counter
+        self._last_seal = now
 
     def probe(self, now: float) -> None:
         """Send a keepalive now: a peer that lost our state answers with an RST at once."""

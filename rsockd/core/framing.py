@@ -185,9 +185,10 @@ class Keyring:
 
     def sealer(self, nonce: bytes, direction: int) -> Sealer:
         """The sealing state for one direction of one connection."""
+        context = nonce + bytes((direction,))
         h = self._base.copy()
-        h.update(nonce + bytes((direction,)))
-        return Sealer(h)
+        h.update(context)
+        return Sealer(h, (self.key, _TAG_PERSON, context))
 
     def opener(self, nonce: bytes, direction: int, window: int = 1024) -> Opener:
         context = nonce + bytes((direction,))
@@ -199,11 +200,12 @@ class Keyring:
 class Sealer:
     """Seals frames into records with a per-direction counter."""
 
-    __slots__ = ("_ctx", "counter")
+    __slots__ = ("_ctx", "counter", "mac_key")
 
-    def __init__(self, ctx: hashlib.blake2b) -> None:
+    def __init__(self, ctx: hashlib.blake2b, mac_key: tuple[bytes, bytes, bytes] = (b"", b"", b"")) -> None:
         self._ctx = ctx
         self.counter = 0
+        self.mac_key = mac_key  # (key, personalization, context): the tag, for the compiled writer
 
     def seal(self, frames: bytes) -> bytes:
         counter = self.counter

@@ -28,6 +28,7 @@
 #include <netinet/in.h>
 #include <stdint.h>
 #include <string.h>
+#include <arpa/inet.h>
 #include <sys/socket.h>
 
 #ifndef SOL_UDP
@@ -622,6 +623,365 @@ static PyObject *Reader_drain(Reader *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* -- the writer: application datagrams into sealed records ----------------------------------- */
+
+#define MAXFLOWS 16
+#define RECORD_HEAD 18 /* length counter tag */
+#define DATA_HEAD 7    /* type length flow_id */
+
+/* One connection's records within a wake-up. */
+typedef struct {
+    PyObject *conn;     /* strong */
+    PyObject *records;  /* sealed records (bytes) */
+    b2b mac;
+    uint64_t counter;   /* the next record's */
+    size_t budget;      /* a record's frames at most: the largest datagram's DATA frame */
+    uint8_t *frames;    /* the record being filled */
+    size_t fill;
+} Out;
+
+/* One flow's datagrams within a wake-up. */
+typedef struct {
+    PyObject *flow;     /* strong: the endpoint's handle (fast_flow) */
+    uint8_t key[sizeof(struct sockaddr_in6)];
+    socklen_t keylen;
+    int out;
+    uint32_t flow_id;
+    size_t limit;
+    long count, nbytes;
+} Flow;
+
+typedef struct {
+    PyObject_HEAD
+    uint8_t *bufs;
+    struct mmsghdr msgs[NMSG];
+    struct iovec iov[NMSG];
+    struct sockaddr_storage names[NMSG];
+    int n, idx;
+    long datagrams, got;
+    Out outs[MAXRUNS];
+    int nouts;
+    Flow flows[MAXFLOWS];
+    int nflows;
+} Writer;
+
+static int out_seal(Out *o)
+{
+    if (o->fill == 0)
+        return 0;
+    PyObject *rec = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(RECORD_HEAD + o->fill));
+    if (rec == NULL)
+        return -1;
+    uint8_t *r = (uint8_t *)PyBytes_AS_STRING(rec);
+    size_t length = 16 + o->fill;
+    r[0] = (uint8_t)(length >> 8);
+    r[1] = (uint8_t)length;
+    for (int k = 0; k < 8; k++)
+        r[2 + k] = (uint8_t)(o->counter >> (56 - 8 * k));
+    memcpy(r + RECORD_HEAD, o->frames, o->fill);
+    b2b h = o->mac;
+    b2b_update(&h, r + 2, 8);
+    b2b_update(&h, r + RECORD_HEAD, o->fill);
+    b2b_final(&h, r + 10);
+    o->counter++;
+    o->fill = 0;
+    int rc = PyList_Append(o->records, rec);
+    Py_DECREF(rec);
+    return rc;
+}
+
+static void out_clear(Out *o)
+{
+    Py_CLEAR(o->conn);
+    Py_CLEAR(o->records);
+    PyMem_Free(o->frames);
+    o->frames = NULL;
+}
+
+/* Give every flow's count and every connection's records back (flow_sent, sealed_run). */
+static int writer_flush(Writer *self, PyObject *endpoint, PyObject *now)
+{
+    int rc = 0;
+    for (int i = 0; i < self->nflows; i++) {
+        Flow *f = &self->flows[i];
+        if (rc == 0 && f->count) {
+            PyObject *res = PyObject_CallMethod(endpoint, "flow_sent", "OllO", f->flow, f->count, f->nbytes, now);
+            if (res == NULL)
+                rc = -1;
+            Py_XDECREF(res);
+        }
+        Py_CLEAR(f->flow);
+    }
+    self->nflows = 0;
+    for (int i = 0; i < self->nouts; i++) {
+        Out *o = &self->outs[i];
+        if (rc == 0 && out_seal(o) < 0)
+            rc = -1;
+        if (rc == 0) {
+            PyObject *res = PyObject_CallMethod(endpoint, "sealed_run", "OOKO", o->conn, o->records,
+                                                (unsigned long long)o->counter, now);
+            if (res == NULL)
+                rc = -1;
+            Py_XDECREF(res);
+        }
+        out_clear(o);
+    }
+    self->nouts = 0;
+    return rc;
+}
+
+/* The flow of a datagram from ``src`` (or the one flow ``key`` of a target socket): found, or
+ * started from the endpoint's fast_flow.  NULL with no exception: the datagram takes the full path. */
+static Flow *flow_for(Writer *self, const struct sockaddr *src, socklen_t srclen, PyObject *key, PyObject *endpoint,
+                      PyObject *now)
+{
+    for (int i = 0; i < self->nflows; i++) {
+        Flow *f = &self->flows[i];
+        if (key != Py_None || (f->keylen == srclen && memcmp(f->key, src, srclen) == 0))
+            return f;
+    }
+    if ((self->nflows == MAXFLOWS || self->nouts == MAXRUNS) && writer_flush(self, endpoint, now) < 0)
+        return NULL;
+    PyObject *source = key;
+    if (key == Py_None) { /* the address as the socket module gives it: the flow table's key */
+        char host[INET6_ADDRSTRLEN];
+        if (src->sa_family == AF_INET6) {
+            const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)src;
+            if (inet_ntop(AF_INET6, &s6->sin6_addr, host, sizeof host) == NULL)
+                return NULL;
+            source = Py_BuildValue("(sHkk)", host, ntohs(s6->sin6_port), (unsigned long)ntohl(s6->sin6_flowinfo),
+                                   (unsigned long)s6->sin6_scope_id);
+        } else if (src->sa_family == AF_INET) {
+            const struct sockaddr_in *s4 = (const struct sockaddr_in *)src;
+            if (inet_ntop(AF_INET, &s4->sin_addr, host, sizeof host) == NULL)
+                return NULL;
+            source = Py_BuildValue("(sH)", host, ntohs(s4->sin_port));
+        } else {
+            return NULL;
+        }
+        if (source == NULL)
+            return NULL;
+    } else {
+        Py_INCREF(source);
+    }
+    PyObject *st = PyObject_CallMethod(endpoint, "fast_flow", "OO", source, now);
+    Py_DECREF(source);
+    if (st == NULL || st == Py_None) {
+        Py_XDECREF(st);
+        return NULL;
+    }
+    /* (flow, conn, flow_id, limit, (key, person, context), counter) */
+    PyObject *flow, *conn, *mac;
+    unsigned long flow_id, limit;
+    unsigned long long counter;
+    const char *k, *person, *context;
+    Py_ssize_t klen, plen, clen;
+    if (!PyArg_ParseTuple(st, "OOkkOK", &flow, &conn, &flow_id, &limit, &mac, &counter) ||
+        !PyArg_ParseTuple(mac, "y#y#y#", &k, &klen, &person, &plen, &context, &clen)) {
+        Py_DECREF(st);
+        return NULL;
+    }
+    if (klen > 64 || plen > 16 || limit > 0xFFFF - DATA_HEAD - 16) {
+        Py_DECREF(st);
+        PyErr_SetString(PyExc_ValueError, "fast_flow: a key, personalization or limit the writer cannot hold");
+        return NULL;
+    }
+    int o = 0;
+    while (o < self->nouts && self->outs[o].conn != conn)
+        o++;
+    if (o == self->nouts) { /* the connection's first flow in this wake-up */
+        Out *out = &self->outs[o];
+        memset(out, 0, sizeof *out);
+        out->budget = limit + DATA_HEAD;
+        out->frames = PyMem_Malloc(out->budget);
+        out->records = PyList_New(0);
+        if (out->frames == NULL || out->records == NULL) {
+            PyMem_Free(out->frames);
+            Py_XDECREF(out->records);
+            Py_DECREF(st);
+            PyErr_NoMemory();
+            return NULL;
+        }
+        Py_INCREF(conn);
+        out->conn = conn;
+        out->counter = counter;
+        b2b_init(&out->mac, 8, (const uint8_t *)k, (size_t)klen, (const uint8_t *)person, (size_t)plen);
+        b2b_update(&out->mac, (const uint8_t *)context, (size_t)clen);
+        self->nouts++;
+    }
+    Flow *f = &self->flows[self->nflows++];
+    memset(f, 0, sizeof *f);
+    Py_INCREF(flow);
+    f->flow = flow;
+    if (key == Py_None) {
+        memcpy(f->key, src, srclen <= sizeof f->key ? srclen : sizeof f->key);
+        f->keylen = srclen <= sizeof f->key ? srclen : 0;
+    }
+    f->out = o;
+    f->flow_id = (uint32_t)flow_id;
+    f->limit = limit;
+    Py_DECREF(st);
+    return f;
+}
+
+PyDoc_STRVAR(fill_doc,
+"fill(fd, endpoint, now, key, batch, budget)\n--\n\n"
+"Read the application-side socket ``fd`` until EAGAIN or ``batch`` datagrams / ``budget`` bytes:\n"
+"the datagrams of every flow whose connection is ESTABLISHED over tcp become DATA frames in\n"
+"records sealed here (endpoint.fast_flow, flow_sent, sealed_run).  ``key``: the flow of a\n"
+"target socket (server), or None: the flow is the sender's address (client).  Returns None\n"
+"when done, or ``(address, datagram)`` for the caller to pass to send_app / send_target\n"
+"before calling again (the address None on a target socket).");
+
+static PyObject *Writer_fill(Writer *self, PyObject *args)
+{
+    int fd, batch;
+    long budget;
+    PyObject *endpoint, *now, *key;
+    if (!PyArg_ParseTuple(args, "iOOOil:fill", &fd, &endpoint, &now, &key, &batch, &budget))
+        return NULL;
+    for (;;) {
+        if (self->idx >= self->n) {
+            if (self->datagrams >= batch || self->got >= budget)
+                break;
+            int want = batch - (int)self->datagrams < NMSG ? batch - (int)self->datagrams : NMSG;
+            for (int i = 0; i < want; i++) {
+                struct msghdr *mh = &self->msgs[i].msg_hdr;
+                self->iov[i].iov_base = self->bufs + (size_t)i * BUFSZ;
+                self->iov[i].iov_len = BUFSZ;
+                mh->msg_iov = &self->iov[i];
+                mh->msg_iovlen = 1;
+                mh->msg_name = key == Py_None ? &self->names[i] : NULL;
+                mh->msg_namelen = key == Py_None ? sizeof self->names[i] : 0;
+                mh->msg_control = NULL;
+                mh->msg_controllen = 0;
+                mh->msg_flags = 0;
+            }
+            int got = recvmmsg(fd, self->msgs, (unsigned)want, MSG_DONTWAIT, NULL); /* never blocks */
+            if (got <= 0) {
+                if (got == 0 || errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+                    break;
+                int err = errno;
+                self->datagrams++; /* an error counts against the batch: a lasting one cannot spin */
+                if (writer_flush(self, endpoint, now) < 0)
+                    return NULL;
+                errno = err;
+                return PyErr_SetFromErrno(PyExc_OSError);
+            }
+            self->n = got;
+            self->idx = 0;
+            self->datagrams += got;
+            for (int i = 0; i < got; i++)
+                self->got += (long)self->msgs[i].msg_len;
+        }
+        int i = self->idx++;
+        const uint8_t *d = self->bufs + (size_t)i * BUFSZ;
+        size_t n = self->msgs[i].msg_len;
+        const struct sockaddr *src = (const struct sockaddr *)&self->names[i];
+        socklen_t srclen = self->msgs[i].msg_hdr.msg_namelen;
+        if (self->msgs[i].msg_hdr.msg_flags & MSG_TRUNC)
+            goto full;
+        Flow *f = flow_for(self, src, srclen, key, endpoint, now);
+        if (f == NULL) {
+            if (PyErr_Occurred()) {
+                writer_flush(self, endpoint, now);
+                return NULL;
+            }
+            goto full;
+        }
+        if (n > f->limit)
+            goto full; /* oversized: send_app counts it and says so */
+        Out *o = &self->outs[f->out];
+        size_t frame = DATA_HEAD + n;
+        if (o->fill && o->fill + frame > o->budget && out_seal(o) < 0) {
+            writer_flush(self, endpoint, now);
+            return NULL;
+        }
+        uint8_t *w = o->frames + o->fill;
+        w[0] = DATA;
+        w[1] = (uint8_t)((4 + n) >> 8);
+        w[2] = (uint8_t)(4 + n);
+        w[3] = (uint8_t)(f->flow_id >> 24);
+        w[4] = (uint8_t)(f->flow_id >> 16);
+        w[5] = (uint8_t)(f->flow_id >> 8);
+        w[6] = (uint8_t)f->flow_id;
+        memcpy(w + DATA_HEAD, d, n);
+        o->fill += frame;
+        f->count++;
+        f->nbytes += (long)n;
+        continue;
+    full:
+        if (writer_flush(self, endpoint, now) < 0)
+            return NULL;
+        if (key != Py_None)
+            return Py_BuildValue("(Oy#)", Py_None, (const char *)d, (Py_ssize_t)n);
+        PyObject *addr;
+        char host[INET6_ADDRSTRLEN];
+        if (src->sa_family == AF_INET6) {
+            const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)src;
+            inet_ntop(AF_INET6, &s6->sin6_addr, host, sizeof host);
+            addr = Py_BuildValue("(sHkk)", host, ntohs(s6->sin6_port), (unsigned long)ntohl(s6->sin6_flowinfo),
+                                 (unsigned long)s6->sin6_scope_id);
+        } else {
+            const struct sockaddr_in *s4 = (const struct sockaddr_in *)src;
+            inet_ntop(AF_INET, &s4->sin_addr, host, sizeof host);
+            addr = Py_BuildValue("(sH)", host, ntohs(s4->sin_port));
+        }
+        if (addr == NULL)
+            return NULL;
+        PyObject *back = Py_BuildValue("(Ny#)", addr, (const char *)d, (Py_ssize_t)n);
+        return back;
+    }
+    self->datagrams = 0;
+    self->got = 0;
+    if (writer_flush(self, endpoint, now) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Writer_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    if (PyTuple_GET_SIZE(args) || (kw != NULL && PyDict_GET_SIZE(kw))) {
+        PyErr_SetString(PyExc_TypeError, "Writer() takes no arguments");
+        return NULL;
+    }
+    Writer *self = (Writer *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->bufs = PyMem_RawMalloc((size_t)NMSG * BUFSZ);
+    if (self->bufs == NULL) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    return (PyObject *)self;
+}
+
+static void Writer_dealloc(Writer *self)
+{
+    for (int i = 0; i < self->nflows; i++)
+        Py_CLEAR(self->flows[i].flow);
+    for (int i = 0; i < self->nouts; i++)
+        out_clear(&self->outs[i]);
+    PyMem_RawFree(self->bufs);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Writer_methods[] = {
+    {"fill", (PyCFunction)Writer_fill, METH_VARARGS, fill_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject WriterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "rsockd.dataplane._steered.Writer",
+    .tp_doc = PyDoc_STR("Frames and seals application datagrams in batches (see the module)."),
+    .tp_basicsize = sizeof(Writer),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = Writer_new,
+    .tp_dealloc = (destructor)Writer_dealloc,
+    .tp_methods = Writer_methods,
+};
+
 PyDoc_STRVAR(tag_doc,
 "tag(key, person, context, data)\n--\n\n"
 "The 8-byte keyed BLAKE2b of ``context + data`` (the record tag's construction), for tests.");
@@ -698,7 +1058,7 @@ static struct PyModuleDef steered_module = {
 
 PyMODINIT_FUNC PyInit__steered(void)
 {
-    if (PyType_Ready(&ReaderType) < 0)
+    if (PyType_Ready(&ReaderType) < 0 || PyType_Ready(&WriterType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&steered_module);
     if (m == NULL)
@@ -706,6 +1066,12 @@ PyMODINIT_FUNC PyInit__steered(void)
     Py_INCREF(&ReaderType);
     if (PyModule_AddObject(m, "Reader", (PyObject *)&ReaderType) < 0) {
         Py_DECREF(&ReaderType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&WriterType);
+    if (PyModule_AddObject(m, "Writer", (PyObject *)&WriterType) < 0) {
+        Py_DECREF(&WriterType);
         Py_DECREF(m);
         return NULL;
     }

@@ -170,6 +170,7 @@ class Relay(Generic[E]):
         self._ticks = 0
         self.delivery = Delivery(self.tx_errors)
         self._reader = _steered_reader()
+        self._writer = _app_writer()
         if self._auto:
             self._choose_send_path()
 
@@ -435,6 +436,27 @@ class Relay(Generic[E]):
             else:
                 receive(local, remote, memoryview(segment), now)
 
+    def _fill(self, writer: Any, sock: socket.socket, key: Any, now: float) -> None:
+        """A wake-up of an application-side socket through the compiled writer (dataplane/_steered.c):
+        it frames and seals the datagrams of flows on established connections itself and hands
+        back each other one, which takes ``send_app`` / ``send_target`` as in the loop it replaces.
+        ``key``: the flow of a target socket (server), None for the application socket (client)."""
+        ep, fd = self.endpoint, sock.fileno()
+        label = "app_" if key is None else "target_"
+        while True:
+            try:
+                back = writer.fill(fd, ep, now, key, BATCH, READ_BUDGET)
+            except OSError as e:  # ICMP port unreachable from the target: it is down, keep the flow
+                self.tx_errors[label + errno_name(e)] += 1
+                continue
+            if back is None:
+                return
+            addr, datagram = back
+            if isinstance(ep, ServerEndpoint):
+                ep.send_target(key, datagram, now)
+            else:
+                ep.send_app(addr, datagram, now)
+
     # -- shutdown -------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -489,16 +511,27 @@ def _pktinfo_gro(anc: list[tuple[int, int, bytes]]) -> tuple[bytes | None, int]:
     return dst, seg
 
 
-def _steered_reader() -> Any | None:
-    """The compiled reader of the tunnel sockets (dataplane/_steered.c, Linux), where the build
-    made it and the package runs compiled; None: the Python loops of ``_on_tunnel``."""
+def _compiled_io() -> Any | None:
+    """The compiled reader and writer (dataplane/_steered.c, Linux), where the build made them
+    and the package runs compiled; None: the Python loops of ``_on_tunnel``, ``_on_app`` and
+    ``_on_target``."""
     if sys.platform != "linux" or rsockd.PURE:
         return None
     try:
-        from ._steered import Reader
+        from . import _steered
     except ImportError:
         return None
-    return Reader()
+    return _steered
+
+
+def _steered_reader() -> Any | None:
+    io = _compiled_io()
+    return io.Reader() if io is not None else None
+
+
+def _app_writer() -> Any | None:
+    io = _compiled_io()
+    return io.Writer() if io is not None else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -611,6 +644,10 @@ class ServerRelay(Relay[ServerEndpoint]):
     def _on_target(self, key: FlowKey, sock: socket.socket) -> None:
         buf, view = self._buf, self._view
         now = self.loop.time()
+        if self._writer is not None:
+            self._fill(self._writer, sock, key, now)
+            self._pump(now)
+            return
         send_target = self.endpoint.send_target
         for _ in range(BATCH):
             try:
@@ -878,6 +915,10 @@ class ClientRelay(Relay[ClientEndpoint]):
         assert app is not None
         buf, view = self._buf, self._view
         now = self.loop.time()
+        if self._writer is not None:
+            self._fill(self._writer, app, None, now)
+            self._pump(now)
+            return
         send_app = self.endpoint.send_app
         for _ in range(BATCH):
             try:
