@@ -46,7 +46,7 @@ def c_extensions() -> list[Extension]:
     whenever the package compiles anything; ``RSOCKD_COMPILE=0`` leaves them out too."""
     if os.environ.get("RSOCKD_COMPILE", "auto") == "0" or not sys.platform.startswith("linux"):
         return []
-    return [Extension(name, [os.path.join("rsockd", src)], extra_compile_args=["-O2", "-std=gnu11"])
+    return [Extension(name, [os.path.join("rsockd", src)], extra_compile_args=["-O3", "-std=gnu11"])
             for name, src in C_EXTENSIONS.items()]
 
 

@@ -72,8 +72,14 @@ static const uint8_t SIGMA[12][16] = {
 
 static inline uint64_t load64le(const uint8_t *p)
 {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    uint64_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+#else
     return (uint64_t)p[0] | (uint64_t)p[1] << 8 | (uint64_t)p[2] << 16 | (uint64_t)p[3] << 24 |
            (uint64_t)p[4] << 32 | (uint64_t)p[5] << 40 | (uint64_t)p[6] << 48 | (uint64_t)p[7] << 56;
+#endif
 }
 
 #define ROTR64(x, n) (((x) >> (n)) | ((x) << (64 - (n))))
@@ -98,17 +104,21 @@ static void b2b_compress(b2b *s, int last)
         v[14] = ~v[14];
     for (int i = 0; i < 16; i++)
         m[i] = load64le(s->b + 8 * i);
-    for (int r = 0; r < 12; r++) {
-        const uint8_t *z = SIGMA[r];
-        G(0, 4, 8, 12, m[z[0]], m[z[1]]);
-        G(1, 5, 9, 13, m[z[2]], m[z[3]]);
-        G(2, 6, 10, 14, m[z[4]], m[z[5]]);
-        G(3, 7, 11, 15, m[z[6]], m[z[7]]);
-        G(0, 5, 10, 15, m[z[8]], m[z[9]]);
-        G(1, 6, 11, 12, m[z[10]], m[z[11]]);
-        G(2, 7, 8, 13, m[z[12]], m[z[13]]);
-        G(3, 4, 9, 14, m[z[14]], m[z[15]]);
-    }
+    /* the rounds unrolled: each message word's index is then a constant */
+#define ROUND(r)                                                 \
+    do {                                                         \
+        G(0, 4, 8, 12, m[SIGMA[r][0]], m[SIGMA[r][1]]);          \
+        G(1, 5, 9, 13, m[SIGMA[r][2]], m[SIGMA[r][3]]);          \
+        G(2, 6, 10, 14, m[SIGMA[r][4]], m[SIGMA[r][5]]);         \
+        G(3, 7, 11, 15, m[SIGMA[r][6]], m[SIGMA[r][7]]);         \
+        G(0, 5, 10, 15, m[SIGMA[r][8]], m[SIGMA[r][9]]);         \
+        G(1, 6, 11, 12, m[SIGMA[r][10]], m[SIGMA[r][11]]);       \
+        G(2, 7, 8, 13, m[SIGMA[r][12]], m[SIGMA[r][13]]);        \
+        G(3, 4, 9, 14, m[SIGMA[r][14]], m[SIGMA[r][15]]);        \
+    } while (0)
+    ROUND(0); ROUND(1); ROUND(2); ROUND(3); ROUND(4); ROUND(5);
+    ROUND(6); ROUND(7); ROUND(8); ROUND(9); ROUND(10); ROUND(11);
+#undef ROUND
     for (int i = 0; i < 8; i++)
         s->h[i] ^= v[i] ^ v[i + 8];
 }
@@ -205,6 +215,7 @@ typedef struct {
     int has_dst;
     size_t seg;                       /* datagram idx's GRO segment size, 0: one segment */
     long datagrams, got;              /* this wake-up's reads, against its budget */
+    int drained;                      /* the last read returned less than it asked for */
     Run runs[MAXRUNS];
     int nruns;
 } Reader;
@@ -498,7 +509,9 @@ static PyObject *Reader_drain(Reader *self, PyObject *args)
     size_t alen = family == AF_INET6 ? 16 : 4;
     for (;;) {
         if (self->idx >= self->n) {
-            if (self->datagrams >= batch || self->got >= budget)
+            /* a read that got less than it asked for emptied the socket: the next datagram
+             * wakes the loop again, and an extra read would only say EAGAIN */
+            if (self->drained || self->datagrams >= batch || self->got >= budget)
                 break;
             int want = batch - (int)self->datagrams < NMSG ? batch - (int)self->datagrams : NMSG;
             for (int i = 0; i < want; i++) {
@@ -527,6 +540,7 @@ static PyObject *Reader_drain(Reader *self, PyObject *args)
             self->n = got;
             self->idx = 0;
             self->off = 0;
+            self->drained = got < want;
             self->datagrams += got;
             for (int i = 0; i < got; i++)
                 self->got += (long)self->msgs[i].msg_len;
@@ -618,6 +632,7 @@ static PyObject *Reader_drain(Reader *self, PyObject *args)
     }
     self->datagrams = 0;
     self->got = 0;
+    self->drained = 0;
     if (flush_all(self, endpoint, now) < 0)
         return NULL;
     Py_RETURN_NONE;
@@ -659,6 +674,7 @@ typedef struct {
     struct sockaddr_storage names[NMSG];
     int n, idx;
     long datagrams, got;
+    int drained;
     Out outs[MAXRUNS];
     int nouts;
     Flow flows[MAXFLOWS];
@@ -842,8 +858,8 @@ static PyObject *Writer_fill(Writer *self, PyObject *args)
         return NULL;
     for (;;) {
         if (self->idx >= self->n) {
-            if (self->datagrams >= batch || self->got >= budget)
-                break;
+            if (self->drained || self->datagrams >= batch || self->got >= budget)
+                break; /* as in the reader */
             int want = batch - (int)self->datagrams < NMSG ? batch - (int)self->datagrams : NMSG;
             for (int i = 0; i < want; i++) {
                 struct msghdr *mh = &self->msgs[i].msg_hdr;
@@ -870,6 +886,7 @@ static PyObject *Writer_fill(Writer *self, PyObject *args)
             }
             self->n = got;
             self->idx = 0;
+            self->drained = got < want;
             self->datagrams += got;
             for (int i = 0; i < got; i++)
                 self->got += (long)self->msgs[i].msg_len;
@@ -934,6 +951,7 @@ static PyObject *Writer_fill(Writer *self, PyObject *args)
     }
     self->datagrams = 0;
     self->got = 0;
+    self->drained = 0;
     if (writer_flush(self, endpoint, now) < 0)
         return NULL;
     Py_RETURN_NONE;
