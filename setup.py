@@ -4,7 +4,7 @@ Everything else is in pyproject.toml.  The compiled modules are the same source:
 interpreter imports a module's extension before its ``.py``, and ``RSOCKD_PURE=1`` at run time
 makes it take the ``.py`` (rsockd/__init__.py).  ``RSOCKD_COMPILE=0`` builds the pure package
 (also what happens when mypyc cannot be imported); ``RSOCKD_COMPILE=1`` makes a missing mypyc an
-error instead.  docs/design.md "The compiled core" says which modules and why.
+error instead; ``RSOCKD_COMPILE=c`` builds the C extensions alone.  docs/design.md "The compiled core" says which modules and why.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ COMPILED = [os.path.relpath(p) for p in native_sources()]
 
 def ext_modules() -> list:  # type: ignore[type-arg]
     want = os.environ.get("RSOCKD_COMPILE", "auto")
-    if want == "0":
+    if want in ("0", "c"):
         return []
     try:
         from mypyc.build import mypycify
@@ -43,7 +43,8 @@ def ext_modules() -> list:  # type: ignore[type-arg]
 
 def c_extensions() -> list[Extension]:
     """The C extensions (rsockd.C_EXTENSIONS: Linux only, they read sockets with recvmmsg), built
-    whenever the package compiles anything; ``RSOCKD_COMPILE=0`` leaves them out too."""
+    whenever the package compiles anything; ``RSOCKD_COMPILE=0`` leaves them out too, and
+    ``RSOCKD_COMPILE=c`` builds only them (the .deb: its mypyc is too old)."""
     if os.environ.get("RSOCKD_COMPILE", "auto") == "0" or not sys.platform.startswith("linux"):
         return []
     return [Extension(name, [os.path.join("rsockd", src)], extra_compile_args=["-O3", "-std=gnu11"])

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build rsockd_<version>_all.deb from a clean copy of the tree and check it with lintian.
+# Build rsockd_<version>_<arch>.deb from a clean copy of the tree and check it with lintian.
 #
 #   sudo packaging/build-deb.sh [OUT_DIR]        (default OUT_DIR: build/deb)
 #   RSOCKD_SOURCE=head packaging/build-deb.sh    build exactly the committed tree (git archive HEAD)
@@ -59,7 +59,7 @@ export SOURCE_DATE_EPOCH
 dpkg-buildpackage -us -uc -b > "$work/build.log" 2>&1 \
   || { tail -n 60 "$work/build.log" >&2; echo "build-deb: dpkg-buildpackage failed; log: $work/build.log" >&2; exit 1; }
 
-deb="rsockd_${version}_all.deb"
+deb="rsockd_${version}_$(dpkg --print-architecture).deb"
 echo "== lintian"
 if ! lintian --fail-on error,warning --display-info \
      "$work"/rsockd_"${version}"_*.changes "$work/rsockd_${version}.dsc" 2>&1 | tee "$work/lintian.log"; then

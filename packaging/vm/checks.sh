@@ -25,7 +25,7 @@ RSOCKD_VM_DAEMON_CHECKS=0
 # Each check runs in a subshell (its output is collected): state passes through the system only.
 work=/root/rsockd-vmtest
 mkdir -p "$work"
-deb=$(ls "$share"/rsockd_*_all.deb 2>/dev/null | head -n 1)
+deb=$(ls "$share"/rsockd_*.deb 2>/dev/null | head -n 1)
 [ -n "$deb" ] && cp "$deb" "$work/" && deb="$work/$(basename "$deb")"
 standin=/usr/local/lib/rsockd-vmtest/standin.py
 dropins=/run/systemd/system
@@ -70,7 +70,7 @@ unit_prop() { systemctl show -p "$2" --value "$1"; }
 
 check_install_offline() {
   local new
-  [ -n "$deb" ] || { echo "  no rsockd_*_all.deb on the share"; return 1; }
+  [ -n "$deb" ] || { echo "  no rsockd_*.deb on the share"; return 1; }
   echo "  network interfaces: $(ip -o link show | awk -F': ' '{print $2}' | tr '\n' ' ')"
   ip -o link show | grep -qv ': lo:' && { echo "  the VM has a network device: this would not prove offline"; return 1; }
   # All dependencies (and the Recommends) must be in the image already: apt installs rsockd only.
@@ -125,6 +125,14 @@ check_version() {
   out=$(rsockd --version 2>&1) || { echo "  rsockd --version failed: $out"; return 1; }
   echo "  rsockd --version: $out"
   grep -qF "$want" <<<"$out" || { echo "  does not show the package version $want"; return 1; }
+}
+
+# The .deb builds the C extension (the compiled reader and writer of the tunnel and application
+# sockets) though its core stays interpreted; the installed daemon must load it.
+check_compiled_reader() {
+  has_module rsockd.dataplane._steered || { echo "  rsockd.dataplane._steered is not in the package"; return 1; }
+  expect "the relay loads the compiled reader and writer" python3 -c \
+    'from rsockd.dataplane import relay; assert relay._steered_reader() and relay._app_writer(); print("ok")'
 }
 
 check_verify_checksum() {
@@ -501,6 +509,7 @@ checks=(
   check_units_verify
   check_man_pages
   check_version
+  check_compiled_reader
   check_verify_checksum
   check_unit_sandbox_allows_bpf
   check_daemon_setup
