@@ -4,7 +4,8 @@ Everything else is in pyproject.toml.  The compiled modules are the same source:
 interpreter imports a module's extension before its ``.py``, and ``RSOCKD_PURE=1`` at run time
 makes it take the ``.py`` (rsockd/__init__.py).  ``RSOCKD_COMPILE=0`` builds the pure package
 (also what happens when mypyc cannot be imported); ``RSOCKD_COMPILE=1`` makes a missing mypyc an
-error instead; ``RSOCKD_COMPILE=c`` builds the C extensions alone.  docs/design.md "The compiled core" says which modules and why.
+error instead; ``RSOCKD_COMPILE=c`` builds the C extensions alone.  docs/design.md "The compiled
+core" says which modules and why.
 """
 
 from __future__ import annotations
