@@ -145,12 +145,12 @@ def relations(value: str) -> list[str]:
 def test_control() -> None:
     source, binary = (control_fields(p) for p in (DEB / "control").read_text().split("\n\n") if p.strip())
     assert source["Source"] == binary["Package"] == "rsockd"
-    assert binary["Architecture"] == "all"
+    assert binary["Architecture"] == "any"  # the C extension (dataplane/_steered.c)
     assert relations(source["Build-Depends"]) == [
-        "debhelper-compat (= 13)", "dh-python", "pybuild-plugin-pyproject", "python3-all", "python3-setuptools",
+        "debhelper-compat (= 13)", "dh-python", "pybuild-plugin-pyproject", "python3-all-dev", "python3-setuptools",
     ]
     assert relations(binary["Depends"]) == [
-        "${python3:Depends}", "${misc:Depends}", "python3-bpfcc", "python3-nftables",
+        "${python3:Depends}", "${shlibs:Depends}", "${misc:Depends}", "python3-bpfcc", "python3-nftables",
         "python3-pyroute2", "python3-sdnotify", "nftables", "iproute2",
     ]
     assert relations(binary["Recommends"])[0].startswith("linux-headers-amd64 |")
