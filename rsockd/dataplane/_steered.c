@@ -272,11 +272,13 @@ static int run_flush(Run *r, PyObject *endpoint, PyObject *now)
         for (int k = 0; k < 8; k++)
             raw[8 * i + k] = (uint8_t)(r->bits[i] >> (8 * k));
     PyObject *ts = r->ts_set ? PyLong_FromUnsignedLong(r->ts_recent) : Py_NewRef(Py_None);
-    PyObject *res = ts == NULL ? NULL : PyObject_CallMethod(
-        endpoint, "steered_run", "OOllllkOLy#llO", r->conn, r->data ? r->data : Py_None, r->segments,
-        r->nbytes, r->authed, r->authed_bytes, (unsigned long)r->rcv_nxt, ts,
-        r->has_top ? (long long)r->top : -1LL, (const char *)raw, (Py_ssize_t)sizeof raw, r->replays, r->bad, now);
+    PyObject *top = r->has_top ? PyLong_FromUnsignedLongLong(r->top) : PyLong_FromLong(-1);
+    PyObject *res = ts == NULL || top == NULL ? NULL : PyObject_CallMethod(
+        endpoint, "steered_run", "OOllllkOOy#llO", r->conn, r->data ? r->data : Py_None, r->segments,
+        r->nbytes, r->authed, r->authed_bytes, (unsigned long)r->rcv_nxt, ts, top, (const char *)raw,
+        (Py_ssize_t)sizeof raw, r->replays, r->bad, now);
     Py_XDECREF(ts);
+    Py_XDECREF(top);
     run_clear(r);
     if (res == NULL)
         return -1;
@@ -314,15 +316,23 @@ static Run *run_for(Reader *self, const uint8_t *key, size_t llen, size_t ralen,
         return NULL;
     }
     /* (conn, rcv_nxt, ts_ok, ts_recent, (key, person, context), top, bits, size) */
-    PyObject *conn, *mac, *bits;
+    PyObject *conn, *mac, *top, *bits;
     unsigned long rcv_nxt, ts_recent, size;
     int ts_ok;
-    long long top;
     const char *k, *person, *context;
     Py_ssize_t klen, plen, clen, blen;
     Run *r = &self->runs[self->nruns];
-    if (!PyArg_ParseTuple(st, "OkpkOLSk", &conn, &rcv_nxt, &ts_ok, &ts_recent, &mac, &top, &bits, &size) ||
+    if (!PyArg_ParseTuple(st, "OkpkOOSk", &conn, &rcv_nxt, &ts_ok, &ts_recent, &mac, &top, &bits, &size) ||
         !PyArg_ParseTuple(mac, "y#y#y#", &k, &klen, &person, &plen, &context, &clen)) {
+        Py_DECREF(st);
+        return NULL;
+    }
+    /* the window's top: -1 before the first record, else any 64-bit counter */
+    int overflow;
+    long long stop = PyLong_AsLongLongAndOverflow(top, &overflow);
+    int has_top = overflow > 0 || (overflow == 0 && stop >= 0);
+    unsigned long long utop = overflow > 0 ? PyLong_AsUnsignedLongLong(top) : (unsigned long long)stop;
+    if (PyErr_Occurred()) {
         Py_DECREF(st);
         return NULL;
     }
@@ -339,8 +349,8 @@ static Run *run_for(Reader *self, const uint8_t *key, size_t llen, size_t ralen,
     r->rcv_nxt = (uint32_t)rcv_nxt;
     r->ts_ok = ts_ok;
     r->ts_recent = (uint32_t)ts_recent;
-    r->has_top = top >= 0;
-    r->top = top >= 0 ? (uint64_t)top : 0;
+    r->has_top = has_top;
+    r->top = utop;
     r->size = (uint32_t)size;
     const uint8_t *b = (const uint8_t *)PyBytes_AS_STRING(bits);
     for (Py_ssize_t i = 0; i < blen; i++)

@@ -356,3 +356,20 @@ def test_writer_keeps_order_with_what_the_endpoint_queued(wrig: WriterRig) -> No
     payload = b"".join(wrig.compare(same_records=False))  # records are cut where a datagram was handed back
     assert payload.index(b"b" * 100) < payload.index(b"e" * 100) < payload.index(b"d" * 100)
     assert b"c" * 100 not in payload
+
+
+def test_counters_past_63_bits(rig: Rig) -> None:
+    """Record counters are 64-bit: a window whose top is past 2**63 (signed overflow) reads and
+    writes back the same in both paths."""
+    open_flows(rig)
+    sealer = rig.conn(rig.sender)._sealer
+    assert sealer is not None
+    sealer.counter = 2**63 + 5
+    send_datagrams(rig, 8)
+    rig.deliver(rig.outgoing())
+    sealer.counter = 2**64 - 3
+    send_datagrams(rig, 2)
+    rig.deliver(rig.outgoing())
+    rig.compare()
+    window = rig.fast_conn._opener.window  # type: ignore[union-attr]
+    assert window.top >= 2**64 - 3 and rig.handed_back == 0
