@@ -563,6 +563,9 @@ class Bench:
             out: dict[str, Any] = {
                 "backend": backend, "send_path": send_path or "auto", "send_paths_used": self.pair.send_paths(),
                 "ready": ready,
+                # what the daemons run: a source edited during the run leaves a stale build, which they
+                # would run interpreted (rsockd/__init__.py) while the run's header says compiled
+                "build": {k: v.get("build") for k, v in st.items()},
                 "workers": {"requested": workers, "reported": {k: v.get("workers") for k, v in st.items()}},
                 "steering": {k: v.get("backend", {}) for k, v in st.items()},
                 "sizes": {},

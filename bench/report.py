@@ -173,6 +173,14 @@ def _wireguard_lines(data: dict[str, Any]) -> list[str]:
             f"  {path('plain')}", f"  {path('rsockd')}: {_f(ratio, '.2f')}x plain"]
 
 
+def _build_note(data: dict[str, Any], res: dict[str, Any]) -> str:
+    """What a backend's daemons ran, when it is not what the run's header says (a stale build)."""
+    want = {"core": _get(data, "code", "core"), "reader": _get(data, "code", "reader")}
+    ran = {b.get("core") and f"core {b.get('core')}, reader {b.get('reader')}"
+           for b in (res.get("build") or {}).values() if b and b != want}
+    return f"; WARNING: the daemons ran {' / '.join(sorted(ran))}" if ran else ""
+
+
 def render(data: dict[str, Any]) -> str:
     m = data["machine"]
     o = data["options"]
@@ -216,7 +224,8 @@ def render(data: dict[str, Any]) -> str:
         rd, rss = res.get("ready", {}), res.get("rss", {})
         out.append(f"{label}: READY server {_f(rd.get('server_s'), '.2f')} s, client {_f(rd.get('client_s'), '.2f')} s "
                    f"(connections up {_f(rd.get('client_up_s'), '.2f')} s); RSS server "
-                   f"{_f(_get(rss, 'server', 'rss_mb'))} MB, client {_f(_get(rss, 'client', 'rss_mb'))} MB")
+                   f"{_f(_get(rss, 'server', 'rss_mb'))} MB, client {_f(_get(rss, 'client', 'rss_mb'))} MB"
+                   + _build_note(data, res))
     rc = data.get("plain_recheck")
     if rc:
         out.append(f"plain UDP re-measured at the end ({rc['size']} B): {_k(rc['pps'])}/s vs {_k(rc['first_pps'])}/s "

@@ -31,7 +31,7 @@ from ..steer.choose import choose_steering, cleanup_stale, unload_notrack
 from .config import Config, load_invocation
 from .control import ControlServer
 from .notify import Notifier
-from .status import connection_rows, merge_status, relay_status, worker_row
+from .status import build_info, connection_rows, merge_status, relay_status, worker_row
 from .wiring import apply_live, policy_of
 from .worker import Worker, WorkerGone, share, spawn, stop_all
 
@@ -408,7 +408,7 @@ class Daemon:
         out: dict[str, Any] = {
             "instance": cfg.instance, "pid": os.getpid(), "version": __version__, "role": cfg.role,
             "started": self.started, "uptime": round(time.time() - self.started, 3), "ports": list(cfg.ports),
-            "transports": list(cfg.transports), "workers": cfg.workers,
+            "transports": list(cfg.transports), "workers": cfg.workers, "build": build_info(),
         }
         steer: dict[str, int] = dict.fromkeys(STEER_COUNTERS, 0)
         if self.steering is not None:

@@ -65,6 +65,16 @@ def _role_status(relay: Relay[Any]) -> dict[str, Any]:
     }
 
 
+def build_info() -> dict[str, str]:
+    """What this process runs: the core compiled (mypyc) or interpreted, and the tunnel sockets'
+    reader compiled (C) or Python's loops (docs/design.md, "The compiled core")."""
+    from .. import compiled
+    from ..dataplane.relay import _compiled_io
+
+    return {"core": "compiled" if compiled() else "interpreted",
+            "reader": "compiled" if _compiled_io() is not None else "python"}
+
+
 def relay_status(relay: Relay[Any]) -> dict[str, Any]:
     """The part of ``rsockctl status`` a relay answers (a worker sends this to the daemon)."""
     ep = relay.endpoint

@@ -27,3 +27,18 @@ def test_dirty_paths_are_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     info = harness.code_info()
     assert info["dirty"] == ["rsockd/a.py", "rsockd/b.py"]
     assert info["commit"] and info["core"] in ("compiled", "interpreted")
+
+
+def test_report_says_when_the_daemons_ran_another_build() -> None:
+    """A source edited during a run leaves a stale build, which the daemons started after the
+    edit run interpreted: the report says so beside that backend, and only there."""
+    from bench.report import _build_note
+
+    data = {"code": {"core": "compiled", "reader": "compiled"}}
+    same = {"build": {"server": {"core": "compiled", "reader": "compiled"},
+                      "client": {"core": "compiled", "reader": "compiled"}}}
+    stale = {"build": {"server": {"core": "interpreted", "reader": "python"},
+                       "client": {"core": "compiled", "reader": "compiled"}}}
+    assert _build_note(data, same) == ""
+    assert _build_note(data, {}) == ""  # a JSON of an older rsockd: nothing reported
+    assert _build_note(data, stale) == "; WARNING: the daemons ran core interpreted, reader python"
