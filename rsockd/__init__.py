@@ -27,7 +27,7 @@ _STAMP = os.path.join(os.path.dirname(__file__), "core", "_native.stamp")
 NATIVE = ("core/*.py", "dataplane/relay.py", "dataplane/delivery.py", "dataplane/packetsend.py")
 #: ... and the C extensions, which have no Python twin of the same name: the compiled reader of the
 #: tunnel sockets (Linux; relay.py's loops are what runs without it).
-C_EXTENSIONS = {"rsockd.dataplane._steered": "dataplane/_steered.c"}
+C_EXTENSIONS = {"rsockd.dataplane._datapath": "dataplane/_datapath.c"}
 
 
 def native_sources() -> list[str]:

@@ -130,7 +130,7 @@ check_version() {
 # The .deb builds the C extension (the compiled reader and writer of the tunnel and application
 # sockets) though its core stays interpreted; the installed daemon must load it.
 check_compiled_reader() {
-  has_module rsockd.dataplane._steered || { echo "  rsockd.dataplane._steered is not in the package"; return 1; }
+  has_module rsockd.dataplane._datapath || { echo "  rsockd.dataplane._datapath is not in the package"; return 1; }
   expect "the relay loads the compiled reader and writer" python3 -c \
     'from rsockd.dataplane import relay; assert relay._steered_reader() and relay._app_writer(); print("ok")'
 }

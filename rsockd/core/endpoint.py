@@ -284,7 +284,7 @@ class _Endpoint:
             self.drops["malformed"] += 1
 
     def fast_conn(self, laddr: bytes, lport: int, raddr: bytes, rport: int) -> FastState | None:
-        """The compiled reader (dataplane/_steered.c) asks, once per wake-up, whether it may take
+        """The compiled reader (dataplane/_datapath.c) asks, once per wake-up, whether it may take
         the data segments of the connection on this 4-tuple itself (``Connection.fast_state``)."""
         raise NotImplementedError
 
@@ -302,7 +302,7 @@ class _Endpoint:
         raise NotImplementedError
 
     def fast_flow(self, source: Any, now: float) -> FastFlow | None:
-        """The compiled writer (dataplane/_steered.c) asks, once per flow and wake-up, whether it
+        """The compiled writer (dataplane/_datapath.c) asks, once per flow and wake-up, whether it
         may frame and seal the flow's datagrams itself: the application's address (client) or
         the flow's key (server).  None: they take ``send_app`` / ``send_target`` (a new flow,
         no route, a connection that is not ESTABLISHED over tcp)."""

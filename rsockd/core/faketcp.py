@@ -513,7 +513,7 @@ class Connection:
         return data
 
     def fast_state(self) -> FastState | None:
-        """What the compiled reader (dataplane/_steered.c) needs to take this connection's data
+        """What the compiled reader (dataplane/_datapath.c) needs to take this connection's data
         segments itself: (self, rcv_nxt, timestamps on, the timestamp to echo, the tag's key,
         the replay window's top, bits and size).  None unless ESTABLISHED over tcp: every
         segment then takes ``receive``."""
@@ -777,7 +777,7 @@ class Connection:
                             _TS_LEAD, self._tsval(now), self._ts_recent)
 
     def fast_sealer(self) -> tuple[tuple[bytes, bytes, bytes], int] | None:
-        """What the compiled writer (dataplane/_steered.c) needs to seal this connection's
+        """What the compiled writer (dataplane/_datapath.c) needs to seal this connection's
         records itself: the tag's key and the next counter.  None unless ESTABLISHED over tcp."""
         sealer = self._sealer
         if self.state != State.ESTABLISHED or self.transport != "tcp" or sealer is None:

@@ -418,7 +418,7 @@ class Relay(Generic[E]):
 
     def _drain(self, reader: Any, sock: socket.socket, family: int, port: int, now: float,
                fallback: bytes | None) -> None:
-        """A wake-up of a tunnel socket through the compiled reader (dataplane/_steered.c): it
+        """A wake-up of a tunnel socket through the compiled reader (dataplane/_datapath.c): it
         takes the established connections' data segments itself and hands back each other one,
         which takes ``receive_steered`` as in the loop it replaces."""
         receive, fd, pktinfo = self.endpoint.receive_steered, sock.fileno(), self.role == "server"
@@ -437,7 +437,7 @@ class Relay(Generic[E]):
                 receive(local, remote, memoryview(segment), now)
 
     def _fill(self, writer: Any, sock: socket.socket, key: Any, now: float) -> None:
-        """A wake-up of an application-side socket through the compiled writer (dataplane/_steered.c):
+        """A wake-up of an application-side socket through the compiled writer (dataplane/_datapath.c):
         it frames and seals the datagrams of flows on established connections itself and hands
         back each other one, which takes ``send_app`` / ``send_target`` as in the loop it replaces.
         ``key``: the flow of a target socket (server), None for the application socket (client)."""
@@ -512,16 +512,16 @@ def _pktinfo_gro(anc: list[tuple[int, int, bytes]]) -> tuple[bytes | None, int]:
 
 
 def _compiled_io() -> Any | None:
-    """The compiled reader and writer (dataplane/_steered.c, Linux), where the build made them
+    """The compiled reader and writer (dataplane/_datapath.c, Linux), where the build made them
     and the package runs compiled; None: the Python loops of ``_on_tunnel``, ``_on_app`` and
     ``_on_target``."""
     if sys.platform != "linux" or rsockd.PURE:
         return None
     try:
-        from . import _steered
+        from . import _datapath
     except ImportError:
         return None
-    return _steered
+    return _datapath
 
 
 def _steered_reader() -> Any | None:

@@ -51,7 +51,7 @@ def test_pure_switch_takes_the_source() -> None:
 
 
 @pytest.mark.skipif(not STAMP.exists(), reason="no compiled build in this tree")
-@pytest.mark.parametrize("edited", ["core/counters.py", "dataplane/delivery.py", "dataplane/_steered.c"])
+@pytest.mark.parametrize("edited", ["core/counters.py", "dataplane/delivery.py", "dataplane/_datapath.c"])
 def test_a_stale_build_never_runs(tmp_path: Path, edited: str) -> None:
     """A compiled module edited after the build: the tree runs its source, and says why."""
     shutil.copytree(ROOT / "rsockd", tmp_path / "rsockd", ignore=shutil.ignore_patterns("__pycache__"))

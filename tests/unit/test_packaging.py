@@ -145,7 +145,7 @@ def relations(value: str) -> list[str]:
 def test_control() -> None:
     source, binary = (control_fields(p) for p in (DEB / "control").read_text().split("\n\n") if p.strip())
     assert source["Source"] == binary["Package"] == "rsockd"
-    assert binary["Architecture"] == "any"  # the C extension (dataplane/_steered.c)
+    assert binary["Architecture"] == "any"  # the C extension (dataplane/_datapath.c)
     assert relations(source["Build-Depends"]) == [
         "debhelper-compat (= 13)", "dh-python", "pybuild-plugin-pyproject", "python3-all-dev", "python3-setuptools",
     ]

@@ -1,12 +1,13 @@
-"""The compiled reader of the tunnel sockets (rsockd/dataplane/_steered.c) against the Python path.
+"""The compiled data path (rsockd/dataplane/_datapath.c) against the Python path.
 
-Two identical tunnels (same seed: the same keys, nonces and sequence numbers) receive the same
+The reader: two identical tunnels (same seed: the same keys, nonces and sequence numbers) receive the same
 steered segments: one end reads them from a real UDP socket through the reader, the other takes
 each one with ``receive_steered``, as relay.py does without the reader.  Afterwards both ends
 must hold the same: deliveries in the same order, drops, and each connection's sequence number,
 timestamp, replay window and counters.  The segments are a client's (or server's) real ones,
 with what a hostile or lossy path adds: replays, forged tags, reordering, control frames, a FIN,
-junk, a stranger's segments.
+junk, a stranger's segments.  The writer: the same application datagrams read through it, or
+taken by ``send_app`` / ``send_target``, make the same segments, byte for byte.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from rsockd.core.packet import run_segments
 from rsockd.dataplane import relay
 from tests.unit.tunnelpair import EndpointPair
 
-steered = pytest.importorskip("rsockd.dataplane._steered", reason="the compiled reader is not built (pure run)")
+datapath = pytest.importorskip("rsockd.dataplane._datapath", reason="the compiled reader is not built (pure run)")
 pytestmark = pytest.mark.skipif(rsockd.PURE, reason="RSOCKD_PURE: the package runs its source")
 
 LO = bytes([127, 0, 0, 1])
@@ -40,7 +41,7 @@ def test_tag_is_keyed_blake2b_with_personalization() -> None:
         key, context, data = rng.randbytes(32), rng.randbytes(9), rng.randbytes(n)
         h = hashlib.blake2b(key=key, digest_size=8, person=b"rsockdT2")
         h.update(context + data)
-        assert steered.tag(key, b"rsockdT2", context, data) == h.digest(), n
+        assert datapath.tag(key, b"rsockdT2", context, data) == h.digest(), n
 
 
 def steered_form(seg: bytes) -> bytes:
@@ -80,7 +81,7 @@ class Rig:
         self.sender = a.client if role == "server" else a.server  # whose segments both ends get
         self.local = (LO if role == "server" else b"", rport)
         self.remote = (LO, tport)
-        self.reader = steered.Reader()
+        self.reader = datapath.Reader()
         self.sent = 0
         self.handed_back = 0  # segments the reader left to receive_steered
         self.fast_conn, self.slow_conn = self.conn(self.fast_end), self.conn(self.slow_end)  # kept when closed
@@ -270,7 +271,7 @@ class WriterRig:
             self.sources = self.sources[:1]
             self.rx.connect(self.sources[0].getsockname())
         self.ends: list[Any] = [p.server if role == "server" else p.client for p in self.pairs]
-        self.writer = steered.Writer()
+        self.writer = datapath.Writer()
         self.handed_back = 0
 
     def close(self) -> None:

@@ -1,24 +1,26 @@
-/* The compiled reader of steered segments (Linux): one wake-up's datagrams of a tunnel UDP socket.
+/* The compiled data path (Linux): one wake-up's datagrams of a socket, without a Python object each.
  *
- * relay.py's ``_on_tunnel`` reads a tunnel socket with ``recvmsg`` and hands every datagram to
- * the endpoint (``receive_steered``), which parses it, finds its connection, authenticates its
- * records and takes out its DATA frames, each step a few Python objects.  This reader does the
- * same for the common case, an established connection's data, without a Python object per
- * datagram: ``recvmmsg`` reads up to 32 datagrams (UDP GRO's coalesced ones cut apart again),
- * and the segments are parsed, their records checked against the replay window and their tags
- * verified (BLAKE2b, RFC 7693) here.
+ * relay.py reads its sockets with ``recvmsg`` and hands every datagram to the endpoint, which
+ * parses, authenticates, frames and seals it, each step a few Python objects.  This module does
+ * the same for the common case, an ESTABLISHED tcp connection's data, in batches of ``recvmmsg``
+ * (UDP GRO's coalesced datagrams cut apart again), with the record tags computed here (BLAKE2b,
+ * RFC 7693):
+ * * the **reader** (``Reader.drain``) takes a tunnel socket's steered segments: it parses them,
+ *   checks their records against the replay window and their tags;
+ * * the **writer** (``Writer.fill``) takes the application's (client) or the target's (server)
+ *   datagrams: it packs them into DATA frames and records, and seals those.
  *
- * The protocol stays in Python (rsockd.core).  The reader caches nothing between wake-ups:
- * * it asks the endpoint once per connection and wake-up for the connection's receive state
- *   (``endpoint.fast_conn``: None when the connection must take the full path);
- * * it gives back what a run of that connection's segments did (``endpoint.steered_run``:
- *   counters, the new sequence number, timestamp and replay window, the DATA frames), and the
- *   endpoint does the rest as for any segment (deliveries, ACKs, timers).
- * Anything else (a handshake, FIN, RST, a control frame, a record that does not parse, no
- * connection, the udp transport) is returned as it came, after every run so far has been given
- * back, and the caller passes it to ``receive_steered``: order within a connection is kept, and
- * what that path counts or answers is its own.  tests/unit/test_steered.py runs both paths over
- * the same segments and compares the endpoints afterwards.
+ * The protocol stays in Python (rsockd.core), and nothing is cached between wake-ups.  Once per
+ * connection (or flow) and wake-up the endpoint is asked whether this path may take it and for
+ * its state (``fast_conn``, ``fast_flow``: None sends everything to the full path), and told what
+ * was done (``steered_run``: counters, the new sequence number, timestamp and replay window, the
+ * DATA frames; ``flow_sent`` and ``sealed_run``: the sealed records, which the endpoint makes
+ * segments of).  Anything else (a handshake, FIN, RST, a control frame, a record that does not
+ * parse, no connection, a new flow's first datagram, an oversized one) is returned as it came,
+ * after everything before it was given back, and the caller passes it to ``receive_steered`` /
+ * ``send_app`` / ``send_target``: order is kept, and what that path counts or answers is its
+ * own.  tests/unit/test_datapath.py runs both paths over the same segments and datagrams and
+ * compares the endpoints afterwards.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -184,6 +186,87 @@ static inline uint32_t be32(const uint8_t *p)
 }
 static inline uint64_t be64(const uint8_t *p) { return (uint64_t)be32(p) << 32 | be32(p + 4); }
 
+/* -- one wake-up's reads of a socket: recvmmsg into buffers kept between calls -------------------- */
+
+typedef struct {
+    uint8_t *bufs;                    /* NMSG buffers of BUFSZ (pages are touched only as reads need them) */
+    struct mmsghdr msgs[NMSG];
+    struct iovec iov[NMSG];
+    struct sockaddr_storage names[NMSG];
+    uint8_t ctl[NMSG][CTLSZ];
+    int n, idx;                       /* datagrams read and not yet taken; the next one */
+    long datagrams, got;              /* this wake-up's reads, against its budget */
+    int drained;                      /* the last read returned less than it asked for */
+} Batch;
+
+/* Read the next datagrams of ``fd`` into ``b``: > 0 read (idx back at 0), 0 the wake-up is over
+ * (EAGAIN, the socket emptied by a short read, or the budget spent: ``batch_end``), -1 an error
+ * (errno; it counts against the batch, so a lasting one cannot spin).  ``names``/``ctl``: ask for
+ * the senders' addresses and the control messages. */
+static int batch_read(Batch *b, int fd, int batch, long budget, int names, int ctl)
+{
+    /* a read that got less than it asked for emptied the socket: the next datagram wakes the
+     * loop again, and another read would only say EAGAIN */
+    if (b->drained || b->datagrams >= batch || b->got >= budget)
+        return 0;
+    int want = batch - (int)b->datagrams < NMSG ? batch - (int)b->datagrams : NMSG;
+    for (int i = 0; i < want; i++) {
+        struct msghdr *mh = &b->msgs[i].msg_hdr;
+        b->iov[i].iov_base = b->bufs + (size_t)i * BUFSZ;
+        b->iov[i].iov_len = BUFSZ;
+        mh->msg_iov = &b->iov[i];
+        mh->msg_iovlen = 1;
+        mh->msg_name = names ? &b->names[i] : NULL;
+        mh->msg_namelen = names ? sizeof b->names[i] : 0;
+        mh->msg_control = ctl ? b->ctl[i] : NULL;
+        mh->msg_controllen = ctl ? CTLSZ : 0;
+        mh->msg_flags = 0;
+    }
+    int got = recvmmsg(fd, b->msgs, (unsigned)want, MSG_DONTWAIT, NULL); /* never blocks */
+    if (got <= 0) {
+        if (got == 0 || errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+            return 0;
+        b->datagrams++;
+        return -1;
+    }
+    b->n = got;
+    b->idx = 0;
+    b->drained = got < want;
+    b->datagrams += got;
+    for (int i = 0; i < got; i++)
+        b->got += (long)b->msgs[i].msg_len;
+    return got;
+}
+
+static void batch_end(Batch *b)
+{
+    b->datagrams = b->got = 0;
+    b->drained = 0;
+}
+
+/* Both types start with their Batch: one constructor. */
+typedef struct {
+    PyObject_HEAD
+    Batch in;
+} IoObject;
+
+static PyObject *io_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    if (PyTuple_GET_SIZE(args) || (kw != NULL && PyDict_GET_SIZE(kw))) {
+        PyErr_Format(PyExc_TypeError, "%s() takes no arguments", type->tp_name);
+        return NULL;
+    }
+    IoObject *self = (IoObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->in.bufs = PyMem_RawMalloc((size_t)NMSG * BUFSZ);
+    if (self->in.bufs == NULL) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    return (PyObject *)self;
+}
+
 enum { FIN = 0x01, SYN = 0x02, RST = 0x04, PSH = 0x08, ACK = 0x10 };
 enum { DATA = 3, KEEPALIVE = 4 }; /* core/framing.py FrameType */
 
@@ -204,18 +287,11 @@ typedef struct {
 
 typedef struct {
     PyObject_HEAD
-    uint8_t *bufs;
-    struct mmsghdr msgs[NMSG];
-    struct iovec iov[NMSG];
-    struct sockaddr_storage names[NMSG];
-    uint8_t ctl[NMSG][CTLSZ];
-    int n, idx;                       /* datagrams read and not yet taken apart; the next one */
+    Batch in;                         /* first: IoObject */
     size_t off;                       /* where the next segment of datagram idx starts (GRO) */
     uint8_t dst[16];                  /* datagram idx's destination (pktinfo) */
     int has_dst;
     size_t seg;                       /* datagram idx's GRO segment size, 0: one segment */
-    long datagrams, got;              /* this wake-up's reads, against its budget */
-    int drained;                      /* the last read returned less than it asked for */
     Run runs[MAXRUNS];
     int nruns;
 } Reader;
@@ -518,50 +594,26 @@ static PyObject *Reader_drain(Reader *self, PyObject *args)
     }
     size_t alen = family == AF_INET6 ? 16 : 4;
     for (;;) {
-        if (self->idx >= self->n) {
-            /* a read that got less than it asked for emptied the socket: the next datagram
-             * wakes the loop again, and an extra read would only say EAGAIN */
-            if (self->drained || self->datagrams >= batch || self->got >= budget)
+        if (self->in.idx >= self->in.n) {
+            int got = batch_read(&self->in, fd, batch, budget, 1, 1);
+            if (got == 0)
                 break;
-            int want = batch - (int)self->datagrams < NMSG ? batch - (int)self->datagrams : NMSG;
-            for (int i = 0; i < want; i++) {
-                struct msghdr *mh = &self->msgs[i].msg_hdr;
-                self->iov[i].iov_base = self->bufs + (size_t)i * BUFSZ;
-                self->iov[i].iov_len = BUFSZ;
-                mh->msg_iov = &self->iov[i];
-                mh->msg_iovlen = 1;
-                mh->msg_name = &self->names[i];
-                mh->msg_namelen = sizeof self->names[i];
-                mh->msg_control = self->ctl[i];
-                mh->msg_controllen = CTLSZ;
-                mh->msg_flags = 0;
-            }
-            int got = recvmmsg(fd, self->msgs, (unsigned)want, MSG_DONTWAIT, NULL); /* never blocks */
-            if (got <= 0) {
-                if (got == 0 || errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
-                    break;
+            if (got < 0) {
                 int err = errno;
-                self->datagrams++; /* an error counts against the batch: a lasting one cannot spin */
                 if (flush_all(self, endpoint, now) < 0)
                     return NULL;
                 errno = err;
                 return PyErr_SetFromErrno(PyExc_OSError);
             }
-            self->n = got;
-            self->idx = 0;
             self->off = 0;
-            self->drained = got < want;
-            self->datagrams += got;
-            for (int i = 0; i < got; i++)
-                self->got += (long)self->msgs[i].msg_len;
-            parse_cmsgs(self, &self->msgs[0].msg_hdr);
+            parse_cmsgs(self, &self->in.msgs[0].msg_hdr);
         }
         /* the next segment: datagram idx, from off (GRO: cut at its segment size) */
-        struct mmsghdr *m = &self->msgs[self->idx];
-        const uint8_t *buf = self->bufs + (size_t)self->idx * BUFSZ;
-        size_t len = m->msg_len, start = self->off;
+        Batch *in = &self->in;
+        const uint8_t *buf = in->bufs + (size_t)in->idx * BUFSZ;
+        size_t len = in->msgs[in->idx].msg_len, start = self->off;
         size_t end = self->seg && len > self->seg ? (start + self->seg < len ? start + self->seg : len) : len;
-        const struct sockaddr *sa = (const struct sockaddr *)&self->names[self->idx];
+        const struct sockaddr *sa = (const struct sockaddr *)&in->names[in->idx];
         uint8_t key[36] = {0};
         const uint8_t *raddr;
         int rport;
@@ -588,10 +640,10 @@ static PyObject *Reader_drain(Reader *self, PyObject *args)
         /* move on first: a segment returned to the caller is not read again */
         self->off = end;
         if (self->off >= len) {
-            self->idx++;
+            in->idx++;
             self->off = 0;
-            if (self->idx < self->n)
-                parse_cmsgs(self, &self->msgs[self->idx].msg_hdr);
+            if (in->idx < in->n)
+                parse_cmsgs(self, &in->msgs[in->idx].msg_hdr);
         }
         const uint8_t *p = buf + start;
         size_t n = end - start;
@@ -640,9 +692,7 @@ static PyObject *Reader_drain(Reader *self, PyObject *args)
             return NULL;
         return slow(laddr, llen, port, raddr, alen, rport, p, n);
     }
-    self->datagrams = 0;
-    self->got = 0;
-    self->drained = 0;
+    batch_end(&self->in);
     if (flush_all(self, endpoint, now) < 0)
         return NULL;
     Py_RETURN_NONE;
@@ -678,13 +728,7 @@ typedef struct {
 
 typedef struct {
     PyObject_HEAD
-    uint8_t *bufs;
-    struct mmsghdr msgs[NMSG];
-    struct iovec iov[NMSG];
-    struct sockaddr_storage names[NMSG];
-    int n, idx;
-    long datagrams, got;
-    int drained;
+    Batch in;           /* first: IoObject */
     Out outs[MAXRUNS];
     int nouts;
     Flow flows[MAXFLOWS];
@@ -867,46 +911,25 @@ static PyObject *Writer_fill(Writer *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "iOOOil:fill", &fd, &endpoint, &now, &key, &batch, &budget))
         return NULL;
     for (;;) {
-        if (self->idx >= self->n) {
-            if (self->drained || self->datagrams >= batch || self->got >= budget)
-                break; /* as in the reader */
-            int want = batch - (int)self->datagrams < NMSG ? batch - (int)self->datagrams : NMSG;
-            for (int i = 0; i < want; i++) {
-                struct msghdr *mh = &self->msgs[i].msg_hdr;
-                self->iov[i].iov_base = self->bufs + (size_t)i * BUFSZ;
-                self->iov[i].iov_len = BUFSZ;
-                mh->msg_iov = &self->iov[i];
-                mh->msg_iovlen = 1;
-                mh->msg_name = key == Py_None ? &self->names[i] : NULL;
-                mh->msg_namelen = key == Py_None ? sizeof self->names[i] : 0;
-                mh->msg_control = NULL;
-                mh->msg_controllen = 0;
-                mh->msg_flags = 0;
-            }
-            int got = recvmmsg(fd, self->msgs, (unsigned)want, MSG_DONTWAIT, NULL); /* never blocks */
-            if (got <= 0) {
-                if (got == 0 || errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
-                    break;
+        if (self->in.idx >= self->in.n) {
+            int got = batch_read(&self->in, fd, batch, budget, key == Py_None, 0);
+            if (got == 0)
+                break;
+            if (got < 0) {
                 int err = errno;
-                self->datagrams++; /* an error counts against the batch: a lasting one cannot spin */
                 if (writer_flush(self, endpoint, now) < 0)
                     return NULL;
                 errno = err;
                 return PyErr_SetFromErrno(PyExc_OSError);
             }
-            self->n = got;
-            self->idx = 0;
-            self->drained = got < want;
-            self->datagrams += got;
-            for (int i = 0; i < got; i++)
-                self->got += (long)self->msgs[i].msg_len;
         }
-        int i = self->idx++;
-        const uint8_t *d = self->bufs + (size_t)i * BUFSZ;
-        size_t n = self->msgs[i].msg_len;
-        const struct sockaddr *src = (const struct sockaddr *)&self->names[i];
-        socklen_t srclen = self->msgs[i].msg_hdr.msg_namelen;
-        if (self->msgs[i].msg_hdr.msg_flags & MSG_TRUNC)
+        Batch *in = &self->in;
+        int i = in->idx++;
+        const uint8_t *d = in->bufs + (size_t)i * BUFSZ;
+        size_t n = in->msgs[i].msg_len;
+        const struct sockaddr *src = (const struct sockaddr *)&in->names[i];
+        socklen_t srclen = in->msgs[i].msg_hdr.msg_namelen;
+        if (in->msgs[i].msg_hdr.msg_flags & MSG_TRUNC)
             goto full;
         Flow *f = flow_for(self, src, srclen, key, endpoint, now);
         if (f == NULL) {
@@ -959,29 +982,10 @@ static PyObject *Writer_fill(Writer *self, PyObject *args)
         PyObject *back = Py_BuildValue("(Ny#)", addr, (const char *)d, (Py_ssize_t)n);
         return back;
     }
-    self->datagrams = 0;
-    self->got = 0;
-    self->drained = 0;
+    batch_end(&self->in);
     if (writer_flush(self, endpoint, now) < 0)
         return NULL;
     Py_RETURN_NONE;
-}
-
-static PyObject *Writer_new(PyTypeObject *type, PyObject *args, PyObject *kw)
-{
-    if (PyTuple_GET_SIZE(args) || (kw != NULL && PyDict_GET_SIZE(kw))) {
-        PyErr_SetString(PyExc_TypeError, "Writer() takes no arguments");
-        return NULL;
-    }
-    Writer *self = (Writer *)type->tp_alloc(type, 0);
-    if (self == NULL)
-        return NULL;
-    self->bufs = PyMem_RawMalloc((size_t)NMSG * BUFSZ);
-    if (self->bufs == NULL) {
-        Py_DECREF(self);
-        return PyErr_NoMemory();
-    }
-    return (PyObject *)self;
 }
 
 static void Writer_dealloc(Writer *self)
@@ -990,7 +994,7 @@ static void Writer_dealloc(Writer *self)
         Py_CLEAR(self->flows[i].flow);
     for (int i = 0; i < self->nouts; i++)
         out_clear(&self->outs[i]);
-    PyMem_RawFree(self->bufs);
+    PyMem_RawFree(self->in.bufs);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -1001,11 +1005,11 @@ static PyMethodDef Writer_methods[] = {
 
 static PyTypeObject WriterType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "rsockd.dataplane._steered.Writer",
+    .tp_name = "rsockd.dataplane._datapath.Writer",
     .tp_doc = PyDoc_STR("Frames and seals application datagrams in batches (see the module)."),
     .tp_basicsize = sizeof(Writer),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_new = Writer_new,
+    .tp_new = io_new,
     .tp_dealloc = (destructor)Writer_dealloc,
     .tp_methods = Writer_methods,
 };
@@ -1014,7 +1018,7 @@ PyDoc_STRVAR(tag_doc,
 "tag(key, person, context, data)\n--\n\n"
 "The 8-byte keyed BLAKE2b of ``context + data`` (the record tag's construction), for tests.");
 
-static PyObject *steered_tag(PyObject *mod, PyObject *args)
+static PyObject *datapath_tag(PyObject *mod, PyObject *args)
 {
     const char *k, *person, *context, *data;
     Py_ssize_t klen, plen, clen, dlen;
@@ -1033,28 +1037,11 @@ static PyObject *steered_tag(PyObject *mod, PyObject *args)
     return PyBytes_FromStringAndSize((const char *)out, 8);
 }
 
-static PyObject *Reader_new(PyTypeObject *type, PyObject *args, PyObject *kw)
-{
-    if (PyTuple_GET_SIZE(args) || (kw != NULL && PyDict_GET_SIZE(kw))) {
-        PyErr_SetString(PyExc_TypeError, "Reader() takes no arguments");
-        return NULL;
-    }
-    Reader *self = (Reader *)type->tp_alloc(type, 0);
-    if (self == NULL)
-        return NULL;
-    self->bufs = PyMem_RawMalloc((size_t)NMSG * BUFSZ); /* pages are touched only as reads need them */
-    if (self->bufs == NULL) {
-        Py_DECREF(self);
-        return PyErr_NoMemory();
-    }
-    return (PyObject *)self;
-}
-
 static void Reader_dealloc(Reader *self)
 {
     for (int i = 0; i < self->nruns; i++)
         run_clear(&self->runs[i]);
-    PyMem_RawFree(self->bufs);
+    PyMem_RawFree(self->in.bufs);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -1065,30 +1052,30 @@ static PyMethodDef Reader_methods[] = {
 
 static PyTypeObject ReaderType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "rsockd.dataplane._steered.Reader",
+    .tp_name = "rsockd.dataplane._datapath.Reader",
     .tp_doc = PyDoc_STR("Reads steered segments of a tunnel socket in batches (see the module)."),
     .tp_basicsize = sizeof(Reader),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_new = Reader_new,
+    .tp_new = io_new,
     .tp_dealloc = (destructor)Reader_dealloc,
     .tp_methods = Reader_methods,
 };
 
 static PyMethodDef module_methods[] = {
-    {"tag", steered_tag, METH_VARARGS, tag_doc},
+    {"tag", datapath_tag, METH_VARARGS, tag_doc},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef steered_module = {
-    PyModuleDef_HEAD_INIT, "rsockd.dataplane._steered",
-    "The compiled reader of steered segments (rsockd/dataplane/_steered.c).", -1, module_methods,
+static struct PyModuleDef datapath_module = {
+    PyModuleDef_HEAD_INIT, "rsockd.dataplane._datapath",
+    "The compiled data path: reader and writer (rsockd/dataplane/_datapath.c).", -1, module_methods,
 };
 
-PyMODINIT_FUNC PyInit__steered(void)
+PyMODINIT_FUNC PyInit__datapath(void)
 {
     if (PyType_Ready(&ReaderType) < 0 || PyType_Ready(&WriterType) < 0)
         return NULL;
-    PyObject *m = PyModule_Create(&steered_module);
+    PyObject *m = PyModule_Create(&datapath_module);
     if (m == NULL)
         return NULL;
     Py_INCREF(&ReaderType);

@@ -1,4 +1,4 @@
-"""The compiled reader of steered segments (rsockd/dataplane/_steered.c)."""
+"""The compiled data path: reader and writer (rsockd/dataplane/_datapath.c)."""
 
 from typing import Any
 
