@@ -6,6 +6,9 @@ the application / target UDP sockets, raw and packet senders) and one endpoint
 socket until ``EAGAIN`` (at most ``BATCH`` datagrams), hands each datagram to the endpoint, and
 then ``_pump``s: it acts on the endpoint's events (a flow wants a socket, a connection came up),
 sends its transmits, delivers its datagrams in batches and arms one loop timer at the endpoint's.
+Where the compiled data path is built (``dataplane/_datapath.c``, Linux), its reader and writer
+read the tunnel and application-side sockets instead, take an established connection's data
+themselves and hand every other datagram to the endpoint as the loops here do.
 
 Steered segments arrive on the tunnel UDP sockets (XDP backend) or as whole IP packets on the
 steering backend's packet sockets (nft and bpfdev backends).  The host facts the endpoint follows
