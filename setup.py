@@ -46,9 +46,12 @@ def c_extensions() -> list[Extension]:
     """The C extensions (rsockd.C_EXTENSIONS: Linux only, they read sockets with recvmmsg), built
     whenever the package compiles anything; ``RSOCKD_COMPILE=0`` leaves them out too, and
     ``RSOCKD_COMPILE=c`` builds only them (the .deb: its mypyc is too old)."""
-    if os.environ.get("RSOCKD_COMPILE", "auto") == "0" or not sys.platform.startswith("linux"):
+    want = os.environ.get("RSOCKD_COMPILE", "auto")
+    if want == "0" or not sys.platform.startswith("linux"):
         return []
-    return [Extension(name, [os.path.join("rsockd", src)], extra_compile_args=["-O3", "-std=gnu11"])
+    # "auto": a build that fails leaves the relay's Python loops (a warning); "1" and "c": an error
+    return [Extension(name, [os.path.join("rsockd", src)], extra_compile_args=["-O3", "-std=gnu11"],
+                      optional=want == "auto")
             for name, src in C_EXTENSIONS.items()]
 
 
