@@ -34,18 +34,20 @@ def check_python() -> list[Result]:
 
     if compiled():
         out.append(Result("ok", "core compiled (mypyc)"))
-        if sys.platform == "linux":
-            from ..dataplane.relay import _steered_reader
-
-            if _steered_reader() is not None:
-                out.append(Result("ok", "tunnel socket reader compiled (C)"))
-            else:
-                out.append(Result("warn", "tunnel socket reader not built: Python reads the tunnel sockets",
-                                  "a build with a C compiler makes it: half the CPU per datagram with xdp "
-                                  "(docs/bench.md)"))
     else:
         out.append(Result("ok", "core interpreted" + (" (RSOCKD_PURE or a stale build)" if PURE else ""),
                           "a build with mypyc compiles it: a fifth less CPU per datagram (docs/bench.md)"))
+    if sys.platform == "linux":  # the .deb has the reader with its core interpreted
+        from ..dataplane.relay import _compiled_io
+
+        if _compiled_io() is not None:
+            out.append(Result("ok", "tunnel socket reader compiled (C)"))
+        elif PURE:
+            out.append(Result("ok", "tunnel socket reader interpreted (RSOCKD_PURE or a stale build)"))
+        else:
+            out.append(Result("warn", "tunnel socket reader not built: Python reads the tunnel sockets",
+                              "a build with a C compiler makes it: half the CPU per datagram with xdp "
+                              "(docs/bench.md)"))
     for mod, pkg, need in (("sdnotify", "python3-sdnotify", False),
                            ("nftables", "python3-nftables", False), ("bcc", "python3-bpfcc", False)):
         if importlib.util.find_spec(mod) is None:
