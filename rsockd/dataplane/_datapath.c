@@ -800,6 +800,28 @@ static int writer_flush(Writer *self, PyObject *endpoint, PyObject *now)
     return rc;
 }
 
+/* ``src`` as the socket module gives a sender's address: (host, port) or (host, port, flowinfo,
+ * scope_id); the client's flow table is keyed by it. */
+static PyObject *sockaddr_tuple(const struct sockaddr *src)
+{
+    char host[INET6_ADDRSTRLEN];
+    if (src->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)src;
+        if (inet_ntop(AF_INET6, &s6->sin6_addr, host, sizeof host) == NULL)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        return Py_BuildValue("(sHkk)", host, ntohs(s6->sin6_port), (unsigned long)ntohl(s6->sin6_flowinfo),
+                             (unsigned long)s6->sin6_scope_id);
+    }
+    if (src->sa_family == AF_INET) {
+        const struct sockaddr_in *s4 = (const struct sockaddr_in *)src;
+        if (inet_ntop(AF_INET, &s4->sin_addr, host, sizeof host) == NULL)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        return Py_BuildValue("(sH)", host, ntohs(s4->sin_port));
+    }
+    PyErr_Format(PyExc_ValueError, "a datagram from an address of family %d", (int)src->sa_family);
+    return NULL;
+}
+
 /* The flow of a datagram from ``src`` (or the one flow ``key`` of a target socket): found, or
  * started from the endpoint's fast_flow.  NULL with no exception: the datagram takes the full path. */
 static Flow *flow_for(Writer *self, const struct sockaddr *src, socklen_t srclen, PyObject *key, PyObject *endpoint,
@@ -812,28 +834,9 @@ static Flow *flow_for(Writer *self, const struct sockaddr *src, socklen_t srclen
     }
     if ((self->nflows == MAXFLOWS || self->nouts == MAXRUNS) && writer_flush(self, endpoint, now) < 0)
         return NULL;
-    PyObject *source = key;
-    if (key == Py_None) { /* the address as the socket module gives it: the flow table's key */
-        char host[INET6_ADDRSTRLEN];
-        if (src->sa_family == AF_INET6) {
-            const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)src;
-            if (inet_ntop(AF_INET6, &s6->sin6_addr, host, sizeof host) == NULL)
-                return NULL;
-            source = Py_BuildValue("(sHkk)", host, ntohs(s6->sin6_port), (unsigned long)ntohl(s6->sin6_flowinfo),
-                                   (unsigned long)s6->sin6_scope_id);
-        } else if (src->sa_family == AF_INET) {
-            const struct sockaddr_in *s4 = (const struct sockaddr_in *)src;
-            if (inet_ntop(AF_INET, &s4->sin_addr, host, sizeof host) == NULL)
-                return NULL;
-            source = Py_BuildValue("(sH)", host, ntohs(s4->sin_port));
-        } else {
-            return NULL;
-        }
-        if (source == NULL)
-            return NULL;
-    } else {
-        Py_INCREF(source);
-    }
+    PyObject *source = key == Py_None ? sockaddr_tuple(src) : Py_NewRef(key);
+    if (source == NULL)
+        return NULL;
     PyObject *st = PyObject_CallMethod(endpoint, "fast_flow", "OO", source, now);
     Py_DECREF(source);
     if (st == NULL || st == Py_None) {
@@ -965,22 +968,8 @@ static PyObject *Writer_fill(Writer *self, PyObject *args)
             return NULL;
         if (key != Py_None)
             return Py_BuildValue("(Oy#)", Py_None, (const char *)d, (Py_ssize_t)n);
-        PyObject *addr;
-        char host[INET6_ADDRSTRLEN];
-        if (src->sa_family == AF_INET6) {
-            const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)src;
-            inet_ntop(AF_INET6, &s6->sin6_addr, host, sizeof host);
-            addr = Py_BuildValue("(sHkk)", host, ntohs(s6->sin6_port), (unsigned long)ntohl(s6->sin6_flowinfo),
-                                 (unsigned long)s6->sin6_scope_id);
-        } else {
-            const struct sockaddr_in *s4 = (const struct sockaddr_in *)src;
-            inet_ntop(AF_INET, &s4->sin_addr, host, sizeof host);
-            addr = Py_BuildValue("(sH)", host, ntohs(s4->sin_port));
-        }
-        if (addr == NULL)
-            return NULL;
-        PyObject *back = Py_BuildValue("(Ny#)", addr, (const char *)d, (Py_ssize_t)n);
-        return back;
+        PyObject *addr = sockaddr_tuple(src);
+        return addr == NULL ? NULL : Py_BuildValue("(Ny#)", addr, (const char *)d, (Py_ssize_t)n);
     }
     batch_end(&self->in);
     if (writer_flush(self, endpoint, now) < 0)
