@@ -829,19 +829,12 @@ def _git(*args: str, strip: bool = True) -> str:
 def code_info() -> dict[str, Any]:
     """Which rsockd was measured: the working tree, its commit, and the files of rsockd/ and bpf/
     changed since that commit."""
-    import rsockd  # the daemons' environment is this one: RSOCKD_PURE, the tree's build
+    from rsockd.service.status import build_info  # the daemons' environment is this one: RSOCKD_PURE, the build
 
     # unstripped: a porcelain line starts with its two status columns, the first maybe a space
     dirty = [line[3:] for line in _git("status", "--porcelain", "--", "rsockd", "bpf", strip=False).splitlines()]
     return {"source": "working tree", "commit": _git("rev-parse", "--short=12", "HEAD") or None, "dirty": dirty,
-            "core": "compiled" if rsockd.compiled() else "interpreted", "reader": _reader()}
-
-
-def _reader() -> str:
-    """Which reader of the tunnel sockets the daemons run: "compiled" (C) or "python"."""
-    from rsockd.dataplane.relay import _steered_reader
-
-    return "compiled" if _steered_reader() is not None else "python"
+            **build_info()}
 
 
 def export_rsockd(rev: str, dest: Path) -> dict[str, Any]:

@@ -172,8 +172,9 @@ class Relay(Generic[E]):
         self.capturing = False
         self._ticks = 0
         self.delivery = Delivery(self.tx_errors)
-        self._reader = _steered_reader()
-        self._writer = _app_writer()
+        io = _compiled_io()
+        self._reader = io.Reader() if io is not None else None  # the tunnel sockets' (_drain)
+        self._writer = io.Writer() if io is not None else None  # the application side's (_fill)
         if self._auto:
             self._choose_send_path()
 
@@ -525,16 +526,6 @@ def _compiled_io() -> Any | None:
     except ImportError:
         return None
     return _datapath
-
-
-def _steered_reader() -> Any | None:
-    io = _compiled_io()
-    return io.Reader() if io is not None else None
-
-
-def _app_writer() -> Any | None:
-    io = _compiled_io()
-    return io.Writer() if io is not None else None
 
 
 # ---------------------------------------------------------------------------------------------

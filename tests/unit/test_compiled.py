@@ -34,10 +34,10 @@ def test_this_run_takes_what_it_asked_for() -> None:
     if rsockd.PURE:
         assert not rsockd.compiled()
         assert all(m.__file__ and m.__file__.endswith(".py") for m in (endpoint, faketcp, framing, relay))
-        assert relay._steered_reader() is None
+        assert relay._compiled_io() is None
     elif STAMP.exists():
         assert rsockd.compiled()
-        assert relay._steered_reader() is not None or sys.platform != "linux"
+        assert relay._compiled_io() is not None or sys.platform != "linux"
         assert not any((m.__file__ or ".py").endswith(".py") for m in (relay, delivery, packetsend))
         assert STAMP.read_text().strip() == rsockd.native_digest()
     else:
