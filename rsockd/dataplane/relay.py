@@ -546,6 +546,8 @@ class ServerRelay(Relay[ServerEndpoint]):
         self.set_target(cfg.target)
         self._tunnel: dict[tuple[int, int], socket.socket] = {}  # (family, port) -> UDP socket
         self._targets: dict[FlowKey, socket.socket] = {}  # flow -> its socket towards the target
+        # a steered datagram's destination when its pktinfo is missing (local_ip: set at start, not live)
+        self._fallback = pack_address(cfg.local_ip) if cfg.local_ip else None
 
     def set_target(self, target: tuple[str, int]) -> None:
         """Where new flows go (open ones keep their socket)."""
@@ -606,7 +608,7 @@ class ServerRelay(Relay[ServerEndpoint]):
     def _on_tunnel(self, sock: socket.socket, family: int, port: int) -> None:
         buf, view = self._buf, self._view
         now = self.loop.time()
-        fallback = pack_address(self.cfg.local_ip) if self.cfg.local_ip else None
+        fallback = self._fallback
         if self._reader is not None:
             self._drain(self._reader, sock, family, port, now, fallback)
             self._pump(now)
