@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import select
 import shutil
 import signal
 import subprocess
@@ -55,6 +56,7 @@ NSTAT = ("UdpRcvbufErrors", "UdpSndbufErrors", "UdpInCsumErrors", "UdpNoPorts")
 KEY = "rsockd-bench"
 WG_PLAIN_PORT = 51820  # the server-side wireguard-go's port, WireGuard straight over UDP
 WG_RSOCKD_PORT = 51821  # the server-side wireguard-go's port, WireGuard over rsockd (the server's target)
+FLOOR_PORT = 9200  # the latency floor's relays (bench/relayfloor.c): each listens on it in its namespace
 T = TypeVar("T")
 
 
@@ -540,6 +542,40 @@ class Bench:
         # No hints: plain UDP's limit is partly per byte, so one size says little about the next.
         return self.sizes("plain", (self.net.srv4, SINK_PORT), sizes, hints=False)
 
+    def floor(self, size: int) -> dict[str, Any]:
+        """The latency floor of any tunnel that sleeps between datagrams: pings through two C relays
+        that do nothing but relay (bench/relayfloor.c), one in each namespace where rsockd's client
+        and server run, so a round trip takes the same four wake-ups, reads and sends as through
+        rsockd.  What they add to plain UDP is the machine's cost of those passes, before any work."""
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            return {"skipped": "no C compiler (cc) to build bench/relayfloor.c"}
+        exe = self.tmp / "relayfloor"
+        built = subprocess.run([cc, "-O2", "-o", str(exe), str(REPO / "bench" / "relayfloor.c")],
+                               capture_output=True, text=True)
+        if built.returncode != 0:
+            return {"skipped": f"bench/relayfloor.c did not build: {built.stderr.strip()[-300:]}"}
+        self.log(f"latency floor (two C relays that only relay), {size} B:")
+        procs: list[subprocess.Popen[str]] = []
+        try:
+            for side, to in (("s", ("127.0.0.1", SINK_PORT)), ("c", (self.net.srv4, FLOOR_PORT))):
+                listen = "0.0.0.0" if side == "s" else "127.0.0.1"
+                p = self.net.popen(side, [str(exe), listen, str(FLOOR_PORT), to[0], str(to[1])],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                procs.append(p)
+                assert p.stdout is not None
+                line = _readline(p.stdout, 10.0)
+                if line.strip() != "ready":
+                    _, err = _stop(p)
+                    return {"skipped": f"relayfloor ({side}) did not start: {line.strip() or err.strip()[-300:]}"}
+            lat = self.latency(("127.0.0.1", FLOOR_PORT), size)
+        finally:
+            for p in procs:
+                _stop(p)
+        self.log(f"  p50 {lat.get('p50_us')} µs, p99 {lat.get('p99_us')} µs")
+        return {"size": size, "relay": "bench/relayfloor.c (epoll_wait, recvfrom, send; no batching, no work)",
+                "latency": lat}
+
     def sizes(self, label: str, dst: tuple[str, int], sizes: Sequence[int], hints: bool = True) -> dict[str, Any]:
         """Search and ping at each size, each search starting from the previous size's result."""
         out: dict[str, Any] = {}
@@ -638,6 +674,7 @@ class Bench:
             data["generator"]["iperf3_plain"] = self.iperf3()
         self.log("plain UDP across the veth:")
         data["plain"] = self.plain(o.sizes)
+        data["floor"] = self.floor(max(o.sizes))
         data["rsockd"] = {}
         for backend in o.backends:
             label = backend if o.workers == 1 else f"{backend}-w{o.workers}"
@@ -773,6 +810,24 @@ class Bench:
             if time.monotonic() - said > 30:
                 said = time.monotonic()
                 self.log(f"    waiting for the machine to calm down: other programs use {bg:.2f} CPU")
+
+
+def _readline(f: Any, timeout: float) -> str:
+    """A line from a child's pipe, or "" when none comes within ``timeout`` seconds."""
+    ready, _, _ = select.select([f], [], [], timeout)
+    return f.readline() if ready else ""
+
+
+def _stop(p: subprocess.Popen[str]) -> tuple[str, str]:
+    """Terminate a child we started (by its own Popen), reap it, and give back what it wrote."""
+    if p.poll() is None:
+        p.terminate()
+    try:
+        out, err = p.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate()
+    return out or "", err or ""
 
 
 def _softnet_dropped() -> int:

@@ -33,6 +33,15 @@ def _added_rtt(data: dict[str, Any], label: str, pct: str) -> dict[str, float]:
     return out
 
 
+def floor_added(data: dict[str, Any], pct: str) -> float | None:
+    """What the two do-nothing C relays (``data["floor"]``, bench/relayfloor.c) add to plain UDP's RTT
+    percentile at their size, µs: the cost of four sleeping passes on this machine."""
+    fl = data.get("floor") or {}
+    a = _get(fl, "latency", f"{pct}_us")
+    b = _get(data, "plain", str(fl.get("size")), "latency", f"{pct}_us")
+    return None if a is None or b is None else round(a - b, 1)
+
+
 def _at_least(limit: float) -> Callable[[float], bool]:
     return lambda v: v >= limit
 
@@ -73,9 +82,12 @@ def evaluate_targets(data: dict[str, Any]) -> list[dict[str, Any]]:
         detail=per_backend("sizes", "1200", "cpu", "daemons_us_per_dgram"))
     for pct, limit in (("p50", 60.0), ("p99", 150.0)):
         added = _added_rtt(data, "xdp", pct)
+        floor = floor_added(data, pct)
         add(f"rtt_{pct}_added", f"added RTT {pct} over plain UDP, idle tunnel, one request in flight, xdp "
             "(worst size)", f"<= {limit:.0f} µs", max(added.values()) if added else None,
-            _at_most(limit), "µs", detail={label: _added_rtt(data, label, pct) for label in rs})
+            _at_most(limit), "µs",
+            note="" if floor is None else f"two C relays that only relay add {floor:+.1f} µs here",
+            detail={label: _added_rtt(data, label, pct) for label in rs} | {"floor": floor})
     wg = data.get("wireguard") or {}
     wg_note = wg.get("skipped") or "; ".join(f"{p}: {wg[p]['error']}" for p in ("rsockd", "plain")
                                              if isinstance(wg.get(p), dict) and "error" in wg[p])
@@ -220,6 +232,16 @@ def render(data: dict[str, Any]) -> str:
             "xplain: rsockd/plain;",
             "+RTT: added over plain; us/dgram: CPU of both daemons per datagram; s/GB, s/Mdgram, CPU: "
             "client/server daemon; gen, sink, busy: CPUs used by the generator, the sink, the whole machine"]
+    fl = data.get("floor") or {}
+    if "skipped" in fl:
+        out.append(f"latency floor: skipped ({fl['skipped']})")
+    elif fl:
+        lat = fl.get("latency", {})
+        out.append(f"latency floor, {fl.get('size')} B: two C relays that only relay (bench/relayfloor.c), one per "
+                   f"namespace: RTT p50/90/99 {_f(lat.get('p50_us'), '.0f')}/{_f(lat.get('p90_us'), '.0f')}/"
+                   f"{_f(lat.get('p99_us'), '.0f')} us, {_f(floor_added(data, 'p50'), '+.0f')}/"
+                   f"{_f(floor_added(data, 'p99'), '+.0f')} over plain: what four sleeping "
+                   "passes cost here, before any work")
     for label, res in data.get("rsockd", {}).items():
         rd, rss = res.get("ready", {}), res.get("rss", {})
         out.append(f"{label}: READY server {_f(rd.get('server_s'), '.2f')} s, client {_f(rd.get('client_s'), '.2f')} s "

@@ -66,6 +66,12 @@ def test_quick_run_writes_every_field(tmp_path: Path) -> None:
             _at(res["cpu"], "daemons_us_per_dgram")
 
     check_path(_at(data, "plain.1200"), daemons=False)
+    # The latency floor: two do-nothing C relays (bench/relayfloor.c) between the same namespaces.
+    floor = _at(data, "floor")
+    assert "skipped" not in floor, floor
+    assert floor["size"] == 1200 and floor["latency"]["count"] > 0, floor
+    assert floor["latency"]["p50_us"] > 0
+    assert not [c for c in _cmdlines() if "relayfloor" in c]
     for backend in ("xdp", "nft", "xdp+raw"):
         b = _at(data, f"rsockd.{backend}")
         check_path(_at(b, "sizes.1200"), daemons=True)
@@ -109,4 +115,6 @@ def test_quick_run_writes_every_field(tmp_path: Path) -> None:
     assert targets["rate_64_xdp"]["status"] == "n/a"  # 64 B is not in a quick run
     for key in ("rate_1200_xdp", "cpu_1200_xdp", "rtt_p50_added", "wireguard", "rss", "ready"):
         assert targets[key]["measured"] is not None, targets[key]
+    assert targets["rtt_p50_added"]["detail"]["floor"] is not None
+    assert "latency floor, 1200 B" in r.stdout
     assert "rsockd benchmark" in r.stdout and "targets (" in r.stdout and "WireGuard (" in r.stdout
