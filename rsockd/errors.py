@@ -60,6 +60,8 @@ class FrameError(RemoteProtocolError):
     """A tunnel record or frame that cannot be parsed or does not authenticate."""
 
 
-def errno_name(e: OSError) -> str:
-    """The errno of ``e`` as a counter name: ``eagain``, ``enobufs``... (``error`` when it has none)."""
-    return errno.errorcode.get(e.errno or 0, "error").lower()
+def errno_name(e: OSError | int) -> str:
+    """The errno of ``e`` (or an errno) as a counter name: ``eagain``, ``enobufs``... (``error`` when
+    it has none)."""
+    n = e if isinstance(e, int) else e.errno or 0
+    return errno.errorcode.get(n, "error").lower()

@@ -290,15 +290,32 @@ class _Endpoint:
 
     def steered_run(self, conn: Connection, data: list[tuple[int, bytes]] | None, segments: int, nbytes: int,
                     authed: int, authed_bytes: int, rcv_nxt: int, ts_recent: int | None, top: int, bits: bytes,
-                    replays: int, bad: int, now: float) -> None:
+                    replays: int, bad: int, sent: list[tuple[Any, int, int]] | None, now: float) -> None:
         """What the compiled reader did with a run of ``conn``'s data segments
-        (``Connection.received_run``), and their DATA frames: the rest as for any segment."""
+        (``Connection.received_run``), their DATA frames (``data``: for ``deliveries``), and the
+        datagrams the relay sent itself (``sent``: ``(flow, count, bytes)`` of flows ``fast_sink``
+        named): the rest as for any segment."""
         conn.received_run(segments, nbytes, authed, authed_bytes, rcv_nxt, ts_recent, top, bits, replays, bad, now)
         if data:
             self._deliver_frames(conn, data, now)
+        if sent:
+            self._delivered(conn, sent, now)
         self._service(conn, now)
 
+    def fast_sink(self, conn: Connection, flow_id: int) -> tuple[Any, Any] | None:
+        """The compiled reader asks, once per connection, flow and wake-up, where the datagrams of
+        ``flow_id`` arriving on ``conn`` go: ``(flow, destination)``, the destination the flow's key
+        (server) or the application's address (client), for the relay to send them itself and
+        ``steered_run`` to count (``_delivered``).  None: they come back as ``deliveries`` (an
+        unknown flow, or a new one the endpoint opens), as everything does once ``deliveries`` holds
+        anything (a segment the reader handed back delivered): a flow's datagrams keep their order."""
+        raise NotImplementedError
+
     def _deliver_frames(self, conn: Connection, data: list[tuple[int, bytes]], now: float) -> None:
+        raise NotImplementedError
+
+    def _delivered(self, conn: Connection, sent: list[tuple[Any, int, int]], now: float) -> None:
+        """What ``_deliver`` counts, for datagrams of ``fast_sink``'s flows the relay sent."""
         raise NotImplementedError
 
     def fast_flow(self, source: Any, now: float) -> FastFlow | None:
@@ -542,6 +559,23 @@ class ServerEndpoint(_Endpoint):
     def _deliver_frames(self, conn: Connection, data: list[tuple[int, bytes]], now: float) -> None:
         self._deliver(conn, data, now)
 
+    def fast_sink(self, conn: Connection, flow_id: int) -> tuple[Any, Any] | None:
+        if self._deliveries:
+            return None
+        session = self.sessions.session_of(conn)
+        flow = session.flows.get(flow_id) if session is not None else None
+        if session is None or flow is None:
+            return None
+        return (session, flow), (session.client_id, flow_id)
+
+    def _delivered(self, conn: Connection, sent: list[tuple[Any, int, int]], now: float) -> None:
+        for (session, flow), count, nbytes in sent:
+            flow.last_active = session.last_active = now
+            flow.conn = conn
+            flow.rx += count
+            self.app_tx += count
+            self.app_tx_bytes += nbytes
+
     def fast_flow(self, source: Any, now: float) -> FastFlow | None:
         key: FlowKey = source
         session = self.sessions.sessions.get(key[0])
@@ -778,6 +812,16 @@ class ClientEndpoint(_Endpoint):
 
     def _deliver_frames(self, conn: Connection, data: list[tuple[int, bytes]], now: float) -> None:
         self._deliver(data)
+
+    def fast_sink(self, conn: Connection, flow_id: int) -> tuple[Any, Any] | None:
+        flow = self.flows.by_id.get(flow_id) if not self._deliveries else None
+        return None if flow is None else (flow, flow.addr)
+
+    def _delivered(self, conn: Connection, sent: list[tuple[Any, int, int]], now: float) -> None:
+        for flow, count, nbytes in sent:
+            flow.rx += count
+            self.app_tx += count
+            self.app_tx_bytes += nbytes
 
     def fast_flow(self, source: Any, now: float) -> FastFlow | None:
         flow = self.flows.by_addr.get(source)

@@ -6,7 +6,8 @@
  * (UDP GRO's coalesced datagrams cut apart again), with the record tags computed here (BLAKE2b,
  * RFC 7693):
  * * the **reader** (``Reader.drain``) takes a tunnel socket's steered segments: it parses them,
- *   checks their records against the replay window and their tags;
+ *   checks their records against the replay window and their tags, and sends the DATA frames of
+ *   flows whose socket the relay names (``sink``) on to it, in runs with UDP GSO;
  * * the **writer** (``Writer.fill``) takes the application's (client) or the target's (server)
  *   datagrams: it packs them into DATA frames and records, and seals those.
  *
@@ -14,8 +15,10 @@
  * connection (or flow) and wake-up the endpoint is asked whether this path may take it and for
  * its state (``fast_conn``, ``fast_flow``: None sends everything to the full path), and told what
  * was done (``steered_run``: counters, the new sequence number, timestamp and replay window, the
- * DATA frames; ``flow_sent`` and ``sealed_run``: the sealed records, which the endpoint makes
- * segments of).  Anything else (a handshake, FIN, RST, a control frame, a record that does not
+ * DATA frames it did not send, and per flow what it sent; ``flow_sent`` and ``sealed_run``: the
+ * sealed records, which the endpoint makes segments of).  Where a flow's datagrams go is asked
+ * once per connection, flow and call (``sink``, the relay's: the endpoint's ``fast_sink`` names
+ * the flow, the relay its socket).  Anything else (a handshake, FIN, RST, a control frame, a record that does not
  * parse, no connection, a new flow's first datagram, an oversized one) is returned as it came,
  * after everything before it was given back, and the caller passes it to ``receive_steered`` /
  * ``send_app`` / ``send_target``: order is kept, and what that path counts or answers is its
@@ -37,12 +40,17 @@
 #define SOL_UDP 17
 #endif
 #define UDP_GRO 104
+#define UDP_SEGMENT 103       /* <linux/udp.h>: UDP GSO's segment size (cmsg on SOL_UDP) */
 
 #define NMSG 32               /* datagrams per recvmmsg */
 #define BUFSZ (65536 + 64)    /* one read: up to 64 coalesced segments (GRO) */
 #define CTLSZ 64              /* pktinfo (v4: 12 bytes, v6: 20) and GRO's segment size */
 #define MAXRUNS 16            /* connections given back together */
 #define WINDOW_WORDS 16       /* the replay window: up to 1024 counters */
+#define MAXSINKS 8            /* flows of one connection sent to here per wake-up; more take the endpoint's path */
+#define OUTQ 512              /* datagrams queued for the application side before they are sent */
+#define GSO_SEGS 64           /* UDP_MAX_SEGMENTS */
+#define GSO_BYTES 65000       /* core/batching.py GSO_MAX_BYTES */
 
 /* -- BLAKE2b (RFC 7693), keyed, with a personalization: the record tag ------------------------ */
 
@@ -270,10 +278,23 @@ static PyObject *io_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 enum { FIN = 0x01, SYN = 0x02, RST = 0x04, PSH = 0x08, ACK = 0x10 };
 enum { DATA = 3, KEEPALIVE = 4 }; /* core/framing.py FrameType */
 
+/* Where one flow's datagrams go (the relay's ``sink`` answer): a socket, and the address to
+ * send to when it is not connected.  No flow: its DATA frames take the endpoint's path. */
+typedef struct {
+    PyObject *flow;                   /* strong: the endpoint's handle for steered_run; NULL: the endpoint's path */
+    uint32_t id;
+    int fd;
+    struct sockaddr_storage sa;
+    socklen_t salen;                  /* 0: the socket is connected */
+    long count, nbytes;               /* datagrams sent to it in this run */
+} Sink;
+
 /* One connection's segments within a wake-up, and its receive state while they are read. */
 typedef struct {
     PyObject *conn;                   /* strong reference */
-    PyObject *data;                   /* list of (flow_id, bytes), or NULL */
+    PyObject *data;                   /* list of (flow_id, bytes) for the endpoint's path, or NULL */
+    Sink sinks[MAXSINKS];
+    int nsinks;
     uint8_t key[36];                  /* local address, local port, remote address, remote port */
     b2b mac;                          /* keyed, personalized, the connection's context absorbed */
     uint32_t rcv_nxt, ts_recent;
@@ -294,6 +315,19 @@ typedef struct {
     size_t seg;                       /* datagram idx's GRO segment size, 0: one segment */
     Run runs[MAXRUNS];
     int nruns;
+    struct {                          /* DATA frames for the application side, sent by out_flush */
+        Sink *sink;                   /* NULL once sent */
+        const uint8_t *p;             /* in the batch's buffers: sent before the next read */
+        size_t n;
+    } outq[OUTQ];
+    int nout;
+    PyObject *sink_of;                /* during a drain: the caller's ``sink``, or None */
+    int gso, gso_refused;
+    struct {
+        int err;
+        long count;
+    } errors[8];                      /* sends that failed, by errno, until ``take_errors`` */
+    int nerrors;
 } Reader;
 
 static void window_mark(Run *r, uint64_t counter)
@@ -338,6 +372,167 @@ static void run_clear(Run *r)
 {
     Py_CLEAR(r->conn);
     Py_CLEAR(r->data);
+    for (int i = 0; i < r->nsinks; i++)
+        Py_CLEAR(r->sinks[i].flow);
+    r->nsinks = 0;
+}
+
+/* -- the application side: the DATA frames of taken records, sent from here ------------------------ */
+
+static void count_error(Reader *self, int err, long n)
+{
+    for (int i = 0; i < self->nerrors; i++)
+        if (self->errors[i].err == err) {
+            self->errors[i].count += n;
+            return;
+        }
+    if (self->nerrors == 8) { /* more kinds than that within one call: counted as the last one */
+        self->errors[7].count += n;
+        return;
+    }
+    self->errors[self->nerrors].err = err;
+    self->errors[self->nerrors].count = n;
+    self->nerrors++;
+}
+
+/* One sendmsg: one datagram, or a run of equal-sized ones with UDP GSO (delivery.py: the kernel
+ * makes the datagrams; where GSO is refused, every datagram goes on its own from then on). */
+static void send_run(Reader *self, Sink *s, struct iovec *iov, int k, size_t size)
+{
+    struct msghdr mh;
+    char ctl[CMSG_SPACE(sizeof(uint16_t))];
+    memset(&mh, 0, sizeof mh);
+    mh.msg_name = s->salen ? &s->sa : NULL;
+    mh.msg_namelen = s->salen;
+    mh.msg_iov = iov;
+    mh.msg_iovlen = (size_t)k;
+    if (k > 1) {
+        memset(ctl, 0, sizeof ctl);
+        mh.msg_control = ctl;
+        mh.msg_controllen = sizeof ctl;
+        struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+        c->cmsg_level = SOL_UDP;
+        c->cmsg_type = UDP_SEGMENT;
+        c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+        uint16_t seg = (uint16_t)size;
+        memcpy(CMSG_DATA(c), &seg, sizeof seg);
+    }
+    if (sendmsg(s->fd, &mh, MSG_DONTWAIT) >= 0)
+        return;
+    int err = errno;
+    if (k > 1 && (err == EINVAL || err == EIO || err == EOPNOTSUPP || err == ENOPROTOOPT)) {
+        self->gso = 0;
+        self->gso_refused = 1;
+        for (int i = 0; i < k; i++)
+            send_run(self, s, &iov[i], 1, iov[i].iov_len);
+        return;
+    }
+    count_error(self, err, k);
+}
+
+/* Send what is queued: per destination in order, runs of equal sizes together (core/batching.py
+ * ``runs``: a zero-length datagram alone, a shorter one may end a run). */
+static void out_flush(Reader *self)
+{
+    int n = self->nout;
+    self->nout = 0;
+    struct iovec iov[GSO_SEGS];
+    for (int i = 0; i < n; i++) {
+        Sink *s = self->outq[i].sink;
+        if (s == NULL)
+            continue;
+        int k = 0;
+        size_t size = 0, total = 0;
+        for (int j = i; j < n; j++) {
+            if (self->outq[j].sink != s)
+                continue;
+            size_t m = self->outq[j].n;
+            self->outq[j].sink = NULL;
+            /* joins the run: GSO on, the same size (or a shorter last), room left */
+            if (k > 0 && !(self->gso && size > 0 && m > 0 && m <= size && k < GSO_SEGS && total + m <= GSO_BYTES)) {
+                send_run(self, s, iov, k, size);
+                k = 0;
+            }
+            if (k == 0) {
+                size = m;
+                total = 0;
+            }
+            iov[k].iov_base = (void *)self->outq[j].p;
+            iov[k].iov_len = m;
+            k++;
+            total += m;
+            if (m < size) { /* a shorter one ends its run */
+                send_run(self, s, iov, k, size);
+                k = 0;
+            }
+        }
+        if (k)
+            send_run(self, s, iov, k, size);
+    }
+}
+
+/* ``addr``: None (a connected socket), or (host, port) / (host, port, flowinfo, scope_id). */
+static int sink_address(PyObject *addr, Sink *s)
+{
+    s->salen = 0;
+    if (addr == Py_None)
+        return 0;
+    const char *host;
+    int port;
+    unsigned int flowinfo = 0, scope = 0;
+    if (!PyArg_ParseTuple(addr, "si|II", &host, &port, &flowinfo, &scope))
+        return -1;
+    memset(&s->sa, 0, sizeof s->sa);
+    struct sockaddr_in *s4 = (struct sockaddr_in *)&s->sa;
+    struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&s->sa;
+    if (inet_pton(AF_INET, host, &s4->sin_addr) == 1) {
+        s4->sin_family = AF_INET;
+        s4->sin_port = htons((uint16_t)port);
+        s->salen = sizeof *s4;
+    } else if (inet_pton(AF_INET6, host, &s6->sin6_addr) == 1) {
+        s6->sin6_family = AF_INET6;
+        s6->sin6_port = htons((uint16_t)port);
+        s6->sin6_flowinfo = htonl(flowinfo);
+        s6->sin6_scope_id = scope;
+        s->salen = sizeof *s6;
+    } else {
+        PyErr_Format(PyExc_ValueError, "sink: %R is not an address", addr);
+        return -1;
+    }
+    return 0;
+}
+
+/* Where flow ``id`` of run ``r`` goes: asked of the caller's ``sink`` once per run; NULL with an
+ * exception on error.  A flow it declines (or one past MAXSINKS) takes the endpoint's path for
+ * the whole run, so a flow's datagrams keep their order. */
+static Sink NO_SINK;
+
+static Sink *sink_for(Reader *self, Run *r, uint32_t id)
+{
+    for (int i = 0; i < r->nsinks; i++)
+        if (r->sinks[i].id == id)
+            return &r->sinks[i];
+    if (self->sink_of == Py_None || r->nsinks == MAXSINKS)
+        return &NO_SINK;
+    Sink *s = &r->sinks[r->nsinks];
+    memset(s, 0, sizeof *s);
+    s->id = id;
+    PyObject *got = PyObject_CallFunction(self->sink_of, "Ok", r->conn, (unsigned long)id);
+    if (got == NULL)
+        return NULL;
+    if (got != Py_None) {
+        PyObject *flow, *addr;
+        int fd;
+        if (!PyArg_ParseTuple(got, "OiO", &flow, &fd, &addr) || sink_address(addr, s) < 0) {
+            Py_DECREF(got);
+            return NULL;
+        }
+        s->fd = fd;
+        s->flow = Py_NewRef(flow);
+    }
+    Py_DECREF(got);
+    r->nsinks++;
+    return s;
 }
 
 /* Give one run back to the endpoint (steered_run). */
@@ -349,12 +544,28 @@ static int run_flush(Run *r, PyObject *endpoint, PyObject *now)
             raw[8 * i + k] = (uint8_t)(r->bits[i] >> (8 * k));
     PyObject *ts = r->ts_set ? PyLong_FromUnsignedLong(r->ts_recent) : Py_NewRef(Py_None);
     PyObject *top = r->has_top ? PyLong_FromUnsignedLongLong(r->top) : PyLong_FromLong(-1);
+    PyObject *sent = NULL; /* [(flow, count, bytes)] of the flows sent to from here */
+    for (int i = 0; i < r->nsinks; i++) {
+        Sink *s = &r->sinks[i];
+        if (s->flow == NULL || s->count == 0)
+            continue;
+        PyObject *item = (sent != NULL || (sent = PyList_New(0)) != NULL)
+                             ? Py_BuildValue("(Oll)", s->flow, s->count, s->nbytes) : NULL;
+        if (item == NULL || PyList_Append(sent, item) < 0) {
+            Py_XDECREF(item);
+            Py_CLEAR(sent);
+            Py_CLEAR(ts); /* fails the call below */
+            break;
+        }
+        Py_DECREF(item);
+    }
     PyObject *res = ts == NULL || top == NULL ? NULL : PyObject_CallMethod(
-        endpoint, "steered_run", "OOllllkOOy#llO", r->conn, r->data ? r->data : Py_None, r->segments,
+        endpoint, "steered_run", "OOllllkOOy#llOO", r->conn, r->data ? r->data : Py_None, r->segments,
         r->nbytes, r->authed, r->authed_bytes, (unsigned long)r->rcv_nxt, ts, top, (const char *)raw,
-        (Py_ssize_t)sizeof raw, r->replays, r->bad, now);
+        (Py_ssize_t)sizeof raw, r->replays, r->bad, sent ? sent : Py_None, now);
     Py_XDECREF(ts);
     Py_XDECREF(top);
+    Py_XDECREF(sent);
     run_clear(r);
     if (res == NULL)
         return -1;
@@ -364,6 +575,7 @@ static int run_flush(Run *r, PyObject *endpoint, PyObject *now)
 
 static int flush_all(Reader *self, PyObject *endpoint, PyObject *now)
 {
+    out_flush(self); /* before the runs their sinks are in go */
     int rc = 0;
     for (int i = 0; i < self->nruns; i++) {
         if (rc == 0)
@@ -466,7 +678,7 @@ static int records_simple(const uint8_t *p, size_t n)
 }
 
 /* One segment of an eligible connection: 0 taken, -1 an error (exception set). */
-static int take(Run *r, uint32_t seq, int has_ts, uint32_t tsval, const uint8_t *p, size_t n)
+static int take(Reader *self, Run *r, uint32_t seq, int has_ts, uint32_t tsval, const uint8_t *p, size_t n)
 {
     r->segments++;
     r->nbytes += (long)n;
@@ -504,7 +716,19 @@ static int take(Run *r, uint32_t seq, int has_ts, uint32_t tsval, const uint8_t 
             uint8_t type = frames[f];
             size_t len = be16(frames + f + 1);
             const uint8_t *body = frames + f + 3;
-            if (type == DATA) {
+            Sink *s = type == DATA ? sink_for(self, r, be32(body)) : NULL;
+            if (type == DATA && s == NULL)
+                return -1;
+            if (s != NULL && s->flow != NULL) {
+                if (self->nout == OUTQ)
+                    out_flush(self);
+                self->outq[self->nout].sink = s;
+                self->outq[self->nout].p = body + 4;
+                self->outq[self->nout].n = len - 4;
+                self->nout++;
+                s->count++;
+                s->nbytes += (long)(len - 4);
+            } else if (type == DATA) {
                 if (r->data == NULL && (r->data = PyList_New(0)) == NULL)
                     return -1;
                 PyObject *item = Py_BuildValue("(ky#)", (unsigned long)be32(body), (const char *)body + 4,
@@ -566,22 +790,35 @@ static PyObject *slow(const uint8_t *local, size_t llen, int lport, const uint8_
 }
 
 PyDoc_STRVAR(drain_doc,
-"drain(fd, family, port, endpoint, now, pktinfo, fallback, batch, budget)\n--\n\n"
+"drain(fd, family, port, endpoint, now, pktinfo, fallback, batch, budget, sink, gso)\n--\n\n"
 "Read the tunnel socket ``fd`` (``family``, tunnel port ``port``) until EAGAIN or ``batch``\n"
 "datagrams / ``budget`` bytes, taking every established connection's data segment here.\n"
 "Returns None when done, or ``(local, remote, segment)`` for the caller to pass to\n"
 "``endpoint.receive_steered`` before calling again (``local`` None: no destination known).\n"
 "``pktinfo``: the local address comes from IP_PKTINFO (server), else it is b\"\" (client);\n"
-"``fallback``: the server's local_ip (packed) for a datagram without one, or None.");
+"``fallback``: the server's local_ip (packed) for a datagram without one, or None.\n"
+"``sink(conn, flow_id)``: where that flow's datagrams go, asked once per connection, flow and\n"
+"call: None (its DATA frames go to the endpoint with the rest), or ``(flow, fd, addr)``: they are\n"
+"sent to socket ``fd`` (``addr`` None when it is connected, else a socket address tuple) from\n"
+"here, and ``steered_run`` is told ``(flow, count, bytes)``; ``sink`` None: every DATA frame goes\n"
+"to the endpoint.  ``gso``: send runs of equal-sized datagrams with UDP GSO.  What failed to\n"
+"send, ``take_errors`` says.");
+
+static PyObject *drain(Reader *self, int fd, int family, int port, PyObject *endpoint, PyObject *now, int pktinfo,
+                       const uint8_t *fb, Py_ssize_t fblen, int batch, long budget);
 
 static PyObject *Reader_drain(Reader *self, PyObject *args)
 {
-    int fd, family, port, pktinfo, batch;
+    int fd, family, port, pktinfo, batch, gso;
     long budget;
-    PyObject *endpoint, *now, *fallback;
-    if (!PyArg_ParseTuple(args, "iiiOOpOil:drain", &fd, &family, &port, &endpoint, &now, &pktinfo, &fallback,
-                          &batch, &budget))
+    PyObject *endpoint, *now, *fallback, *sink_of;
+    if (!PyArg_ParseTuple(args, "iiiOOpOilOp:drain", &fd, &family, &port, &endpoint, &now, &pktinfo, &fallback,
+                          &batch, &budget, &sink_of, &gso))
         return NULL;
+    if (sink_of != Py_None && !PyCallable_Check(sink_of)) {
+        PyErr_SetString(PyExc_TypeError, "drain: sink is a callable or None");
+        return NULL;
+    }
     const uint8_t *fb = NULL;
     Py_ssize_t fblen = 0;
     if (fallback != Py_None) {
@@ -592,9 +829,20 @@ static PyObject *Reader_drain(Reader *self, PyObject *args)
         fb = (const uint8_t *)PyBytes_AS_STRING(fallback);
         fblen = PyBytes_GET_SIZE(fallback);
     }
+    self->sink_of = sink_of; /* borrowed, for this call */
+    self->gso = self->gso_refused ? 0 : gso;
+    PyObject *res = drain(self, fd, family, port, endpoint, now, pktinfo, fb, fblen, batch, budget);
+    self->sink_of = NULL;
+    return res;
+}
+
+static PyObject *drain(Reader *self, int fd, int family, int port, PyObject *endpoint, PyObject *now, int pktinfo,
+                       const uint8_t *fb, Py_ssize_t fblen, int batch, long budget)
+{
     size_t alen = family == AF_INET6 ? 16 : 4;
     for (;;) {
         if (self->in.idx >= self->in.n) {
+            out_flush(self); /* the next read reuses the buffers the queue points into */
             int got = batch_read(&self->in, fd, batch, budget, 1, 1);
             if (got == 0)
                 break;
@@ -682,7 +930,7 @@ static PyObject *Reader_drain(Reader *self, PyObject *args)
             }
             goto full;
         }
-        if (take(r, be32(p + 4), has_ts, tsval, payload, plen) < 0) {
+        if (take(self, r, be32(p + 4), has_ts, tsval, payload, plen) < 0) {
             flush_all(self, endpoint, now);
             return NULL;
         }
@@ -1026,6 +1274,30 @@ static PyObject *datapath_tag(PyObject *mod, PyObject *args)
     return PyBytes_FromStringAndSize((const char *)out, 8);
 }
 
+PyDoc_STRVAR(take_errors_doc,
+"take_errors()\n--\n\n"
+"What failed to send to the application side since the last call: ``([(errno, datagrams)], gso_refused)``,\n"
+"``gso_refused`` true once a GSO send was refused (every datagram then goes on its own).");
+
+static PyObject *Reader_take_errors(Reader *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *list = PyList_New(0);
+    if (list == NULL)
+        return NULL;
+    for (int i = 0; i < self->nerrors; i++) {
+        PyObject *item = Py_BuildValue("(il)", self->errors[i].err, self->errors[i].count);
+        if (item == NULL || PyList_Append(list, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(list);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    memset(self->errors, 0, sizeof self->errors);
+    self->nerrors = 0;
+    return Py_BuildValue("(NO)", list, self->gso_refused ? Py_True : Py_False);
+}
+
 static void Reader_dealloc(Reader *self)
 {
     for (int i = 0; i < self->nruns; i++)
@@ -1036,6 +1308,7 @@ static void Reader_dealloc(Reader *self)
 
 static PyMethodDef Reader_methods[] = {
     {"drain", (PyCFunction)Reader_drain, METH_VARARGS, drain_doc},
+    {"take_errors", (PyCFunction)Reader_take_errors, METH_NOARGS, take_errors_doc},
     {NULL, NULL, 0, NULL},
 };
 

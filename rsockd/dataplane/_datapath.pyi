@@ -1,5 +1,6 @@
 """The compiled data path: reader and writer (rsockd/dataplane/_datapath.c)."""
 
+from collections.abc import Callable
 from typing import Any
 
 HostPort = tuple[bytes, int]
@@ -7,7 +8,10 @@ HostPort = tuple[bytes, int]
 class Reader:
     def __init__(self) -> None: ...
     def drain(self, fd: int, family: int, port: int, endpoint: Any, now: float, pktinfo: bool,
-              fallback: bytes | None, batch: int, budget: int) -> tuple[HostPort | None, HostPort, bytes] | None: ...
+              fallback: bytes | None, batch: int, budget: int,
+              sink: Callable[[Any, int], tuple[Any, int, Any] | None] | None,
+              gso: bool) -> tuple[HostPort | None, HostPort, bytes] | None: ...
+    def take_errors(self) -> tuple[list[tuple[int, int]], bool]: ...
 
 class Writer:
     def __init__(self) -> None: ...

@@ -379,6 +379,11 @@ class Relay(Generic[E]):
     def _deliver(self, deliveries: list[tuple[Any, bytes]]) -> None:
         raise NotImplementedError
 
+    def _sink_of(self, conn: Connection, flow_id: int) -> tuple[Any, int, Any] | None:
+        """For the compiled reader: the socket (and address) the datagrams of ``flow_id`` on ``conn``
+        go to, when the endpoint names its destination (``fast_sink``) and the socket is open."""
+        raise NotImplementedError
+
     def _on_event(self, ev: EndpointEvent) -> None:
         if isinstance(ev, Oversized):
             LOG.warning("dropped a %d-byte datagram: the tunnel carries at most %d bytes per datagram "
@@ -426,12 +431,16 @@ class Relay(Generic[E]):
         takes the established connections' data segments itself and hands back each other one,
         which takes ``receive_steered`` as in the loop it replaces."""
         receive, fd, pktinfo = self.endpoint.receive_steered, sock.fileno(), self.role == "server"
+        sink, label = self._sink_of, "target_" if self.role == "server" else "app_"
         while True:
             try:
-                back = reader.drain(fd, family, port, self.endpoint, now, pktinfo, fallback, BATCH, READ_BUDGET)
+                back = reader.drain(fd, family, port, self.endpoint, now, pktinfo, fallback, BATCH, READ_BUDGET,
+                                    sink, self.delivery.gso)
             except OSError as e:  # e.g. ECONNREFUSED from an earlier ICMP: not about this read
+                self._send_errors(reader, label)
                 self.tx_errors["rx_" + errno_name(e)] += 1
                 continue
+            self._send_errors(reader, label)
             if back is None:
                 return
             local, remote, segment = back
@@ -439,6 +448,15 @@ class Relay(Generic[E]):
                 self.endpoint.drops["malformed"] += 1
             else:
                 receive(local, remote, memoryview(segment), now)
+
+    def _send_errors(self, reader: Any, label: str) -> None:
+        """Count what the reader could not send on to the application side."""
+        errors, refused = reader.take_errors()
+        for err, count in errors:
+            self.tx_errors[label + errno_name(err)] += count
+        if refused and self.delivery.gso:
+            LOG.info("UDP GSO refused: sending datagrams one by one")
+            self.delivery.gso = False
 
     def _fill(self, writer: Any, sock: socket.socket, key: Any, now: float) -> None:
         """A wake-up of an application-side socket through the compiled writer (dataplane/_datapath.c):
@@ -662,6 +680,11 @@ class ServerRelay(Relay[ServerEndpoint]):
             sock = targets.get(key)
             if sock is not None:
                 add(sock, None, "target_", data)
+
+    def _sink_of(self, conn: Connection, flow_id: int) -> tuple[Any, int, Any] | None:
+        got = self.endpoint.fast_sink(conn, flow_id)
+        sock = self._targets.get(got[1]) if got is not None else None
+        return None if got is None or sock is None else (got[0], sock.fileno(), None)
 
     def _on_event(self, ev: EndpointEvent) -> None:
         if isinstance(ev, FlowOpened):
@@ -932,6 +955,10 @@ class ClientRelay(Relay[ClientEndpoint]):
         assert app is not None
         for addr, data in deliveries:
             add(app, addr, "app_", data)
+
+    def _sink_of(self, conn: Connection, flow_id: int) -> tuple[Any, int, Any] | None:
+        got = self.endpoint.fast_sink(conn, flow_id)
+        return None if got is None or self.app is None else (got[0], self.app.fileno(), got[1])
 
     def _log_connection(self, ev: ConnectionUp | ConnectionDown) -> None:
         c = ev.conn

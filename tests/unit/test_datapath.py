@@ -2,9 +2,10 @@
 
 The reader: two identical tunnels (same seed: the same keys, nonces and sequence numbers) receive the same
 steered segments: one end reads them from a real UDP socket through the reader, the other takes
-each one with ``receive_steered``, as relay.py does without the reader.  Afterwards both ends
-must hold the same: deliveries in the same order, drops, and each connection's sequence number,
-timestamp, replay window and counters.  The segments are a client's (or server's) real ones,
+each one with ``receive_steered``, as relay.py does without the reader.  The reader sends the
+datagrams of known flows on itself, to real sockets (``sink``).  Afterwards both ends must hold
+the same: each destination's datagrams in the same order, drops, and each connection's sequence
+number, timestamp, replay window and counters.  The segments are a client's (or server's) real ones,
 with what a hostile or lossy path adds: replays, forged tags, reordering, control frames, a FIN,
 junk, a stranger's segments.  The writer: the same application datagrams read through it, or
 taken by ``send_app`` / ``send_target``, make the same segments, byte for byte.
@@ -12,6 +13,7 @@ taken by ``send_app`` / ``send_target``, make the same segments, byte for byte.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
@@ -22,6 +24,7 @@ from typing import Any
 import pytest
 
 import rsockd
+from rsockd.core import framing
 from rsockd.core.endpoint import ClientEndpoint, ServerEndpoint, Transmit
 from rsockd.core.faketcp import Connection, State
 from rsockd.core.packet import run_segments
@@ -85,10 +88,60 @@ class Rig:
         self.sent = 0
         self.handed_back = 0  # segments the reader left to receive_steered
         self.fast_conn, self.slow_conn = self.conn(self.fast_end), self.conn(self.slow_end)  # kept when closed
+        # Where the reader sends a flow's datagrams: per destination, a socket that receives them,
+        # and (server) a socket connected to it, as a target socket is, or (client) one unconnected
+        # socket, as the application socket is.
+        self.inboxes: dict[Any, socket.socket] = {}
+        self.outs: dict[Any, socket.socket] = {}
+        self.app = self.udp()
+        self.gso = True
+        self.by_reader = 0  # datagrams the reader sent itself
+        self.fast_got: dict[Any, list[bytes]] = {}  # per destination, in the order they left
+        self.slow_got: dict[Any, list[bytes]] = {}
+        self.errors: list[tuple[int, int]] = []
+
+    @staticmethod
+    def udp() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        s.setblocking(False)
+        return s
 
     def close(self) -> None:
-        for s in (self.rx, self.tx, self.stranger):
+        for s in (self.rx, self.tx, self.stranger, self.app, *self.inboxes.values(), *self.outs.values()):
             s.close()
+
+    def sink(self, conn: Connection, flow_id: int) -> tuple[Any, int, Any] | None:
+        """The relay's ``_sink_of``, with sockets of the test's own."""
+        got = self.fast_end.fast_sink(conn, flow_id)
+        if got is None:
+            return None
+        flow, dest = got
+        if dest not in self.inboxes:
+            inbox = self.inboxes[dest] = self.udp()
+            relay._bufsize(inbox)
+            if self.role == "server":
+                out = self.outs[dest] = self.udp()
+                out.connect(inbox.getsockname())
+        if self.role == "server":
+            return flow, self.outs[dest].fileno(), None
+        return flow, self.app.fileno(), self.inboxes[dest].getsockname()
+
+    def collect(self) -> None:
+        """What the reader sent (after each drain call); with ``delivered``, what the endpoint
+        delivers (the relay sends those after the wake-up)."""
+        for dest, inbox in self.inboxes.items():
+            while True:
+                try:
+                    d = inbox.recv(65536)
+                except BlockingIOError:
+                    break
+                self.fast_got.setdefault(dest, []).append(d)
+                self.by_reader += 1
+
+    def collect_delivered(self) -> None:
+        for dest, d in self.fast_end.deliveries():
+            self.fast_got.setdefault(dest, []).append(d)
 
     def conn(self, end: ServerEndpoint | ClientEndpoint) -> Connection:
         (c,) = [c for c in end.connections() if c.transport == "tcp"]
@@ -117,13 +170,18 @@ class Rig:
         while select.select([self.rx], [], [], 2.0)[0]:
             while True:
                 back = self.reader.drain(self.rx.fileno(), socket.AF_INET, self.local[1], self.fast_end, now,
-                                         self.role == "server", None, relay.BATCH, relay.READ_BUDGET)
+                                         self.role == "server", None, relay.BATCH, relay.READ_BUDGET,
+                                         self.sink, self.gso)
+                errors, _refused = self.reader.take_errors()
+                self.errors += errors
+                self.collect()
                 if back is None:
                     break
                 local, remote, seg = back
                 self.handed_back += 1
                 assert local == self.local
                 self.fast_end.receive_steered(local, remote, memoryview(seg), now)
+            self.collect_delivered()  # the wake-up is over
             if not select.select([self.rx], [], [], 0.05)[0]:
                 break
 
@@ -131,10 +189,25 @@ class Rig:
         """Both ends hold the same after the same segments."""
         a, b = self.fast_end, self.slow_end
         assert self.fast_conn.rx_packets == self.slow_conn.rx_packets, "the socket lost datagrams"
-        assert a.deliveries() == b.deliveries()
+        self.collect()
+        self.collect_delivered()
+        for dest, d in b.deliveries():
+            self.slow_got.setdefault(dest, []).append(d)
+        assert self.fast_got == self.slow_got
         assert a.drops == b.drops
         assert (a.app_tx, a.app_tx_bytes) == (b.app_tx, b.app_tx_bytes)
+        assert flows(a) == flows(b)
         assert snapshot(self.fast_conn) == snapshot(self.slow_conn)
+
+    def delivered(self) -> int:
+        return sum(len(v) for v in self.fast_got.values())
+
+
+def flows(end: ServerEndpoint | ClientEndpoint) -> dict[Any, tuple[int, int]]:
+    """Each flow's datagrams received and sent."""
+    if isinstance(end, ServerEndpoint):
+        return {(cid, fid): (f.rx, f.tx) for cid, s in end.sessions.sessions.items() for fid, f in s.flows.items()}
+    return {f.flow_id: (f.rx, f.tx) for f in end.flows.by_id.values()}
 
 
 def snapshot(c: Connection) -> dict[str, Any]:
@@ -184,13 +257,82 @@ def test_data_segments_leave_both_ends_alike(rig: Rig) -> None:
     segs = rig.outgoing()
     assert len(segs) > 20
     rig.deliver(segs)
-    delivered = rig.fast_end.deliveries()
-    rig.slow_end.deliveries()
-    assert len(delivered) == 60 * (1 if rig.role == "server" else 2)
     rig.compare()
+    assert rig.delivered() == 60 * (1 if rig.role == "server" else 2)
     assert rig.fast_conn.state == State.ESTABLISHED
     assert rig.handed_back == 0, "data segments of an established connection are the reader's"
+    # Flows the endpoint knew before the wake-up (client: all; server: none yet, these datagrams
+    # opened them) go from the reader to their sockets; the others with the endpoint's deliveries.
+    assert rig.by_reader == (0 if rig.role == "server" else rig.delivered()) and not rig.errors
+    send_datagrams(rig, 60)
+    rig.deliver(rig.outgoing())
+    rig.compare()
+    assert rig.by_reader == (60 if rig.role == "server" else rig.delivered()) and not rig.errors
 
+
+def known_flows(r: Rig) -> None:
+    """Flows both ends know (server: opened by a first datagram each, taken by the endpoint)."""
+    open_flows(r)
+    if r.role == "server":
+        send_datagrams(r, 3)
+        r.deliver(r.outgoing())
+        r.compare()
+
+
+def test_datagrams_one_by_one_without_gso(rig: Rig) -> None:
+    rig.gso = False
+    known_flows(rig)
+    send_datagrams(rig, 40, sizes=(500,))
+    rig.deliver(rig.outgoing())
+    rig.compare()
+    assert rig.by_reader > 30
+
+
+def test_a_handed_back_delivery_keeps_its_flows_order(rig: Rig) -> None:
+    """A segment handed back delivers through the endpoint, after the wake-up: the reader sends
+    nothing more itself in that wake-up, so the flow's later datagrams do not overtake it."""
+    known_flows(rig)
+    sender = rig.sender
+    fid = next(iter(sender.flows.by_id)) if isinstance(sender, ClientEndpoint) else rig.flow_keys[0][1]  # type: ignore[attr-defined]
+    send_datagrams(rig, 6)
+    before = rig.outgoing()
+    conn = rig.conn(sender)
+    # a record with a control frame (the full path) and a DATA frame of a flow the reader sends
+    conn._send_record(framing.flow_close_frame(0xFFFF) + framing.data_frame(fid, b"handed back"), rig.pairs[0].now)
+    mixed = [steered_form(s) for s in conn.segments_to_send()]
+    send_datagrams(rig, 6)
+    rig.deliver(before + mixed + rig.outgoing())  # one wake-up
+    rig.compare()
+    assert rig.handed_back == len(mixed) == 1 and rig.by_reader > 0
+    assert any(b"handed back" in v for v in rig.fast_got.values())
+
+
+def test_send_errors_are_counted(rig: Rig) -> None:
+    """A datagram the reader cannot send is counted by errno (the relay adds them to its tx
+    errors), and the other flows' datagrams still leave."""
+    known_flows(rig)
+    send_datagrams(rig, 12)
+    rig.deliver(rig.outgoing())
+    rig.compare()
+    before = {d: len(v) for d, v in rig.fast_got.items()}
+    bad = sorted(rig.inboxes, key=repr)[0]
+    sink = rig.sink
+
+    def broken(conn: Connection, flow_id: int) -> tuple[Any, int, Any] | None:
+        got = sink(conn, flow_id)
+        if got is not None and rig.fast_end.fast_sink(conn, flow_id)[1] == bad:  # type: ignore[index]
+            return got[0], 1 << 20, got[2]  # a descriptor that is not open: EBADF
+        return got
+
+    rig.sink = broken  # type: ignore[method-assign]
+    for _ in range(3):
+        send_datagrams(rig, 9)
+        rig.deliver(rig.outgoing())
+    lost = 3 * 3 if rig.role == "server" else 3 * 9  # a round: 3 per flow of 3 (server), 9 per flow (client)
+    assert {e for e, _ in rig.errors} == {errno.EBADF}, rig.errors
+    assert len(rig.fast_got[bad]) == before[bad]
+    assert all(len(rig.fast_got[d]) > before[d] for d in rig.inboxes if d != bad)
+    assert sum(n for _, n in rig.errors) == lost
 
 def test_replays_forgeries_reordering_and_control_frames(rig: Rig) -> None:
     open_flows(rig)
