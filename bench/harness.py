@@ -462,6 +462,7 @@ class Bench:
                                "other_cpus": round(other, 3), "retries": attempt}
         if rtts:
             out.update({f"p{p}_us": round(_pct(rtts, p / 100) / 1e3, 1) for p in (50, 90, 99)})
+            out["p99_9_us"] = round(_pct(rtts, 0.999) / 1e3, 1)  # the stalls: one ping in a thousand
             out.update(min_us=round(rtts[0] / 1e3, 1), mean_us=round(sum(rtts) / len(rtts) / 1e3, 1))
         return out
 

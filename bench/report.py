@@ -232,6 +232,12 @@ def render(data: dict[str, Any]) -> str:
             "xplain: rsockd/plain;",
             "+RTT: added over plain; us/dgram: CPU of both daemons per datagram; s/GB, s/Mdgram, CPU: "
             "client/server daemon; gen, sink, busy: CPUs used by the generator, the sink, the whole machine"]
+    size = str(o["sizes"][-1])
+    tails = {label: _get(res, "sizes", size, "latency", "p99_9_us")
+             for label, res in [("plain", {"sizes": plain}), *data.get("rsockd", {}).items()]}
+    if any(v is not None for v in tails.values()):
+        out.append(f"RTT p99.9 at {size} B (the stalls, one ping in a thousand), us: "
+                   + ", ".join(f"{label} {_f(v, '.0f')}" for label, v in tails.items()))
     fl = data.get("floor") or {}
     if "skipped" in fl:
         out.append(f"latency floor: skipped ({fl['skipped']})")

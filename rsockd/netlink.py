@@ -189,3 +189,69 @@ def _link(msg: Any) -> Link:
             xdp.setdefault(_ATTACHED_MODE[attached], int(prog_id))
     return Link(int(msg["index"]), msg.get_attr("IFLA_IFNAME") or "", xdp, int(msg.get_attr("IFLA_MTU") or 0),
                 int(msg["ifi_type"]), _lladdr(msg.get_attr("IFLA_ADDRESS")))
+
+
+# -- change notifications -------------------------------------------------------------------------
+
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+NETLINK_XFRM = 6
+NETLINK_NETFILTER = 12
+#: rtnetlink groups (<linux/rtnetlink.h> RTNLGRP_*): links, neighbours, addresses, routes and
+#: rules, both families: what a route, MTU, address or next-hop look-up answers from.
+RTNL_GROUPS = (1, 3, 5, 7, 8, 9, 11, 19)
+XFRMNLGRP_POLICY = 4  # <linux/xfrm.h>
+NFNLGRP_NFTABLES = 7  # <linux/netfilter/nfnetlink.h>
+
+
+class ChangeWatch:
+    """A netlink socket that joins multicast groups and says *that* something in them changed.
+
+    What changed is not parsed: the daemon looks up what it needs again (``Host``) when the
+    socket has had anything to read since the last ``changed()``, and not otherwise.  A socket
+    that overflowed (``ENOBUFS``: notifications were lost) counts as a change."""
+
+    def __init__(self, protocol: int, groups: tuple[int, ...]) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
+        try:
+            self.sock.setblocking(False)
+            self.sock.bind((0, 0))
+            for group in groups:
+                self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+        except OSError:
+            self.sock.close()
+            raise
+
+    @classmethod
+    def routes(cls) -> ChangeWatch:
+        """Links, addresses, routes, rules and neighbours of this network namespace."""
+        return cls(socket.NETLINK_ROUTE, RTNL_GROUPS)
+
+    @classmethod
+    def nftables(cls) -> ChangeWatch:
+        return cls(NETLINK_NETFILTER, (NFNLGRP_NFTABLES,))
+
+    @classmethod
+    def xfrm_policies(cls) -> ChangeWatch:
+        return cls(NETLINK_XFRM, (XFRMNLGRP_POLICY,))
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def changed(self) -> bool:
+        """Read everything pending: whether anything came (or was lost) since the last call."""
+        got = False
+        while True:
+            try:
+                if not self.sock.recv(65536):
+                    return got
+                got = True
+            except (BlockingIOError, InterruptedError):
+                return got
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    return True  # cannot tell: look
+                got = True  # the socket overflowed and notifications were lost: read on
+
+    def close(self) -> None:
+        self.sock.close()

@@ -24,7 +24,7 @@ def route_to(dest: str) -> Route:
             info = host.route_get(packed)
             if info is None:
                 raise RsockdError(f"no route to {dest}")
-            link = host.link(index=info.oif)  # one link, not a dump: the client asks every second
+            link = host.link(index=info.oif)  # one link, not a dump: the client asks on every change
     except OSError as e:
         raise RsockdError(f"no route to {dest}: {e.strerror}") from None
     if link is None:

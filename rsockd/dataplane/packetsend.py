@@ -13,9 +13,9 @@ write: the route's TTL, DF and the connection's ID sequence (IPv4), its flow lab
 
 What it costs: the frames bypass routing and the output netfilter hooks.  The path is resolved
 in userspace (the kernel's route for our mark, the link's and the next hop's MAC addresses) and
-re-resolved every second; a destination without an Ethernet route or a resolved neighbour uses the
-raw send path meanwhile, which also makes the kernel resolve the neighbour.  docs/design.md,
-"Send path".
+re-resolved within a second of a change the kernel reports; a destination without an Ethernet
+route or a resolved neighbour uses the raw send path meanwhile, which also makes the kernel
+resolve the neighbour.  docs/design.md, "Send path".
 """
 
 from __future__ import annotations

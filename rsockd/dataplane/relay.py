@@ -12,7 +12,8 @@ themselves and hand every other datagram to the endpoint as the loops here do.
 
 Steered segments arrive on the tunnel UDP sockets (XDP backend) or as whole IP packets on the
 steering backend's packet sockets (nft and bpfdev backends).  The host facts the endpoint follows
-(MTU, our addresses, the client's route to the server) are read here, once a second.
+(MTU, our addresses, the client's route to the server) are read here, within a second of the
+kernel saying they changed (``netlink.ChangeWatch``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from ..core.packet import family_of, pack_address
 from ..core.session import FlowKey, FlowTable
 from ..errors import RsockdError, errno_name
 from ..logs import RateLimit
+from ..netlink import ChangeWatch
 from ..steer import Receiver
 from .delivery import Delivery
 from .hostprofile import tcp_profile
@@ -84,6 +86,7 @@ SOCKBUF = 4 << 20
 ANC = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(4)  # the destination (pktinfo), and GRO's segment size
 UDP_GRO = 104  # <linux/udp.h>: setsockopt to receive coalesced datagrams; the cmsg with their size
 PATHS_MAX = 4096  # cached send paths (address pairs); a spoofed SYN flood must not grow it unbounded
+RELOOK = 60  # seconds: the host is looked up again this often even when the kernel said nothing changed
 
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
@@ -175,7 +178,18 @@ class Relay(Generic[E]):
         io = _compiled_io()
         self._reader = io.Reader() if io is not None else None  # the tunnel sockets' (_drain)
         self._writer = io.Writer() if io is not None else None  # the application side's (_fill)
+        # What the kernel says changed (netlink notifications): housekeeping looks the host up
+        # again only then (docs/design.md, "Following the host"); None: it cannot say, look.
+        self._host_changed = self._egress_changed = False
+        self._host_watch = self._open_watch(ChangeWatch.routes, "links, addresses and routes")
+        egress = [self._open_watch(ChangeWatch.nftables, "nftables"),
+                  self._open_watch(ChangeWatch.xfrm_policies, "IPsec policies")] if self._auto else []
+        self._egress_blind = None in egress
+        self._legacy: str | None = None
         if self._auto:
+            from .sendpath import legacy_tables
+
+            self._legacy = legacy_tables()
             self._choose_send_path()
 
     @property
@@ -193,18 +207,52 @@ class Relay(Generic[E]):
         self._housekeeping = self.loop.call_later(1.0, self._housekeep)
 
     def _housekeep(self) -> None:
-        """Once a second: follow the host (MTU, route, addresses, the packet path's routes)."""
+        """Once a second: follow the host (MTU, route, addresses, the packet path's routes) when
+        the kernel said they changed; ``send_path = "auto"``: every 5 s, its egress when its
+        firewall, IPsec policies or legacy iptables tables changed.  Every RELOOK seconds both
+        regardless, and every time where the kernel cannot say.  The look-ups take milliseconds
+        on the event loop: looking only on a change keeps them from stalling the datagrams."""
         self._ticks += 1
-        if self.capturing and self._ticks % 5 == 0:
+        relook = self._ticks % RELOOK == 0
+        host = self._host_changed or self._host_watch is None or relook
+        self._host_changed = False
+        if host and self.capturing:
             self.refresh_local_addrs()
         if self._auto and self._ticks % 5 == 0:
-            self._choose_send_path()
-        if self.packet is not None:
+            from .sendpath import legacy_tables
+
+            legacy = legacy_tables()  # two small /proc files: x_tables has no notifications
+            if self._egress_changed or self._egress_blind or relook or legacy != self._legacy:
+                self._egress_changed = False
+                self._legacy = legacy
+                self._choose_send_path()
+        if host and self.packet is not None:
             self._refresh_l2()
-        self._follow_host()
+        if host:
+            self._follow_host()
         self._pump(self.loop.time())
         if not self.closing:
             self._housekeeping = self.loop.call_later(1.0, self._housekeep)
+
+    def _open_watch(self, make: Callable[[], ChangeWatch], what: str) -> ChangeWatch | None:
+        """Listen for the kernel's notifications of changes to ``what``; None where it cannot."""
+        if sys.platform != "linux":
+            return None
+        try:
+            w = make()
+        except OSError as e:
+            LOG.info("cannot listen for changes to %s (%s): looking every second", what, e.strerror)
+            return None
+        self._sockets.append(w.sock)
+        self._watch(w.sock, self._on_host_change, w)
+        return w
+
+    def _on_host_change(self, w: ChangeWatch) -> None:
+        if w.changed():
+            if w is self._host_watch:
+                self._host_changed = True
+            else:
+                self._egress_changed = True
 
     def _follow_host(self) -> None:
         raise NotImplementedError

@@ -8,8 +8,9 @@ has any, the frames would leave without what the administrator set up, so ``auto
 through raw sockets, which go through all of it.
 
 ``egress_hooks()`` names the first thing found, or returns None.  It asks the network namespace
-the daemon runs in (each has its own rules), and the relay asks again every few seconds, so a
-firewall started after rsockd turns the packet path off.
+the daemon runs in (each has its own rules), and the relay asks again within 5 s of a change
+(nftables and IPsec notifications; ``legacy_tables`` read every 5 s), so a firewall started
+after rsockd turns the packet path off.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ _LEGACY = ("/proc/net/ip_tables_names", "/proc/net/ip6_tables_names")
 
 def egress_hooks() -> str | None:
     """What on this host's egress the packet path would skip, in words; None when nothing is."""
-    return _nft_hooks() or _legacy_tables() or _xfrm_policies()
+    return _nft_hooks() or legacy_tables() or _xfrm_policies()
 
 
 def _nft_hooks() -> str | None:
@@ -77,7 +78,7 @@ def _hooked(text: str) -> str | None:
     return None
 
 
-def _legacy_tables() -> str | None:
+def legacy_tables() -> str | None:
     for path in _LEGACY:
         try:
             names = Path(path).read_text().split()
