@@ -198,6 +198,11 @@ class IpIdent:
     def new_label(self, rng: random.Random) -> None:
         self.label = rng.randrange(1, FLOW_LABEL_MASK + 1)
 
+    @property
+    def counting(self) -> bool:
+        """Whether IDs count (``start`` was called); until then every packet's is 0."""
+        return self._next >= 0
+
     def take(self, count: int = 1) -> int:
         """The ID of the next packet; ``count`` packets (a GSO batch) use it and the next ones."""
         v = self._next

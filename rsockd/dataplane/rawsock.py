@@ -17,10 +17,12 @@ egress guard and the notrack rule recognise our packets.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import struct
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from ..core.packet import IPV4_HEADER, PROTO_TCP, TCP_CHECK, pseudo_sum, run_segments, segment_checksum
 from ..core.tcpprofile import IpIdent
@@ -64,12 +66,15 @@ class SocketSender:
         self._socks: dict[int, socket.socket] = {}
         self._logged: set[int] = set()
 
-    def _failed(self, e: OSError) -> None:
+    def _failed(self, e: OSError | int, count: int = 1) -> None:
+        """``count`` sends failed with ``e`` (an exception, or an errno)."""
         name = errno_name(e)
-        self.errors[name] += 1
-        if e.errno not in self._logged:  # once per kind: a full queue can fail thousands of times
-            self._logged.add(e.errno or 0)
-            LOG.warning("%s failed: %s (further %s failures are only counted)", self.WHAT, e.strerror, name)
+        self.errors[name] += count
+        n = e if isinstance(e, int) else e.errno or 0
+        if n not in self._logged:  # once per kind: a full queue can fail thousands of times
+            self._logged.add(n)
+            LOG.warning("%s failed: %s (further %s failures are only counted)", self.WHAT,
+                        os.strerror(n) if isinstance(e, int) else e.strerror, name)
 
     def close(self) -> None:
         for s in self._socks.values():
@@ -87,9 +92,10 @@ class RawSender(SocketSender):
     #: The IPV6_PKTINFO option number; struct in6_pktinfo is the same on Linux and macOS.
     IPV6_PKTINFO = IPV6_PKTINFO
 
-    def __init__(self, mark: int, errors: Counter[str] | None = None) -> None:
+    def __init__(self, mark: int, errors: Counter[str] | None = None, io: Any = None) -> None:
         super().__init__(mark, errors)
         self.hop_limit = HopLimits(mark)
+        self.io = io  # the compiled data path (dataplane/_datapath.c): a run in one sendmmsg
 
     def close(self) -> None:
         super().close()
@@ -123,7 +129,16 @@ class RawSender(SocketSender):
         if len(dst) == 4:
             return self._path4(self._sock(socket.AF_INET), src, dst, self.hop_limit(dst))
         s6 = self._sock(socket.AF_INET6)
-        cmsg = [(socket.IPPROTO_IPV6, self.IPV6_PKTINFO, IN6_PKTINFO.pack(src, 0))]
+        pktinfo = IN6_PKTINFO.pack(src, 0)
+        if self.io is not None:
+            send_raw, fd6 = self.io.send_raw, s6.fileno()
+
+            def send6c(header: bytes, payloads: list[bytes], ip: IpIdent | None) -> None:
+                for err, count in send_raw(fd6, dst, b"", 0, 0, header, payloads, 0, pktinfo):
+                    self._failed(err, count)
+
+            return send6c
+        cmsg = [(socket.IPPROTO_IPV6, self.IPV6_PKTINFO, pktinfo)]
         addr6 = (socket.inet_ntop(socket.AF_INET6, dst), 0, 0, 0)
         sendmsg6 = s6.sendmsg
 
@@ -143,6 +158,17 @@ class RawSender(SocketSender):
         addr4 = (socket.inet_ntop(socket.AF_INET, dst), 0)
         sendmsg = sock.sendmsg
         psum = pseudo_sum(src, dst)
+        if self.io is not None:
+            send_raw, fd = self.io.send_raw, sock.fileno()
+
+            def send4c(header: bytes, payloads: list[bytes], ip: IpIdent | None) -> None:
+                ident = ip or _NO_IDENT
+                step = 1 if ident.counting else 0
+                first = ident.take(len(payloads))
+                for err, count in send_raw(fd, dst, tmpl, first, step, header, payloads, psum, b""):
+                    self._failed(err, count)
+
+            return send4c
 
         def send4(header: bytes, payloads: list[bytes], ip: IpIdent | None) -> None:
             take = (ip or _NO_IDENT).take

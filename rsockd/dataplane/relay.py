@@ -144,7 +144,8 @@ class Relay(Generic[E]):
         self.clock_offset = time.time() - self.loop.time()
         self.profile = tcp_profile((cfg.key or "").encode())  # the host's TCP, for segments like its own
         self.tx_errors: Counter[str] = Counter()
-        self.raw = RawSender(cfg.mark, self.tx_errors)
+        io = _compiled_io()
+        self.raw = RawSender(cfg.mark, self.tx_errors, io)  # with io: a run in one sendmmsg
         # send_path = "packet": Ethernet frames, kernel checksums, batches split by the kernel
         self.packet: PacketSender | None = None
         self._l2: dict[bytes, L2Route | None] = {}  # destination -> its Ethernet route (None: raw for now)
@@ -175,7 +176,6 @@ class Relay(Generic[E]):
         self.capturing = False
         self._ticks = 0
         self.delivery = Delivery(self.tx_errors)
-        io = _compiled_io()
         self._reader = io.Reader() if io is not None else None  # the tunnel sockets' (_drain)
         self._writer = io.Writer() if io is not None else None  # the application side's (_fill)
         # What the kernel says changed (netlink notifications): housekeeping looks the host up
