@@ -18,12 +18,16 @@
  * DATA frames it did not send, and per flow what it sent; ``flow_sent`` and ``sealed_run``: the
  * sealed records, which the endpoint makes segments of).  Where a flow's datagrams go is asked
  * once per connection, flow and call (``sink``, the relay's: the endpoint's ``fast_sink`` names
- * the flow, the relay its socket).  Anything else (a handshake, FIN, RST, a control frame, a record that does not
- * parse, no connection, a new flow's first datagram, an oversized one) is returned as it came,
- * after everything before it was given back, and the caller passes it to ``receive_steered`` /
- * ``send_app`` / ``send_target``: order is kept, and what that path counts or answers is its
- * own.  tests/unit/test_datapath.py runs both paths over the same segments and datagrams and
- * compares the endpoints afterwards.
+ * the flow, the relay its socket).  Anything else (a handshake, FIN, RST, a control frame, a
+ * record that does not parse, no connection, a new flow's first datagram, an oversized one) is
+ * returned as it came, after everything before it was given back, and the caller passes it to
+ * ``receive_steered`` / ``send_app`` / ``send_target``: order is kept, and what that path counts
+ * or answers is its own.  tests/unit/test_datapath.py runs both paths over the same segments and
+ * datagrams and compares the endpoints afterwards.
+ *
+ * The raw send path's runs of segments (``send_raw``: headers, IDs and TCP checksums made here,
+ * one ``sendmmsg``) are rawsock.py's loop in C; tests/integration/test_raw_send.py compares the
+ * packets both send.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -512,7 +516,7 @@ static Sink *sink_for(Reader *self, Run *r, uint32_t id)
     for (int i = 0; i < r->nsinks; i++)
         if (r->sinks[i].id == id)
             return &r->sinks[i];
-    if (self->sink_of == Py_None || r->nsinks == MAXSINKS)
+    if (self->sink_of == NULL || self->sink_of == Py_None || r->nsinks == MAXSINKS)
         return &NO_SINK;
     Sink *s = &r->sinks[r->nsinks];
     memset(s, 0, sizeof *s);
