@@ -11,6 +11,7 @@ import errno
 import ipaddress
 import os
 import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -202,6 +203,38 @@ NETLINK_NETFILTER = 12
 RTNL_GROUPS = (1, 3, 5, 7, 8, 9, 11, 19)
 XFRMNLGRP_POLICY = 4  # <linux/xfrm.h>
 NFNLGRP_NFTABLES = 7  # <linux/netfilter/nfnetlink.h>
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NEWGEN = 15  # <linux/netfilter/nf_tables.h>: a transaction's commit, says nothing by itself
+#: The attribute that names the table, in every nftables message about a table, chain, rule, set
+#: or set element (NFTA_TABLE_NAME, NFTA_CHAIN_TABLE, NFTA_RULE_TABLE, NFTA_SET_TABLE, ...).
+NFTA_TABLE = 1
+
+
+def nft_news_of_others(data: bytes, ours: str) -> bool:
+    """Whether nftables notifications ``data`` (one read: netlink messages) tell of a change to a
+    table whose name does not start with ``ours``; a message this cannot read counts as one."""
+    i = 0
+    while i + 16 <= len(data):
+        length, kind = struct.unpack_from("=IH", data, i)
+        if length < 16 or i + length > len(data):
+            return True
+        if kind >> 8 == NFNL_SUBSYS_NFTABLES and kind & 0xFF == NFT_MSG_NEWGEN:
+            i += (length + 3) & ~3
+            continue
+        table = None
+        a, end = i + 20, i + length  # the attributes, after the nfgenmsg
+        while a + 4 <= end:
+            alen, atype = struct.unpack_from("=HH", data, a)
+            if alen < 4 or a + alen > end:
+                break
+            if atype & 0x3FFF == NFTA_TABLE:
+                table = data[a + 4 : a + alen].split(b"\0", 1)[0].decode(errors="replace")
+                break
+            a += (alen + 3) & ~3
+        if table is None or not ours or not table.startswith(ours):
+            return True
+        i += (length + 3) & ~3
+    return False
 
 
 class ChangeWatch:
@@ -211,7 +244,8 @@ class ChangeWatch:
     socket has had anything to read since the last ``changed()``, and not otherwise.  A socket
     that overflowed (``ENOBUFS``: notifications were lost) counts as a change."""
 
-    def __init__(self, protocol: int, groups: tuple[int, ...]) -> None:
+    def __init__(self, protocol: int, groups: tuple[int, ...], news: Callable[[bytes], bool] | None = None) -> None:
+        self.news = news  # whether one read tells of a change that matters; None: any does
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
         try:
             self.sock.setblocking(False)
@@ -228,8 +262,9 @@ class ChangeWatch:
         return cls(socket.NETLINK_ROUTE, RTNL_GROUPS)
 
     @classmethod
-    def nftables(cls) -> ChangeWatch:
-        return cls(NETLINK_NETFILTER, (NFNLGRP_NFTABLES,))
+    def nftables(cls, ours: str = "") -> ChangeWatch:
+        """The nftables ruleset, except the tables whose names start with ``ours``."""
+        return cls(NETLINK_NETFILTER, (NFNLGRP_NFTABLES,), lambda data: nft_news_of_others(data, ours))
 
     @classmethod
     def xfrm_policies(cls) -> ChangeWatch:
@@ -243,9 +278,10 @@ class ChangeWatch:
         got = False
         while True:
             try:
-                if not self.sock.recv(65536):
+                data = self.sock.recv(65536)
+                if not data:
                     return got
-                got = True
+                got = got or self.news is None or self.news(data)
             except (BlockingIOError, InterruptedError):
                 return got
             except OSError as e:

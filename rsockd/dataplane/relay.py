@@ -182,8 +182,12 @@ class Relay(Generic[E]):
         # again only then (docs/design.md, "Following the host"); None: it cannot say, look.
         self._host_changed = self._egress_changed = False
         self._host_watch = self._open_watch(ChangeWatch.routes, "links, addresses and routes")
-        egress = [self._open_watch(ChangeWatch.nftables, "nftables"),
-                  self._open_watch(ChangeWatch.xfrm_policies, "IPsec policies")] if self._auto else []
+        egress: list[ChangeWatch | None] = []
+        if self._auto:
+            from .sendpath import OUR_TABLES
+
+            egress = [self._open_watch(lambda: ChangeWatch.nftables(ours=OUR_TABLES), "nftables"),
+                      self._open_watch(ChangeWatch.xfrm_policies, "IPsec policies")]
         self._egress_blind = None in egress
         self._legacy: str | None = None
         if self._auto:

@@ -25,7 +25,7 @@ LOG = logging.getLogger(__name__)
 #: netfilter hooks a packet socket's frames skip.
 _HOOKS = ("output", "postrouting")
 #: Our own tables (steer/nft.py): their output chain only matters for raw sends.
-_OURS = "rsockd_"
+OUR_TABLES = "rsockd_"
 #: Legacy iptables (x_tables): one file per family; a line per table in use.
 _LEGACY = ("/proc/net/ip_tables_names", "/proc/net/ip6_tables_names")
 
@@ -70,7 +70,7 @@ def _hooked(text: str) -> str | None:
             rules[key] = rules.get(key, 0) + 1
     for item in items:
         c = item.get("chain")
-        if not c or c.get("hook") not in _HOOKS or str(c.get("table", "")).startswith(_OURS):
+        if not c or c.get("hook") not in _HOOKS or str(c.get("table", "")).startswith(OUR_TABLES):
             continue
         key = (c.get("family", ""), c.get("table", ""), c.get("name", ""))
         if rules.get(key) or c.get("policy", "accept") != "accept":

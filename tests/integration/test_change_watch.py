@@ -72,6 +72,26 @@ def test_nftables_and_ipsec_policies() -> None:
             xfrm.close()
 
 
+def test_our_own_tables_are_no_news() -> None:
+    """The relay's egress watch leaves out rsockd's tables (its steering changes them as
+    connections come and go; the egress check leaves them out too): only other tables count."""
+    with NetnsPair() as net:
+        w = watched(net, lambda: ChangeWatch.nftables(ours="rsockd_"))
+        try:
+            for ours in ("add table inet rsockd_x",
+                         "add chain inet rsockd_x out { type filter hook output priority 0; }",
+                         "add rule inet rsockd_x out counter", "add set inet rsockd_x s { type ipv4_addr; }",
+                         "add element inet rsockd_x s { 10.9.9.9 }", "delete table inet rsockd_x"):
+                net.run("c", ["nft", ours])
+                assert not w.changed(), ours
+            net.run("c", ["nft", "add table inet hostfw"])
+            assert w.changed()
+            net.run("c", ["nft", "add table inet rsockd_y; add table ip other"])  # one transaction, both
+            assert w.changed()
+        finally:
+            w.close()
+
+
 def test_a_closed_watch_says_look() -> None:
     """An error other than an overflow: the caller cannot know, so it looks."""
     with NetnsPair() as net:
