@@ -212,11 +212,11 @@ class Relay(Generic[E]):
 
     def _housekeep(self) -> None:
         """Once a second: follow the host (MTU, route, addresses, the packet path's routes) when
-        the kernel said they changed, the route and MTU (``_follow_host``) every 5 s as well;
-        ``send_path = "auto"``: every 5 s, its egress when its firewall, IPsec policies or legacy
-        iptables tables changed.  Every RELOOK seconds all of it regardless, and every second
-        where the kernel cannot say.  The look-ups take milliseconds on the event loop: looking
-        only on a change keeps them from stalling the datagrams."""
+        the kernel said they changed; ``send_path = "auto"``: every 5 s, its egress when its
+        firewall, IPsec policies or legacy iptables tables changed.  Every RELOOK seconds all of
+        it regardless (a path MTU the host's own TCP learnt comes with no notification), and every
+        second where the kernel cannot say.  The look-ups take milliseconds on the event loop:
+        looking only on a change keeps them from stalling the datagrams."""
         self._ticks += 1
         relook = self._ticks % RELOOK == 0
         host = self._host_changed or self._host_watch is None or relook
@@ -233,7 +233,7 @@ class Relay(Generic[E]):
                 self._choose_send_path()
         if host and self.packet is not None:
             self._refresh_l2()
-        if host or self._ticks % 5 == 0:  # a path MTU learnt from ICMP comes with no notification
+        if host:
             self._follow_host()
         self._pump(self.loop.time())
         if not self.closing:
