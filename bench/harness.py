@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 from bench import pyspy, wireguard
 from bench.procstat import Snapshot, rss_mb
 from bench.report import evaluate_targets, render
-from bench.tools import REPO, Tool
+from bench.tools import REPO, Tool, stop
 from bench.wireguard import WG_OVERHEAD, WgError, WgPath, WgTunnel
 from tests.integration.rig import LISTEN_PORT, Rig, Rsockd, nstat
 from tests.netns import NetnsPair
@@ -567,12 +567,16 @@ class Bench:
                 assert p.stdout is not None
                 line = _readline(p.stdout, 10.0)
                 if line.strip() != "ready":
-                    _, err = _stop(p)
+                    stop(p)
+                    err = p.stderr.read() if p.stderr is not None else ""
                     return {"skipped": f"relayfloor ({side}) did not start: {line.strip() or err.strip()[-300:]}"}
             lat = self.latency(("127.0.0.1", FLOOR_PORT), size)
         finally:
             for p in procs:
-                _stop(p)
+                stop(p)
+                for f in (p.stdout, p.stderr):
+                    if f is not None:
+                        f.close()
         self.log(f"  p50 {lat.get('p50_us')} µs, p99 {lat.get('p99_us')} µs")
         return {"size": size, "relay": "bench/relayfloor.c (epoll_wait, recvfrom, send; no batching, no work)",
                 "latency": lat}
@@ -817,18 +821,6 @@ def _readline(f: Any, timeout: float) -> str:
     """A line from a child's pipe, or "" when none comes within ``timeout`` seconds."""
     ready, _, _ = select.select([f], [], [], timeout)
     return f.readline() if ready else ""
-
-
-def _stop(p: subprocess.Popen[str]) -> tuple[str, str]:
-    """Terminate a child we started (by its own Popen), reap it, and give back what it wrote."""
-    if p.poll() is None:
-        p.terminate()
-    try:
-        out, err = p.communicate(timeout=5)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        out, err = p.communicate()
-    return out or "", err or ""
 
 
 def _softnet_dropped() -> int:

@@ -88,3 +88,14 @@ class Tool:
             if f is not None:
                 f.close()
         self._log.close()
+
+
+def stop(p: subprocess.Popen[Any], timeout: float = 5) -> None:
+    """Terminate a child we started (by its own Popen) and reap it; killed if it will not go."""
+    if p.poll() is None:
+        p.terminate()
+    try:
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.procstat import Snapshot
+from bench.tools import stop
 from tests.netns import NetnsPair
 
 #: What WireGuard adds to an inner packet on the wire (UDP payload): type, receiver index and counter
@@ -112,13 +113,7 @@ class _Daemon:
             return ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc)
         self._thread.join(5)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
@@ -240,15 +235,8 @@ def iperf3_tcp(net: NetnsPair, server_addr: str, secs: float, pids: dict[str, li
         cpu, wall = before.until(Snapshot.take(pids)), time.monotonic() - t0
     finally:
         for p in (cli, srv):
-            if p is None:
-                continue
-            if p.poll() is None:
-                p.terminate()
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+            if p is not None:
+                stop(p)
         if srv.stdout is not None:
             srv.stdout.close()
     text = out.read_text(errors="replace")
