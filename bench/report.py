@@ -23,23 +23,24 @@ def _verdict(value: float | None, ok: Callable[[float], bool]) -> str:
     return NA if value is None else (MET if ok(value) else NOT_MET)
 
 
+def _over_plain(data: dict[str, Any], size: str, res: Any, pct: str) -> float | None:
+    """``res``'s RTT percentile minus plain UDP's at ``size``, µs (None when either is missing)."""
+    a, b = _get(res, "latency", f"{pct}_us"), _get(data, "plain", size, "latency", f"{pct}_us")
+    return None if a is None or b is None else round(a - b, 1)
+
+
 def _added_rtt(data: dict[str, Any], label: str, pct: str) -> dict[str, float]:
     """rsockd's RTT percentile minus plain UDP's, µs, per size."""
-    out = {}
-    for size, res in (_get(data, "rsockd", label, "sizes") or {}).items():
-        a, b = _get(res, "latency", f"{pct}_us"), _get(data, "plain", size, "latency", f"{pct}_us")
-        if a is not None and b is not None:
-            out[size] = round(a - b, 1)
-    return out
+    sizes = _get(data, "rsockd", label, "sizes") or {}
+    added = {size: _over_plain(data, size, res, pct) for size, res in sizes.items()}
+    return {size: v for size, v in added.items() if v is not None}
 
 
 def floor_added(data: dict[str, Any], pct: str) -> float | None:
     """What the two do-nothing C relays (``data["floor"]``, bench/relayfloor.c) add to plain UDP's RTT
     percentile at their size, µs: the cost of four sleeping passes on this machine."""
     fl = data.get("floor") or {}
-    a = _get(fl, "latency", f"{pct}_us")
-    b = _get(data, "plain", str(fl.get("size")), "latency", f"{pct}_us")
-    return None if a is None or b is None else round(a - b, 1)
+    return _over_plain(data, str(fl.get("size")), fl, pct)
 
 
 def _at_least(limit: float) -> Callable[[float], bool]:
