@@ -182,17 +182,14 @@ class Relay(Generic[E]):
         # again only then (docs/design.md, "Following the host"); None: it cannot say, look.
         self._host_changed = self._egress_changed = False
         self._host_watch = self._open_watch(ChangeWatch.routes, "links, addresses and routes")
-        egress: list[ChangeWatch | None] = []
+        self._egress_blind = False
+        self._legacy: str | None = None
         if self._auto:
-            from .sendpath import OUR_TABLES
+            from .sendpath import OUR_TABLES, legacy_tables
 
             egress = [self._open_watch(lambda: ChangeWatch.nftables(ours=OUR_TABLES), "nftables"),
                       self._open_watch(ChangeWatch.xfrm_policies, "IPsec policies")]
-        self._egress_blind = None in egress
-        self._legacy: str | None = None
-        if self._auto:
-            from .sendpath import legacy_tables
-
+            self._egress_blind = None in egress
             self._legacy = legacy_tables()
             self._choose_send_path()
 
