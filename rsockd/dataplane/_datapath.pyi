@@ -5,7 +5,10 @@ from typing import Any
 
 HostPort = tuple[bytes, int]
 
+TAGS_AT_ONCE: int
+
 class Reader:
+    tags_ahead: int
     def __init__(self) -> None: ...
     def drain(self, fd: int, family: int, port: int, endpoint: Any, now: float, pktinfo: bool,
               fallback: bytes | None, batch: int, budget: int,
@@ -19,5 +22,6 @@ class Writer:
              budget: int) -> tuple[Any, bytes] | None: ...
 
 def tag(key: bytes, person: bytes, context: bytes, data: bytes) -> bytes: ...
+def tags(key: bytes, person: bytes, context: bytes, counters: list[bytes], frames: list[bytes]) -> list[bytes]: ...
 def send_raw(fd: int, dst: bytes, iphdr: bytes, ident: int, step: int, header: bytes, payloads: list[bytes],
              psum: int, pktinfo: bytes) -> list[tuple[int, int]]: ...

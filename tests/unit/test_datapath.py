@@ -19,6 +19,7 @@ import os
 import random
 import select
 import socket
+import struct
 from typing import Any
 
 import pytest
@@ -36,6 +37,7 @@ pytestmark = pytest.mark.skipif(rsockd.PURE, reason="RSOCKD_PURE: the package ru
 
 LO = bytes([127, 0, 0, 1])
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+UDP_SEGMENT = 103
 
 
 def test_tag_is_keyed_blake2b_with_personalization() -> None:
@@ -45,6 +47,25 @@ def test_tag_is_keyed_blake2b_with_personalization() -> None:
         h = hashlib.blake2b(key=key, digest_size=8, person=b"rsockdT2")
         h.update(context + data)
         assert datapath.tag(key, b"rsockdT2", context, data) == h.digest(), n
+
+
+def test_tags_four_at_a_time_are_the_tags() -> None:
+    """record_tags, as the reader and the writer use it: one to four records of one size, at
+    every block boundary and with contexts that leave the counter across a block's end."""
+    rng = random.Random(11)
+    key = rng.randbytes(32)
+    for clen in (0, 9, 119, 120, 127, 128):
+        context = rng.randbytes(clen)
+        for n in (*range(0, 260), 1200, 1382, 9000):
+            count = 1 + n % 4
+            counters = [rng.randbytes(8) for _ in range(count)]
+            frames = [rng.randbytes(n) for _ in range(count)]
+            want = []
+            for c, f in zip(counters, frames):
+                h = hashlib.blake2b(key=key, digest_size=8, person=b"rsockdT2")
+                h.update(context + c + f)
+                want.append(h.digest())
+            assert datapath.tags(key, b"rsockdT2", context, counters, frames) == want, (clen, n, count)
 
 
 def steered_form(seg: bytes) -> bytes:
@@ -154,12 +175,24 @@ class Rig:
             out += segments(t)
         return out
 
-    def deliver(self, segs: list[bytes], sock: socket.socket | None = None) -> None:
-        """Both ends receive ``segs``: the reader's end through the socket, the other directly."""
+    def deliver(self, segs: list[bytes], sock: socket.socket | None = None, gso: bool = False) -> None:
+        """Both ends receive ``segs``: the reader's end through the socket, the other directly.
+        ``gso``: runs of equal-sized segments as one send (UDP GSO), which the socket (UDP GRO)
+        hands over as one read, as it does a connection's segments that arrive together."""
         sock = sock or self.tx
         now = self.pairs[0].now
+        i = 0
+        while i < len(segs):
+            j = i + 1
+            while gso and j < len(segs) and (j - i + 1) * len(segs[i]) <= 65000 and len(segs[j]) == len(segs[i]):
+                j += 1
+            if j - i > 1:
+                size = struct.pack("H", len(segs[i]))
+                sock.sendmsg([b"".join(segs[i:j])], [(socket.SOL_UDP, UDP_SEGMENT, size)], 0, self.rx.getsockname())
+            else:
+                sock.sendto(segs[i], self.rx.getsockname())
+            i = j
         for seg in segs:
-            sock.sendto(seg, self.rx.getsockname())
             remote = (LO, sock.getsockname()[1])
             self.slow_end.receive_steered(self.local, remote, memoryview(seg), now)
         self.sent += len(segs)
@@ -370,6 +403,30 @@ def test_replays_forgeries_reordering_and_control_frames(rig: Rig) -> None:
     rig.compare()
     assert rig.fast_end.drops["replay"] > 0 and rig.fast_end.drops["bad_auth"] >= 2
     assert 0 < rig.handed_back < rig.sent / 4  # the junk, the control frame, the stranger's
+
+
+def test_records_of_one_size_are_checked_four_at_a_time(rig: Rig) -> None:
+    """Segments that arrive together (one read, UDP GRO) with records of one size: their tags are
+    computed four at a time where the CPU can (``TAGS_AT_ONCE``), the later ones before their
+    records are reached.  A forged tag or payload among them, a replay and a gap between runs
+    must come out as they do one at a time."""
+    known_flows(rig)
+    send_datagrams(rig, 90, sizes=(1200,))
+    segs = rig.outgoing()
+    assert len(segs) >= 90 and len({len(s) for s in segs}) == 1
+    forged_tag = bytearray(segs[5])
+    forged_tag[12 + ((forged_tag[0] >> 4) * 4 - 20) + 10] ^= 1
+    forged_body = bytearray(segs[10])
+    forged_body[-1] ^= 0x40
+    mixed = [*segs[:5], bytes(forged_tag), *segs[6:10], bytes(forged_body), *segs[11:40], segs[3], *segs[40:]]
+    rig.deliver(mixed, gso=True)
+    rig.compare()
+    assert rig.fast_end.drops["bad_auth"] == 2 and rig.fast_end.drops["replay"] == 1
+    assert rig.handed_back == 0
+    if datapath.TAGS_AT_ONCE == 4:
+        assert rig.reader.tags_ahead >= len(mixed) // 2
+    else:
+        assert rig.reader.tags_ahead == 0
 
 
 def test_fin_takes_the_full_path(rig: Rig) -> None:
