@@ -32,7 +32,7 @@ class NetnsPair:
     Addresses: 10.X.Y.1/24 and fdXX::1/64 on the client, .2 / ::2 on the server.
     """
 
-    def __init__(self, *, offload: bool = False, mtu: int = 1500) -> None:
+    def __init__(self, *, offload: bool = False, mtu: int = 1500, gro: bool = False) -> None:
         self.tag = "rk" + secrets.token_hex(3)
         self.ns = {"c": self.tag + "c", "s": self.tag + "s"}
         self.dev = {"c": self.tag + "c0", "s": self.tag + "s0"}
@@ -41,6 +41,7 @@ class NetnsPair:
         self.cli6, self.srv6 = f"fd{x:02x}:{y:x}::1", f"fd{x:02x}:{y:x}::2"
         self.offload = offload
         self.mtu = mtu
+        self.gro = gro  # veth's default is off; physical NICs and virtio-net have it on
 
     def __enter__(self) -> NetnsPair:
         try:
@@ -71,6 +72,8 @@ class NetnsPair:
                 # veth passes partial checksums through and the receiver trusts them, which would
                 # hide checksum bugs: make the sender compute real checksums.
                 sh(["ip", "netns", "exec", ns, "ethtool", "-K", dev, "tx", "off"])
+            if self.gro:
+                sh(["ip", "netns", "exec", ns, "ethtool", "-K", dev, "gro", "on"])
         # Static neighbours: no first-packet loss or delay while ARP/ND resolve.
         mac = {side: self._mac(side) for side in ("c", "s")}
         for side, other, addrs in (("c", "s", (self.srv4, self.srv6)), ("s", "c", (self.cli4, self.cli6))):

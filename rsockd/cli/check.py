@@ -40,8 +40,11 @@ def check_python() -> list[Result]:
     if sys.platform == "linux":  # the .deb has the reader with its core interpreted
         from ..dataplane.relay import _compiled_io
 
-        if _compiled_io() is not None:
-            out.append(Result("ok", "tunnel socket reader compiled (C)"))
+        io = _compiled_io()
+        if io is not None:
+            at_once = getattr(io, "TAGS_AT_ONCE", 1)
+            out.append(Result("ok", "tunnel socket reader compiled (C), record tags "
+                              + ("four at a time (AVX2)" if at_once == 4 else "one at a time")))
         elif PURE:
             out.append(Result("ok", "tunnel socket reader interpreted (RSOCKD_PURE or a stale build)"))
         else:

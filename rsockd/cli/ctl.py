@@ -257,7 +257,9 @@ def render_status(st: dict[str, Any], style: Style) -> str:
         rows.append(("from app", f"{human_count(t['from_app_packets'])} packets, {human_bytes(t['from_app_bytes'])}"))
         rows.append(("to app", f"{human_count(t['to_app_packets'])} packets, {human_bytes(t['to_app_bytes'])}"))
         rows.append(("tunnel rx", f"{human_count(t['tunnel_rx_packets'])} packets, "
-                                  f"{human_bytes(t['tunnel_rx_bytes'])}"))
+                                  f"{human_bytes(t['tunnel_rx_bytes'])}"
+                     + (f" ({human_count(t['tunnel_rx_batched'])} of them in {human_count(t['tunnel_rx_batches'])}"
+                        " coalesced reads)" if t.get("tunnel_rx_batches") else "")))
         rows.append(("tunnel tx", f"{human_count(t['tunnel_tx_packets'])} packets, "
                                   f"{human_bytes(t['tunnel_tx_bytes'])}"
                      + (f" ({human_count(t['tunnel_tx_batched'])} of them in {human_count(t['tunnel_tx_batches'])}"

@@ -498,6 +498,7 @@ typedef struct {
     } pre[3];                         /* tags of records ahead, computed with an earlier one (reader_tag) */
     int npre;
     long long tags_ahead;             /* records whose tag was ready when they came (a count for tests) */
+    long long rx_batches, rx_batched; /* reads that carried several segments (GRO), and those segments */
 } Reader;
 
 static void window_mark(Run *r, uint64_t counter)
@@ -1019,6 +1020,17 @@ static void parse_cmsgs(Reader *self, struct msghdr *mh)
     }
 }
 
+/* Datagram idx begins: its control messages, and whether GRO put several segments in it. */
+static void start_datagram(Reader *self)
+{
+    parse_cmsgs(self, &self->in.msgs[self->in.idx].msg_hdr);
+    size_t len = self->in.msgs[self->in.idx].msg_len;
+    if (self->seg && len > self->seg) {
+        self->rx_batches++;
+        self->rx_batched += (long long)((len + self->seg - 1) / self->seg);
+    }
+}
+
 static PyObject *slow(const uint8_t *local, size_t llen, int lport, const uint8_t *remote, size_t rlen, int rport,
                       const uint8_t *p, size_t n)
 {
@@ -1095,7 +1107,7 @@ static PyObject *drain(Reader *self, int fd, int family, int port, PyObject *end
                 return PyErr_SetFromErrno(PyExc_OSError);
             }
             self->off = 0;
-            parse_cmsgs(self, &self->in.msgs[0].msg_hdr);
+            start_datagram(self);
         }
         /* the next segment: datagram idx, from off (GRO: cut at its segment size) */
         Batch *in = &self->in;
@@ -1132,7 +1144,7 @@ static PyObject *drain(Reader *self, int fd, int family, int port, PyObject *end
             in->idx++;
             self->off = 0;
             if (in->idx < in->n)
-                parse_cmsgs(self, &in->msgs[in->idx].msg_hdr);
+                start_datagram(self);
         }
         const uint8_t *p = buf + start;
         size_t n = end - start;
@@ -1812,6 +1824,9 @@ static PyMethodDef Reader_methods[] = {
 static PyMemberDef Reader_members[] = {
     {"tags_ahead", T_LONGLONG, offsetof(Reader, tags_ahead), READONLY,
      "Records whose tag was computed with an earlier record's (four at once), since the reader was made."},
+    {"rx_batches", T_LONGLONG, offsetof(Reader, rx_batches), READONLY,
+     "Reads that carried several segments (GRO), since the reader was made."},
+    {"rx_batched", T_LONGLONG, offsetof(Reader, rx_batched), READONLY, "The segments those reads carried."},
     {NULL, 0, 0, 0, NULL},
 };
 

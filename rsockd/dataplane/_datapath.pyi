@@ -9,6 +9,8 @@ TAGS_AT_ONCE: int
 
 class Reader:
     tags_ahead: int
+    rx_batches: int
+    rx_batched: int
     def __init__(self) -> None: ...
     def drain(self, fd: int, family: int, port: int, endpoint: Any, now: float, pktinfo: bool,
               fallback: bytes | None, batch: int, budget: int,

@@ -177,6 +177,7 @@ class Relay(Generic[E]):
         self._ticks = 0
         self.delivery = Delivery(self.tx_errors)
         self._reader = io.Reader() if io is not None else None  # the tunnel sockets' (_drain)
+        self._rx_batches = self._rx_batched = 0  # reads of several segments (GRO), without the reader
         self._writer = io.Writer() if io is not None else None  # the application side's (_fill)
         # What the kernel says changed (netlink notifications): housekeeping looks the host up
         # again only then (docs/design.md, "Following the host"); None: it cannot say, look.
@@ -354,6 +355,20 @@ class Relay(Generic[E]):
         """Sends the kernel split into segments (packet send path), and the segments they made."""
         p = self._packet_sender
         return (p.batches, p.batched) if p is not None else (0, 0)
+
+    @property
+    def rx_batches(self) -> tuple[int, int]:
+        """Reads of a tunnel socket that carried several segments (GRO), and the segments in them."""
+        r = self._reader
+        return (r.rx_batches, r.rx_batched) if r is not None else (self._rx_batches, self._rx_batched)
+
+    def _cut(self, view: memoryview, n: int, seg: int) -> Sequence[memoryview]:
+        """``_gro_parts``, counted for ``rx_batches``."""
+        parts = _gro_parts(view, n, seg)
+        if len(parts) > 1:
+            self._rx_batches += 1
+            self._rx_batched += len(parts)
+        return parts
 
     def refresh_local_addrs(self) -> None:
         """The addresses captured segments may be for: local_ip, else every address of our interfaces."""
@@ -701,7 +716,7 @@ class ServerRelay(Relay[ServerEndpoint]):
                 self.endpoint.drops["malformed"] += 1
                 continue
             local, remote = (dst, port), (socket.inet_pton(family, addr[0].split("%")[0]), addr[1])
-            for part in _gro_parts(view, n, seg):
+            for part in self._cut(view, n, seg):
                 receive(local, remote, part, now)
         self._pump(now)
 
@@ -975,7 +990,7 @@ class ClientRelay(Relay[ClientEndpoint]):
                 continue
             got += n
             local, remote = (b"", lport), (socket.inet_pton(family, addr[0].split("%")[0]), addr[1])
-            for part in _gro_parts(view, n, _pktinfo_gro(anc)[1] if anc else 0):
+            for part in self._cut(view, n, _pktinfo_gro(anc)[1] if anc else 0):
                 receive(local, remote, part, now)
         self._pump(now)
 

@@ -66,13 +66,16 @@ def _role_status(relay: Relay[Any]) -> dict[str, Any]:
 
 
 def build_info() -> dict[str, str]:
-    """What this process runs: the core compiled (mypyc) or interpreted, and the tunnel sockets'
-    reader compiled (C) or Python's loops (docs/design.md, "The compiled core")."""
+    """What this process runs: the core compiled (mypyc) or interpreted, the tunnel sockets'
+    reader compiled (C) or Python's loops, and how many record tags it computes at once
+    (docs/design.md, "The compiled core", "Tags four at a time")."""
     from .. import compiled
     from ..dataplane.relay import _compiled_io
 
+    io = _compiled_io()
     return {"core": "compiled" if compiled() else "interpreted",
-            "reader": "compiled" if _compiled_io() is not None else "python"}
+            "reader": "compiled" if io is not None else "python",
+            "tags_at_once": str(getattr(io, "TAGS_AT_ONCE", 1))}
 
 
 def relay_status(relay: Relay[Any]) -> dict[str, Any]:
@@ -85,6 +88,7 @@ def relay_status(relay: Relay[Any]) -> dict[str, Any]:
         states[c["state"]] = states.get(c["state"], 0) + 1
     detail["connections"] = {"total": len(conns), "by_state": states}
     batches, batched = relay.tx_batches
+    rx_batches, rx_batched = relay.rx_batches
     detail["traffic"] = {
         "from_app_packets": ep.app_rx, "from_app_bytes": ep.app_rx_bytes,
         "to_app_packets": ep.app_tx, "to_app_bytes": ep.app_tx_bytes,
@@ -93,6 +97,7 @@ def relay_status(relay: Relay[Any]) -> dict[str, Any]:
         "tunnel_tx_packets": sum(c["tx_packets"] for c in conns),
         "tunnel_tx_bytes": sum(c["tx_bytes"] for c in conns),
         "tunnel_tx_batches": batches, "tunnel_tx_batched": batched,
+        "tunnel_rx_batches": rx_batches, "tunnel_rx_batched": rx_batched,
     }
     detail["drops"] = dict(ep.drops)
     detail["tx_errors"] = dict(relay.tx_errors)

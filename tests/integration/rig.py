@@ -246,13 +246,13 @@ class Rig:
     def __init__(self, tmp: Path, *, backend: str = "xdp", transport: str = "tcp", family: int = 4,
                  ports: str = "10001-10004", server_args: Sequence[str] = (), client_args: Sequence[str] = (),
                  offload: bool = False, hosts: int = 1, cli_ports: bool = True, wait: bool = True,
-                 mtu: int = 1500) -> None:
+                 mtu: int = 1500, gro: bool = False) -> None:
         self.tmp = tmp
         self.backend, self.transport, self.family, self.ports = backend, transport, family, ports
         self.server_args, self.client_args = list(server_args), list(client_args)
         self.nports = len(range(int(ports.split("-")[0]), int(ports.split("-")[-1]) + 1)) if "," not in ports \
             else len(ports.split(","))
-        self.net = NetnsPair(offload=offload, mtu=mtu)
+        self.net = NetnsPair(offload=offload, mtu=mtu, gro=gro)
         self.hosts = hosts  # client hosts; the first is the pair's "c", others get their own veth
         self.cli_ports = cli_ports  # False: the ports come from the daemons' config files
         self.wait = wait  # False: only wait for READY, not for the connections to come up

@@ -71,7 +71,10 @@ def test_check_says_which_core_runs() -> None:
     if sys.platform != "linux":  # the reader reads with recvmmsg: Linux only
         assert len(said) == 1 and said[0].startswith("core ")
     elif rsockd.compiled():
-        assert said == ["core compiled (mypyc)", "tunnel socket reader compiled (C)"]
+        from rsockd.dataplane import _datapath
+
+        tags = "four at a time (AVX2)" if _datapath.TAGS_AT_ONCE == 4 else "one at a time"
+        assert said == ["core compiled (mypyc)", f"tunnel socket reader compiled (C), record tags {tags}"]
     elif rsockd.PURE:
         assert said == ["core interpreted (RSOCKD_PURE or a stale build)",
                         "tunnel socket reader interpreted (RSOCKD_PURE or a stale build)"]

@@ -423,6 +423,7 @@ def test_records_of_one_size_are_checked_four_at_a_time(rig: Rig) -> None:
     rig.compare()
     assert rig.fast_end.drops["bad_auth"] == 2 and rig.fast_end.drops["replay"] == 1
     assert rig.handed_back == 0
+    assert 0 < rig.reader.rx_batches < rig.reader.rx_batched <= len(mixed)  # the reads GRO coalesced
     if datapath.TAGS_AT_ONCE == 4:
         assert rig.reader.tags_ahead >= len(mixed) // 2
     else:
