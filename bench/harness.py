@@ -83,6 +83,7 @@ class Options:
     workers: int = 1
     all_cores: str = "auto"  # the "workers on all cores" run: auto (when the daemon has workers), on, off
     offload: bool = True
+    gro: bool = True
     ports: str = "10001-10004"
     profile: float = 8.0  # seconds of py-spy per backend; 0: none
     profile_size: int = 1200
@@ -125,6 +126,9 @@ def parse_args(argv: Sequence[str]) -> Options:
                         "status reports workers (default)")
     p.add_argument("--offload", choices=("on", "off"), default="on",
                    help="veth tx checksum offload (default on: see docs/bench.md)")
+    p.add_argument("--gro", choices=("on", "off"), default="on",
+                   help="GRO on the veth, as physical NICs and virtio-net have it (default on; veth's own "
+                        "default is off: see docs/bench.md)")
     p.add_argument("--ports", default="10001-10004", help="tunnel ports (default 10001-10004)")
     p.add_argument("--profile-seconds", type=float, help="py-spy both daemons under load, per backend "
                    "(default 8; quick: 0 = off)")
@@ -164,7 +168,7 @@ def parse_args(argv: Sequence[str]) -> Options:
             setattr(o, name, arg)
     o.ping_rate, o.flows, o.workers, o.all_cores = a.ping_rate, a.flows, a.workers, a.all_cores
     o.gen_procs = max(1, a.gen_procs)
-    o.offload, o.ports = a.offload == "on", a.ports
+    o.offload, o.gro, o.ports = a.offload == "on", a.gro == "on", a.ports
     o.iperf3 = o.iperf3 and not a.no_iperf3
     o.wireguard, o.wg_seconds = not a.no_wireguard, max(1.0, a.wireguard_seconds)
     o.recheck = o.recheck and not a.no_recheck
@@ -240,7 +244,7 @@ class Bench:
     def __init__(self, opts: Options) -> None:
         self.o = opts
         self.tmp = Path(tempfile.mkdtemp(prefix="rsockd-bench-"))
-        self.net = NetnsPair(offload=opts.offload)
+        self.net = NetnsPair(offload=opts.offload, gro=opts.gro)
         self.gens: list[Tool] = []
         self.sink: Tool | None = None
         self.pair: BenchRig | None = None
@@ -845,7 +849,7 @@ def _options_json(o: Options) -> dict[str, Any]:
     return {"sizes": list(o.sizes), "backends": list(o.backends), "step_s": o.step, "warmup_s": o.warm,
             "resolution": o.resolution, "max_steps": o.max_steps, "pings": o.pings, "ping_rate": o.ping_rate,
             "flows": o.flows, "gen_procs": o.gen_procs, "workers": o.workers, "all_cores": o.all_cores,
-            "offload": o.offload, "ports": o.ports, "max_other": o.max_other, "retries": o.retries,
+            "offload": o.offload, "gro": o.gro, "ports": o.ports, "max_other": o.max_other, "retries": o.retries,
             "profile_s": o.profile, "quick": o.quick, "loss_max": LOSS_MAX, "wireguard": o.wireguard,
             "wireguard_s": o.wg_seconds,
             "argv": o.argv}
@@ -863,7 +867,7 @@ def machine_info(o: Options) -> dict[str, Any]:
         mem = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
     return {"cpus": os.cpu_count(), "cpu_model": model, "memory_gb": round(mem / 1e6, 1),
             "kernel": platform.release(), "python": platform.python_version(), "hostname": platform.node(),
-            "veth_offload": o.offload}
+            "veth_offload": o.offload, "veth_gro": o.gro}
 
 
 def _git(*args: str, strip: bool = True) -> str:

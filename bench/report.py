@@ -190,7 +190,7 @@ def _build_note(data: dict[str, Any], res: dict[str, Any]) -> str:
     """What a backend's daemons ran, when it is not what the run's header says (a stale build)."""
     want = {"core": _get(data, "code", "core"), "reader": _get(data, "code", "reader")}
     ran = {b.get("core") and f"core {b.get('core')}, reader {b.get('reader')}"
-           for b in (res.get("build") or {}).values() if b and b != want}
+           for b in (res.get("build") or {}).values() if b and {k: b.get(k) for k in want} != want}
     return f"; WARNING: the daemons ran {' / '.join(sorted(ran))}" if ran else ""
 
 
@@ -199,10 +199,11 @@ def render(data: dict[str, Any]) -> str:
     o = data["options"]
     out = [f"rsockd benchmark, {data['started']}{' (quick)' if o.get('quick') else ''}, {data.get('seconds', 0):.0f} s",
            f"machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['memory_gb']} GB, kernel {m['kernel']}, "
-           f"Python {m['python']}; veth tx offload {'on' if m['veth_offload'] else 'off'}; "
+           f"Python {m['python']}; veth tx offload {'on' if m['veth_offload'] else 'off'}, "
+           f"GRO {'on' if m.get('veth_gro') else 'off'}; "
            f"other programs at start: {m.get('background_cpus', 0):.2f} CPU",
            f"rsockd {_get(data, 'code', 'commit') or '?'}, core {_get(data, 'code', 'core') or '?'}, "
-           f"reader {_get(data, 'code', 'reader') or '?'}"
+           f"reader {_get(data, 'code', 'reader') or '?'}, tags {_get(data, 'code', 'tags_at_once') or '1'} at a time"
            f"{' + uncommitted changes to ' + ', '.join(data['code']['dirty']) if _get(data, 'code', 'dirty') else ''}",
            f"load: {o.get('gen_procs', 1)} generator process(es) x {o['flows']} flow(s), {o['workers']} worker(s); "
            f"steps {o['step_s']} s after {o['warmup_s']} s "
