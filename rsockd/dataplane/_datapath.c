@@ -849,6 +849,7 @@ static int records_simple(const uint8_t *p, size_t n)
     return 1;
 }
 
+#if MULTI
 /* Records of ``n`` bytes of frames after the one being checked, into ``recs`` (which holds
  * ``count``) up to four: the rest of its segment's payload [more, more_end), then the payloads of
  * the datagram's next segments (drain's layout; their headers are checked when they are taken).
@@ -883,6 +884,7 @@ static int same_size_ahead(const Reader *self, size_t n, const uint8_t *more, co
         }
     }
 }
+#endif
 
 /* The tag that record ``rec`` (``n`` bytes of frames) must carry: computed earlier with the record
  * before it, or now with up to three records of the same size ahead of it (record_tags), whose
