@@ -61,7 +61,7 @@ def test_tags_four_at_a_time_are_the_tags() -> None:
             counters = [rng.randbytes(8) for _ in range(count)]
             frames = [rng.randbytes(n) for _ in range(count)]
             want = []
-            for c, f in zip(counters, frames):
+            for c, f in zip(counters, frames, strict=True):
                 h = hashlib.blake2b(key=key, digest_size=8, person=b"rsockdT2")
                 h.update(context + c + f)
                 want.append(h.digest())
