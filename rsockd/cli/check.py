@@ -116,7 +116,14 @@ def check_backend(cfg: Config) -> list[Result]:
 
 
 def check_network(cfg: Config) -> list[Result]:
-    from ..dataplane.platform import default_interfaces, interface_addresses, interface_exists, resolve, route_to
+    from ..dataplane.platform import (
+        default_interfaces,
+        interface_addresses,
+        interface_exists,
+        interface_gro,
+        resolve,
+        route_to,
+    )
     from ..errors import RsockdError
 
     out = []
@@ -140,6 +147,12 @@ def check_network(cfg: Config) -> list[Result]:
             out.append(Result("FAIL", f"interface {name} has no address", "configure an address"))
         else:
             out.append(Result("ok", f"interface {name} up with an address"))
+            gro = interface_gro(name)
+            if gro is False:
+                out.append(Result("warn", f"interface {name}: GRO off: tunnel segments are read one at a time",
+                                  f"ethtool -K {name} gro on (physical NICs have it on; a veth does not)"))
+            elif gro:
+                out.append(Result("ok", f"interface {name}: GRO on (a connection's segments are read in runs)"))
     return out
 
 

@@ -52,6 +52,28 @@ def interface_addresses(name: str) -> list[str]:
         return [text_address(a) for _i, a in host.addresses(index)]
 
 
+SIOCETHTOOL = 0x8946
+ETHTOOL_GGRO = 0x2B  # <linux/ethtool.h>: get the GRO flag (struct ethtool_value)
+
+
+def interface_gro(name: str) -> bool | None:
+    """Whether ``name`` coalesces what it receives (GRO, ``ethtool -k``: generic-receive-offload):
+    a server then reads a connection's segments in runs (docs/design.md, "Tags four at a time").
+    None: the kernel would not say (no such interface, no permission)."""
+    import ctypes
+    import fcntl
+    import struct
+
+    value = (ctypes.c_uint32 * 2)(ETHTOOL_GGRO, 0)  # struct ethtool_value: cmd, data
+    ifreq = struct.pack("16sP", name.encode()[:15], ctypes.addressof(value)).ljust(40, b"\0")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            fcntl.ioctl(s.fileno(), SIOCETHTOOL, ifreq)
+    except OSError:
+        return None
+    return bool(value[1])
+
+
 def interface_of(address: str) -> str | None:
     """The interface holding ``address``, if any."""
     want = ipaddress.ip_address(address).packed

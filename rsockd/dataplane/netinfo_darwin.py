@@ -171,6 +171,11 @@ def interface_mtu(name: str) -> int:
     return found.mtu
 
 
+def interface_gro(name: str) -> bool | None:
+    """GRO is a Linux setting (netinfo.py): macOS's BPF device reads what arrives, batched or not."""
+    return None
+
+
 def interface_addresses(name: str) -> list[str]:
     """Every address on ``name`` (IPv4 and IPv6, link-local included)."""
     found = _interfaces(name).get(name)

@@ -19,10 +19,17 @@ DARWIN = sys.platform == "darwin"
 UDP_GSO = sys.platform == "linux"
 
 if sys.platform == "darwin":  # spelled out (not DARWIN) so mypy checks the branch of its --platform
-    from .netinfo_darwin import default_interfaces, interface_addresses, interface_mtu, interface_of, route_to
+    from .netinfo_darwin import (
+        default_interfaces,
+        interface_addresses,
+        interface_gro,
+        interface_mtu,
+        interface_of,
+        route_to,
+    )
     from .rawsock_darwin import RawSender, Sender
 else:
-    from .netinfo import default_interfaces, interface_addresses, interface_mtu, interface_of, route_to
+    from .netinfo import default_interfaces, interface_addresses, interface_gro, interface_mtu, interface_of, route_to
     from .rawsock import RawSender, Sender
 
 __all__ = [
@@ -34,6 +41,7 @@ __all__ = [
     "default_interfaces",
     "interface_addresses",
     "interface_exists",
+    "interface_gro",
     "interface_mtu",
     "interface_of",
     "resolve",

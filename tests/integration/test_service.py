@@ -180,6 +180,9 @@ def test_check_passes_on_a_good_host_and_names_each_problem(tmp_path: Path) -> N
         assert ok.returncode == 0, ok.stdout + ok.stderr
         assert "FAIL" not in ok.stdout and "rsockd would start" in ok.stdout
         assert f"interface {net.dev['s']} up with an address" in ok.stdout
+        assert f"warn  interface {net.dev['s']}: GRO off" in ok.stdout  # a veth's default
+        net.run("s", ["ethtool", "-K", net.dev["s"], "gro", "on"])
+        assert f"ok    interface {net.dev['s']}: GRO on" in check(net).stdout
 
         nocap = net.run("s", ["capsh", "--drop=cap_net_raw", "--", "-c",
                               f"{RSOCKD} --check --role server -t 127.0.0.1:9000"], check=False, timeout=60)
