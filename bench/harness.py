@@ -90,7 +90,8 @@ class Options:
     ceiling: float = 2.0  # seconds per size of the generator-alone ceiling
     iperf3: bool = True
     wireguard: bool = True
-    wg_seconds: float = 5.0  # seconds of iperf3 TCP through WireGuard, per path
+    wg_seconds: float = 3.0  # seconds of iperf3 TCP through WireGuard, per path and round
+    wg_rounds: int = 3  # iperf3 runs per path, the paths in turn; the median round counts
     recheck: bool = True
     wait_idle: float = 0.0
     out: Path = REPO / "bench" / "results"
@@ -136,8 +137,10 @@ def parse_args(argv: Sequence[str]) -> Options:
     p.add_argument("--no-iperf3", action="store_true", help="skip the iperf3 reference")
     p.add_argument("--no-wireguard", action="store_true",
                    help="skip iperf3 TCP through WireGuard (wireguard-go) over rsockd and over plain UDP")
-    p.add_argument("--wireguard-seconds", type=float, default=5.0, metavar="SECS",
-                   help="seconds of iperf3 TCP through WireGuard, per path (default 5)")
+    p.add_argument("--wireguard-rounds", type=int, default=3, metavar="N",
+                   help="iperf3 runs per path, rsockd and plain in turn; the median counts (default 3)")
+    p.add_argument("--wireguard-seconds", type=float, default=3.0, metavar="SECS",
+                   help="seconds of iperf3 TCP through WireGuard, per path and round (default 3)")
     p.add_argument("--no-recheck", action="store_true", help="skip re-measuring plain UDP at the end (drift)")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECS",
                    help="first wait up to SECS for other programs' CPU use to drop below 0.15 CPU")
@@ -171,6 +174,7 @@ def parse_args(argv: Sequence[str]) -> Options:
     o.offload, o.gro, o.ports = a.offload == "on", a.gro == "on", a.ports
     o.iperf3 = o.iperf3 and not a.no_iperf3
     o.wireguard, o.wg_seconds = not a.no_wireguard, max(1.0, a.wireguard_seconds)
+    o.wg_rounds = max(1, a.wireguard_rounds)
     o.recheck = o.recheck and not a.no_recheck
     o.wait_idle, o.keep_logs, o.rsockd_rev, o.max_other = a.wait_idle, a.keep_logs, a.rsockd_rev, a.max_other
     if a.retries is not None:
@@ -750,59 +754,77 @@ class Bench:
         t0 = time.monotonic()
         out: dict[str, Any] = {"tool": f"{wireguard.version()}; iperf3 TCP, 1 stream", "backend": spec,
                                "workers": o.workers, "seconds": o.wg_seconds, "overhead_b": WG_OVERHEAD}
+        out["rounds"] = o.wg_rounds
         over = WgPath("rsockd", "192.168.242", WG_RSOCKD_PORT, ("127.0.0.1", LISTEN_PORT))
         plain = WgPath("plain", "192.168.241", WG_PLAIN_PORT, (self.net.srv4, WG_PLAIN_PORT))
-        mtu: int | None = None
+        tunnels: dict[str, WgTunnel] = {}
         self.pair = BenchRig(self.net, tmp / "rsockd", backend=backend, ports=o.ports, workers=o.workers,
                              send_path=send_path or "auto", target=WG_RSOCKD_PORT)
-        try:
-            out["ready"] = self.pair.start()
-            reported = [v.get("max_datagram") for v in self.pair.status().values()]
-            limits = [v for v in reported if isinstance(v, int) and v > WG_OVERHEAD]
-            if len(limits) != len(reported):
-                raise WgError(f"the daemons' status reports no usable max_datagram ({reported})")
-            out["max_datagram"] = min(limits)
-            mtu = out["mtu"] = min(limits) - WG_OVERHEAD
-            self.log(f"  rsockd {spec} carries datagrams up to {out['max_datagram']} B: WireGuard MTU {mtu}")
-            out["rsockd"] = self.wg_path(over, mtu, tmp)
-            st = self.pair.status()
-            out["rsockd"]["oversized_drops"] = sum(int(v.get("drops", {}).get("oversized", 0)) for v in st.values())
-        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-            out.setdefault("rsockd", {})["error"] = str(e)
-            self.log(f"  over rsockd: {e}")
-        finally:
-            self.pair.close()
-            self.pair = None
-        if mtu is None:
-            out["plain"] = {"error": "not measured: no MTU (rsockd's max_datagram) to compare at"}
-        else:
+        with contextlib.ExitStack() as up:
+            up.callback(self._close_pair)  # last: after the tunnels (the stack unwinds in reverse)
             try:
-                out["plain"] = self.wg_path(plain, mtu, tmp)
+                out["ready"] = self.pair.start()
+                reported = [v.get("max_datagram") for v in self.pair.status().values()]
+                limits = [v for v in reported if isinstance(v, int) and v > WG_OVERHEAD]
+                if len(limits) != len(reported):
+                    raise WgError(f"the daemons' status reports no usable max_datagram ({reported})")
+                out["max_datagram"] = min(limits)
+                out["mtu"] = min(limits) - WG_OVERHEAD
+                self.log(f"  rsockd {spec} carries datagrams up to {out['max_datagram']} B: WireGuard MTU {out['mtu']}")
+                tunnels["rsockd"] = up.enter_context(WgTunnel(self.net, over, out["mtu"], tmp / over.name))
             except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-                out["plain"] = {"error": str(e)}
-                self.log(f"  plain UDP: {e}")
+                out["rsockd"] = {"error": str(e)}
+                self.log(f"  over rsockd: {e}")
+            if "mtu" not in out:
+                out["plain"] = {"error": "not measured: no MTU (rsockd's max_datagram) to compare at"}
+            else:
+                try:
+                    tunnels["plain"] = up.enter_context(WgTunnel(self.net, plain, out["mtu"], tmp / plain.name))
+                except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                    out["plain"] = {"error": str(e)}
+                    self.log(f"  plain UDP: {e}")
+            # Rounds in turn, rsockd then plain: each pair close in time, so that the machine's
+            # drift (docs/bench.md, "Noise") moves both alike; each path's median round is its figure.
+            rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in tunnels}
+            for _ in range(o.wg_rounds):
+                for name, t in list(tunnels.items()):
+                    try:
+                        rounds[name].append(self.wg_round(t, tmp))
+                    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                        out[name] = {"error": str(e)}
+                        self.log(f"  over {name}: {e}")
+                        del tunnels[name]
+            for name, res in rounds.items():
+                if name in tunnels and res:
+                    out[name] = _median_round(res)
+            if "mbit_s" in out.get("rsockd", {}):
+                st = self.pair.status()
+                out["rsockd"]["oversized_drops"] = sum(int(v.get("drops", {}).get("oversized", 0))
+                                                       for v in st.values())
         out["stage_s"] = round(time.monotonic() - t0, 1)
         return out
 
-    def wg_path(self, path: WgPath, mtu: int, tmp: Path) -> dict[str, Any]:
-        """Both WireGuard ends of ``path`` up, a bounded iperf3 TCP run through them, everything torn down.
-        Like a step, the run is made again (up to ``retries`` times, once the machine is calm) when other
-        programs used more than ``max_other`` CPU during it: iperf3 and wireguard-go need both CPUs."""
-        o = self.o
+    def _close_pair(self) -> None:
+        if self.pair is not None:
+            self.pair.close()
+            self.pair = None
+
+    def wg_round(self, t: WgTunnel, tmp: Path) -> dict[str, Any]:
+        """One bounded iperf3 TCP run through ``t``.  Like a step, the run is made again (up to
+        ``retries`` times, once the machine is calm) when other programs used more than
+        ``max_other`` CPU during it: iperf3 and wireguard-go need both CPUs."""
+        o, path = self.o, t.path
         calm = 20.0 if o.retries else 0.0  # --retries 0 (the smoke test): take the machine as it is
         self.wait_idle(calm)
-        with WgTunnel(self.net, path, mtu, tmp / path.name) as t:
-            pids = {**t.pids(), **self.pids()}  # the rsockd daemons too, when over rsockd
-            for attempt in range(o.retries + 1):
-                res = wireguard.iperf3_tcp(self.net, path.server_addr, o.wg_seconds, pids,
-                                           tmp / path.name / "iperf3.json")
-                res["retries"] = attempt
-                other = float(res["cpu_cores"].get("other", 0.0))
-                if other <= o.max_other or attempt == o.retries:
-                    break
-                self.log(f"    (other programs used {other:.2f} CPU during WireGuard over {path.name}: "
-                         "measuring again)")
-                self.wait_idle(calm)
+        pids = {**t.pids(), **self.pids()}  # the rsockd daemons too (idle during plain's rounds)
+        for attempt in range(o.retries + 1):
+            res = wireguard.iperf3_tcp(self.net, path.server_addr, o.wg_seconds, pids, tmp / path.name / "iperf3.json")
+            res["retries"] = attempt
+            other = float(res["cpu_cores"].get("other", 0.0))
+            if other <= o.max_other or attempt == o.retries:
+                break
+            self.log(f"    (other programs used {other:.2f} CPU during WireGuard over {path.name}: measuring again)")
+            self.wait_idle(calm)
         res["interfaces"] = t.ifname
         self.log(f"  WireGuard over {path.name:>6}: {res['mbit_s']:8.1f} Mbit/s, {res['retransmits']} retransmits"
                  f" (other programs {res['cpu_cores'].get('other', 0):.2f} CPU)")
@@ -819,6 +841,12 @@ class Bench:
             if time.monotonic() - said > 30:
                 said = time.monotonic()
                 self.log(f"    waiting for the machine to calm down: other programs use {bg:.2f} CPU")
+
+
+def _median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median rate (the lower middle of an even count), with every round's rate."""
+    ordered = sorted(rounds, key=lambda r: float(r["mbit_s"]))
+    return {**ordered[(len(ordered) - 1) // 2], "rounds_mbit_s": [r["mbit_s"] for r in rounds]}
 
 
 def _readline(f: Any, timeout: float) -> str:
@@ -851,7 +879,7 @@ def _options_json(o: Options) -> dict[str, Any]:
             "flows": o.flows, "gen_procs": o.gen_procs, "workers": o.workers, "all_cores": o.all_cores,
             "offload": o.offload, "gro": o.gro, "ports": o.ports, "max_other": o.max_other, "retries": o.retries,
             "profile_s": o.profile, "quick": o.quick, "loss_max": LOSS_MAX, "wireguard": o.wireguard,
-            "wireguard_s": o.wg_seconds,
+            "wireguard_s": o.wg_seconds, "wireguard_rounds": o.wg_rounds,
             "argv": o.argv}
 
 

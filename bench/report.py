@@ -175,14 +175,16 @@ def _wireguard_lines(data: dict[str, Any]) -> list[str]:
         if "mbit_s" not in p:
             return f"{name} error: {p.get('error', '?')}"
         cpu = p.get("cpu_cores", {})
-        return (f"{name} {p['mbit_s']:.0f} Mbit/s ({p.get('retransmits')} retransmits; wireguard-go c/s "
+        rounds = p.get("rounds_mbit_s") or []
+        each = f" (median of {'/'.join(f'{m:.0f}' for m in rounds)})" if len(rounds) > 1 else ""
+        return (f"{name} {p['mbit_s']:.0f} Mbit/s{each} ({p.get('retransmits')} retransmits; wireguard-go c/s "
                 f"{_f(cpu.get('wireguard_client'), '.2f')}/{_f(cpu.get('wireguard_server'), '.2f')} CPU, "
                 f"busy {_f(cpu.get('machine_busy'), '.2f')}, other programs {_f(cpu.get('other'), '.2f')})")
 
     ratio = _get(data, "ratios", "wireguard")
     return [f"WireGuard ({wg.get('tool', 'wireguard-go')}, MTU {wg.get('mtu', '?')} = rsockd's max_datagram "
-            f"{wg.get('max_datagram', '?')} - {wg.get('overhead_b', 32)}; {wg.get('seconds')} s per path; "
-            f"rsockd {wg.get('backend')}):",
+            f"{wg.get('max_datagram', '?')} - {wg.get('overhead_b', 32)}; "
+            f"{wg.get('rounds', 1)} x {wg.get('seconds')} s per path, in turn; rsockd {wg.get('backend')}):",
             f"  {path('plain')}", f"  {path('rsockd')}: {_f(ratio, '.2f')}x plain"]
 
 

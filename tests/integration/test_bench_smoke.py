@@ -18,7 +18,8 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--quick", "--step-seconds", "0.4", "--warmup-seconds", "0.1", "--max-steps", "4", "--pings", "50",
-        "--ceiling-seconds", "0.3", "--gen-procs", "1", "--retries", "0", "--wireguard-seconds", "1"]
+        "--ceiling-seconds", "0.3", "--gen-procs", "1", "--retries", "0", "--wireguard-seconds", "1",
+        "--wireguard-rounds", "2"]
 
 
 def _at(data: Any, path: str) -> Any:
@@ -100,6 +101,9 @@ def test_quick_run_writes_every_field(tmp_path: Path) -> None:
                     "cpu_cores.machine_busy", "interfaces.c", "interfaces.s"):
             _at(res, key)
     assert _at(wg, "rsockd.cpu_cores.client") >= 0 and _at(wg, "rsockd.oversized_drops") == 0
+    for path in ("rsockd", "plain"):  # two rounds each, in turn; the figure is the lower middle one
+        rounds = _at(wg, f"{path}.rounds_mbit_s")
+        assert len(rounds) == 2 and _at(wg, f"{path}.mbit_s") == min(rounds), rounds
     assert set(_at(wg, "plain.interfaces").values()).isdisjoint(_at(wg, "rsockd.interfaces").values())
     assert 0 < _at(data, "ratios.wireguard") <= 1.5
     ifnames = [*_at(wg, "plain.interfaces").values(), *_at(wg, "rsockd.interfaces").values()]
