@@ -65,7 +65,7 @@ def _role_status(relay: Relay[Any]) -> dict[str, Any]:
     }
 
 
-def build_info() -> dict[str, str]:
+def build_info() -> dict[str, Any]:
     """What this process runs: the core compiled (mypyc) or interpreted, the tunnel sockets'
     reader compiled (C) or Python's loops, and how many record tags it computes at once
     (docs/design.md, "The compiled core", "Tags four at a time")."""
@@ -75,7 +75,7 @@ def build_info() -> dict[str, str]:
     io = _compiled_io()
     return {"core": "compiled" if compiled() else "interpreted",
             "reader": "compiled" if io is not None else "python",
-            "tags_at_once": str(getattr(io, "TAGS_AT_ONCE", 1))}
+            "tags_at_once": int(getattr(io, "TAGS_AT_ONCE", 1))}
 
 
 def relay_status(relay: Relay[Any]) -> dict[str, Any]:

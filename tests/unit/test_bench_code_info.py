@@ -40,7 +40,7 @@ def test_report_says_when_the_daemons_ran_another_build() -> None:
     stale = {"build": {"server": {"core": "interpreted", "reader": "python"},
                        "client": {"core": "compiled", "reader": "compiled"}}}
     assert _build_note(data, same) == ""
-    more = {"build": {side: {"core": "compiled", "reader": "compiled", "tags_at_once": "4"} for side in same["build"]}}
+    more = {"build": {side: {"core": "compiled", "reader": "compiled", "tags_at_once": 4} for side in same["build"]}}
     assert _build_note(data, more) == ""  # what the header does not compare is not a difference
     assert _build_note(data, {}) == ""  # a JSON of an older rsockd: nothing reported
     assert _build_note(data, stale) == "; WARNING: the daemons ran core interpreted, reader python"
