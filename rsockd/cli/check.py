@@ -38,13 +38,12 @@ def check_python() -> list[Result]:
         out.append(Result("ok", "core interpreted" + (" (RSOCKD_PURE or a stale build)" if PURE else ""),
                           "a build with mypyc compiles it: a fifth less CPU per datagram (docs/bench.md)"))
     if sys.platform == "linux":  # the .deb has the reader with its core interpreted
-        from ..dataplane.relay import _compiled_io
+        from ..service.status import build_info
 
-        io = _compiled_io()
-        if io is not None:
-            at_once = getattr(io, "TAGS_AT_ONCE", 1)
+        build = build_info()
+        if build["reader"] == "compiled":
             out.append(Result("ok", "tunnel socket reader compiled (C), record tags "
-                              + ("four at a time (AVX2)" if at_once == 4 else "one at a time")))
+                              + ("four at a time (AVX2)" if build["tags_at_once"] == 4 else "one at a time")))
         elif PURE:
             out.append(Result("ok", "tunnel socket reader interpreted (RSOCKD_PURE or a stale build)"))
         else:

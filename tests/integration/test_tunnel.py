@@ -100,6 +100,15 @@ def _no_rst_during_traffic(rig: Rig, base: dict[str, dict[str, int]], caps: dict
     assert nstat(net, "s", "TcpOutRsts")["TcpOutRsts"] == base["s"]["TcpOutRsts"] + 1
 
 
+def echoed(app: socket.socket, sent: set[bytes]) -> set[bytes]:
+    """The distinct datagrams ``app`` receives until it has as many as ``sent`` (2 s for each)."""
+    app.settimeout(2)
+    got: set[bytes] = set()
+    while len(got) < len(sent):
+        got.add(app.recv(65536))
+    return got
+
+
 def test_segments_that_arrive_together_are_read_together(tmp_path: Path) -> None:
     """With GRO on the interface (as physical NICs have it), a connection's segments that wait for
     the server are coalesced after the XDP rewrite and read in runs; their records are checked
@@ -119,11 +128,7 @@ def test_segments_that_arrive_together_are_read_together(tmp_path: Path) -> None
                 assert time.monotonic() < deadline, "the client did not send every datagram"
         finally:
             rig.server.proc.send_signal(signal.SIGCONT)
-        app.settimeout(2)
-        got = set()
-        while len(got) < len(sent):
-            got.add(app.recv(2000))
-        assert got == sent
+        assert echoed(app, sent) == sent
         st = rig.server.status()
         batches, batched = st["traffic"]["tunnel_rx_batches"], st["traffic"]["tunnel_rx_batched"]
         assert batches > 0 and batched >= len(sent) // 2 and batched > 4 * batches, (batches, batched)
@@ -145,11 +150,7 @@ def test_small_datagrams_queued_together_share_segments(tmp_path: Path, transpor
                 app.sendto(msg, ("127.0.0.1", 30000))
         finally:
             rig.client.proc.send_signal(signal.SIGCONT)
-        app.settimeout(2)
-        got = set()
-        while len(got) < len(sent):
-            got.add(app.recv(100))
-        assert got == sent
+        assert echoed(app, sent) == sent
         segments = rig.client.status()["traffic"]["tunnel_tx_packets"] - before
         # 300 frames of 71 bytes fit about 20 to a 1500-byte packet: expect a few dozen segments.
         assert segments <= 40, segments
