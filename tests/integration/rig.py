@@ -246,8 +246,9 @@ class Rig:
     def __init__(self, tmp: Path, *, backend: str = "xdp", transport: str = "tcp", family: int = 4,
                  ports: str = "10001-10004", server_args: Sequence[str] = (), client_args: Sequence[str] = (),
                  offload: bool = False, hosts: int = 1, cli_ports: bool = True, wait: bool = True,
-                 mtu: int = 1500, gro: bool = False) -> None:
+                 mtu: int = 1500, gro: bool = False, env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
+        self.env = env  # for every daemon of the rig
         self.backend, self.transport, self.family, self.ports = backend, transport, family, ports
         self.server_args, self.client_args = list(server_args), list(client_args)
         self.nports = len(range(int(ports.split("-")[0]), int(ports.split("-")[-1]) + 1)) if "," not in ports \
@@ -289,7 +290,7 @@ class Rig:
             self.echo = EchoServer(self.net)
             self.server = Rsockd(self.net, "s", ["--role", "server", "-t", f"127.0.0.1:{ECHO_PORT}",
                                                  *(a for d in devs for a in ("--dev", d)), *self.common(),
-                                                 *self.server_args], self.tmp, "server").start()
+                                                 *self.server_args], self.tmp, "server", env=self.env).start()
             for k in range(1, self.hosts + 1):
                 self.add_client(host=f"c{k}" if k > 1 else "c", name=f"client{k}" if k > 1 else "client")
             self.server.wait_ready()
@@ -307,7 +308,7 @@ class Rig:
                    host: str = "c", prefix: Sequence[str] = ()) -> Rsockd:
         c = Rsockd(self.net, host, ["--role", "client", "-t", self.server_for(host), "-l",
                                     f"127.0.0.1:{listen_port}", *self.common(), *self.client_args, *extra],
-                   self.tmp, name, prefix=prefix).start()
+                   self.tmp, name, env=self.env, prefix=prefix).start()
         self.clients.append(c)
         return c
 
@@ -325,7 +326,8 @@ class Rig:
         assert old is not None
         assert old.stop() == 0, old.log()[-2000:]
         old.close()
-        new = Rsockd(self.net, "s", [*old.user_args, *extra], self.tmp, old.name + "2", instance=old.instance)
+        new = Rsockd(self.net, "s", [*old.user_args, *extra], self.tmp, old.name + "2", instance=old.instance,
+                     env=self.env)
         self.server = new.start()
         return new
 
@@ -334,7 +336,7 @@ class Rig:
         learns of the crash when it next sends (the new server answers with RSTs) and reconnects."""
         old = self.server
         assert old is not None
-        new = Rsockd(self.net, "s", old.user_args, self.tmp, name, instance=old.instance)
+        new = Rsockd(self.net, "s", old.user_args, self.tmp, name, instance=old.instance, env=self.env)
         self.server = new.start()
         new.wait_ready()
         n = self.conns_per_client()

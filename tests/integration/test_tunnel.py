@@ -135,6 +135,55 @@ def test_segments_that_arrive_together_are_read_together(tmp_path: Path) -> None
         assert not {k: v for k, v in st["drops"].items() if v}
 
 
+PURE_CASES = [("xdp", "packet", 4), ("xdp", "raw", 4), ("xdp", "raw", 6), ("nft", "packet", 6)]
+
+
+@pytest.mark.parametrize("backend, send_path, family", PURE_CASES, ids=[f"{b}-{p}-v{f}" for b, p, f in PURE_CASES])
+def test_the_interpreted_path_carries_bursts_both_ways(tmp_path: Path, backend: str, send_path: str,
+                                                       family: int) -> None:
+    """``RSOCKD_PURE=1``: the package's source, no compiled core, reader or writer (macOS's path,
+    and a build without a compiler).  The relay's own loops read the tunnel sockets (GRO's runs
+    cut in Python), the application socket and the target's; the send path is Python's.  A
+    burst held up at the server and one held up at the client come through intact."""
+    with Rig(tmp_path, backend=backend, family=family, gro=True, env={"RSOCKD_PURE": "1"},
+             server_args=["--send-path", send_path], client_args=["--send-path", send_path]) as rig:
+        server, client = rig.server, rig.client
+        assert server is not None and server.proc is not None and client.proc is not None
+        for d in (server, client):
+            assert d.status()["build"] == {"core": "interpreted", "reader": "python", "tags_at_once": 1}
+        app = rig.app_socket()
+        assert rig.echo_run(20, size=200, sock=app).received == 20
+        # held up at the server: the client's segments wait in its tunnel socket (GRO coalesces them)
+        before = client.status()["traffic"]["tunnel_tx_packets"]
+        sent = {i.to_bytes(4, "big") + os.urandom(1100) for i in range(200)}
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            for msg in sorted(sent):
+                app.sendto(msg, ("127.0.0.1", 30000))
+            deadline = time.monotonic() + 10
+            while client.status()["traffic"]["tunnel_tx_packets"] - before < len(sent):
+                assert time.monotonic() < deadline, "the client did not send every datagram"
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        assert echoed(app, sent) == sent
+        if backend == "xdp" and send_path == "packet":  # on a veth, only a GSO send's segments meet in GRO
+            traffic = server.status()["traffic"]
+            assert traffic["tunnel_rx_batched"] > 2 * traffic["tunnel_rx_batches"] > 0, traffic
+        # held up at the client: the application's datagrams wait in its socket, then share segments
+        before = client.status()["traffic"]["tunnel_tx_packets"]
+        sent = {i.to_bytes(4, "big") + bytes(60) for i in range(300)}
+        client.proc.send_signal(signal.SIGSTOP)
+        try:
+            for msg in sorted(sent):
+                app.sendto(msg, ("127.0.0.1", 30000))
+        finally:
+            client.proc.send_signal(signal.SIGCONT)
+        assert echoed(app, sent) == sent
+        assert client.status()["traffic"]["tunnel_tx_packets"] - before < len(sent) // 2
+        for d in (server, client):
+            assert not {k: v for k, v in d.status()["drops"].items() if v}
+
+
 @pytest.mark.parametrize("transport", ["tcp", "udp"])
 def test_small_datagrams_queued_together_share_segments(tmp_path: Path, transport: str) -> None:
     """Datagrams that queue up while the daemon is busy go out as several frames per segment."""
