@@ -23,6 +23,7 @@ import errno
 import logging
 import math
 import os
+import select
 import socket
 import sys
 import time
@@ -87,6 +88,9 @@ ANC = socket.CMSG_SPACE(20) + socket.CMSG_SPACE(4)  # the destination (pktinfo),
 UDP_GRO = 104  # <linux/udp.h>: setsockopt to receive coalesced datagrams; the cmsg with their size
 PATHS_MAX = 4096  # cached send paths (address pairs); a spoofed SYN flood must not grow it unbounded
 RELOOK = 60  # seconds: the host is looked up again this often even when the kernel said nothing changed
+# While datagrams keep coming, the relay waits for the next one itself (``_on_data``) for up to
+# this long before it lets the event loop run again: asyncio's pass per wake-up is skipped.
+DATA_WAIT = 0.020
 
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
@@ -161,7 +165,15 @@ class Relay(Generic[E]):
         self._paths: dict[tuple[bytes, bytes], tuple[Sender, str]] = {}
         self.started = time.time()
         self._sockets: list[socket.socket] = []
-        self._readers: list[int] = []
+        self._readers: list[int] = []  # fds asyncio watches for us
+        # The sockets' own epoll (Linux; docs/design.md, "Wake-ups"): fd -> its callback and arguments
+        self._poll: Any = None
+        self._handlers: dict[int, tuple[Callable[..., None], tuple[Any, ...]]] = {}
+        self.wakeups_loop = 0  # times asyncio woke the relay for its sockets (_on_data)
+        self.wakeups_own = 0  # datagrams' wake-ups in the relay's own wait, asyncio skipped
+        if sys.platform == "linux" and os.environ.get("RSOCKD_ASYNCIO_WAKEUPS") != "1":
+            self._poll = select.epoll()
+            self.loop.add_reader(self._poll.fileno(), self._on_data)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
         self._housekeeping: asyncio.TimerHandle | None = None
@@ -247,7 +259,7 @@ class Relay(Generic[E]):
             LOG.info("cannot listen for changes to %s (%s): looking every second", what, e.strerror)
             return None
         self._sockets.append(w.sock)
-        self._watch(w.sock, self._on_host_change, w)
+        self._watch(w.sock.fileno(), self._on_host_change, w)
         return w
 
     def _on_host_change(self, w: ChangeWatch) -> None:
@@ -385,22 +397,57 @@ class Relay(Generic[E]):
 
     # -- set-up helpers -------------------------------------------------------------------------
 
-    def _watch(self, sock: socket.socket, callback: Callable[..., None], *args: Any) -> None:
-        self.loop.add_reader(sock.fileno(), callback, *args)
-        self._readers.append(sock.fileno())
+    def _watch(self, fd: int, callback: Callable[..., None], *args: Any) -> None:
+        """Call ``callback(*args)`` whenever ``fd`` is readable: from ``_on_data`` (Linux), else asyncio."""
+        if self._poll is not None:
+            self._poll.register(fd, select.EPOLLIN)
+            self._handlers[fd] = (callback, args)
+        else:
+            self.loop.add_reader(fd, callback, *args)
+            self._readers.append(fd)
 
-    def _unwatch(self, sock: socket.socket) -> None:
-        fd = sock.fileno()
-        if fd in self._readers:
+    def _unwatch(self, fd: int) -> None:
+        if self._handlers.pop(fd, None) is not None:
+            try:
+                self._poll.unregister(fd)
+            except OSError:
+                pass  # closed already: the kernel dropped it from the epoll
+        elif fd in self._readers:
             self.loop.remove_reader(fd)
             self._readers.remove(fd)
+
+    def _on_data(self) -> None:
+        """A socket of ours is readable (asyncio says so).  Serve every ready one, then wait for
+        the next datagram here, in one ``epoll_wait``, for up to DATA_WAIT (never past the
+        endpoint's timer), before asyncio runs again: while traffic flows, a datagram wakes the
+        relay's own code, not asyncio's pass over its selector, handles and timers.  What asyncio
+        holds meanwhile (the control socket, signals, its other timers) waits at most DATA_WAIT."""
+        poll, handlers, loop = self._poll, self._handlers, self.loop
+        until = loop.time() + DATA_WAIT
+        timeout = 0.0
+        while True:
+            events = poll.poll(timeout)
+            if not events:
+                return
+            if timeout:
+                self.wakeups_own += 1
+            else:
+                self.wakeups_loop += 1
+            for fd, _mask in events:
+                handler = handlers.get(fd)
+                if handler is not None:  # not unwatched by a callback of this round
+                    handler[0](*handler[1])
+            if self.closing:
+                return
+            timeout = min(until, self._timer_at) - loop.time()
+            if timeout <= 0:
+                return
 
     def add_receivers(self, receivers: list[Receiver]) -> None:
         """Capture sources of a capture backend: whole IP packets, checksum unverified.  When
         they share the ports with the kernel, the server leaves segments of no connection to it."""
         for rx in receivers:
-            self.loop.add_reader(rx.fileno(), self._on_packets, rx)
-            self._readers.append(rx.fileno())
+            self._watch(rx.fileno(), self._on_packets, rx)
         if isinstance(self.endpoint, ServerEndpoint) and receivers:
             self.endpoint.acceptor.reset_strays = not any(rx.shared for rx in receivers)
         self.capturing = bool(receivers)
@@ -558,6 +605,10 @@ class Relay(Generic[E]):
         for fd in list(self._readers):
             self.loop.remove_reader(fd)
         self._readers.clear()
+        if self._poll is not None:
+            self.loop.remove_reader(self._poll.fileno())
+            self._poll.close()
+            self._handlers.clear()
         for s in self._sockets:
             s.close()
         self._sockets.clear()
@@ -673,7 +724,7 @@ class ServerRelay(Relay[ServerEndpoint]):
                 _gro(udp)
                 self._sockets.append(udp)
                 self._tunnel[(fam, port)] = udp
-                self._watch(udp, self._on_tunnel, udp, fam, port)
+                self._watch(udp.fileno(), self._on_tunnel, udp, fam, port)
         self._start_housekeeping()
 
     @staticmethod
@@ -769,7 +820,7 @@ class ServerRelay(Relay[ServerEndpoint]):
                 self.endpoint.flow_failed(ev.key)
                 return
             self._targets[ev.key] = sock
-            self._watch(sock, self._on_target, ev.key, sock)
+            self._watch(sock.fileno(), self._on_target, ev.key, sock)
         elif isinstance(ev, FlowGone):
             self._close_flow(ev.key)
         elif isinstance(ev, HelloRefused):
@@ -794,7 +845,7 @@ class ServerRelay(Relay[ServerEndpoint]):
     def _close_flow(self, key: FlowKey) -> None:
         sock = self._targets.pop(key, None)
         if sock is not None:
-            self._unwatch(sock)
+            self._unwatch(sock.fileno())
             self.delivery.forget(sock)
             sock.close()
 
@@ -866,7 +917,7 @@ class ClientRelay(Relay[ClientEndpoint]):
         self.app = _bind(lfam, socket.SOCK_DGRAM, (lhost, lport), "listen")
         _bufsize(self.app)
         self._sockets.append(self.app)
-        self._watch(self.app, self._on_app)
+        self._watch(self.app.fileno(), self._on_app)
         self._start_housekeeping()
 
     def _bind_tunnel(self, route: Route) -> None:
@@ -887,7 +938,7 @@ class ClientRelay(Relay[ClientEndpoint]):
             lport, udp = self._reserve(fam, src)
             self._tunnel[lport] = udp
             self.local_ports.append(lport)
-            self._watch(udp, self._on_tunnel, udp, fam, lport)
+            self._watch(udp.fileno(), self._on_tunnel, udp, fam, lport)
         self.endpoint.bind(pack_address(src), self.local_ports)
 
     def conn_tuples(self) -> list[tuple[str, int, str, int]]:
@@ -919,7 +970,7 @@ class ClientRelay(Relay[ClientEndpoint]):
         self.endpoint.close_connections(now)
         self._pump(now)  # best effort: the old address may be gone already
         for sock in self._tunnel_socks:
-            self._unwatch(sock)
+            self._unwatch(sock.fileno())
             sock.close()
             self._sockets.remove(sock)
         self._tunnel_socks.clear()

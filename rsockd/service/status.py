@@ -98,6 +98,7 @@ def relay_status(relay: Relay[Any]) -> dict[str, Any]:
         "tunnel_tx_bytes": sum(c["tx_bytes"] for c in conns),
         "tunnel_tx_batches": batches, "tunnel_tx_batched": batched,
         "tunnel_rx_batches": rx_batches, "tunnel_rx_batched": rx_batched,
+        "wakeups_loop": relay.wakeups_loop, "wakeups_own": relay.wakeups_own,
     }
     detail["drops"] = dict(ep.drops)
     detail["tx_errors"] = dict(relay.tx_errors)

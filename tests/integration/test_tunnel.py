@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -133,6 +134,32 @@ def test_segments_that_arrive_together_are_read_together(tmp_path: Path) -> None
         batches, batched = st["traffic"]["tunnel_rx_batches"], st["traffic"]["tunnel_rx_batched"]
         assert batches > 0 and batched >= len(sent) // 2 and batched > 4 * batches, (batches, batched)
         assert not {k: v for k, v in st["drops"].items() if v}
+
+
+def test_datagrams_that_keep_coming_wake_the_relay_and_the_loop_still_runs(tmp_path: Path) -> None:
+    """While datagrams keep coming, each wakes the relay in its own wait, not asyncio
+    (docs/design.md, "Wake-ups"); the event loop still runs in between: the watchdog it sends
+    keeps its pace and the control socket answers."""
+    # WATCHDOG=1 every 0.8 s (more often would fill the notification socket's queue before the test reads it)
+    with Rig(tmp_path, backend="xdp", env={"WATCHDOG_USEC": "1600000"}) as rig:
+        client = rig.client
+        app = rig.app_socket()
+        before = client.status()["traffic"]
+        mark = client.notify.mark()
+        pings, end = 0, time.monotonic() + 3.0
+        while time.monotonic() < end:
+            assert rig.echo_run(50, sock=app).received == 50  # one in flight, back to back
+            pings += 50
+            asked = time.monotonic()
+            client.status()
+            assert time.monotonic() - asked < 0.5
+            client.notify.drain()
+        after = client.status()["traffic"]
+        own, woken = (after[k] - before[k] for k in ("wakeups_own", "wakeups_loop"))
+        assert own >= pings and own > 4 * woken, (pings, own, woken)  # two wake-ups a ping: request, reply
+        beats = [t for m, t in zip(client.notify.messages[mark:], client.notify.times[mark:], strict=True)
+                 if m.get("WATCHDOG") == "1"]
+        assert len(beats) >= 3 and max(b - a for a, b in itertools.pairwise(beats)) < 1.3, beats
 
 
 PURE_CASES = [("xdp", "packet", 4), ("xdp", "raw", 4), ("xdp", "raw", 6), ("nft", "packet", 6)]
