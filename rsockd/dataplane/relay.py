@@ -91,6 +91,7 @@ RELOOK = 60  # seconds: the host is looked up again this often even when the ker
 # While datagrams keep coming, the relay waits for the next one itself (``_on_data``) for up to
 # this long before it lets the event loop run again: asyncio's pass per wake-up is skipped.
 DATA_WAIT = 0.020
+POLL_EVENTS = 64  # sockets served per epoll_wait (the rest are still ready at the next)
 
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
@@ -422,11 +423,11 @@ class Relay(Generic[E]):
         endpoint's timer), before asyncio runs again: while traffic flows, a datagram wakes the
         relay's own code, not asyncio's pass over its selector, handles and timers.  What asyncio
         holds meanwhile (the control socket, signals, its other timers) waits at most DATA_WAIT."""
-        poll, handlers, loop = self._poll, self._handlers, self.loop
-        until = loop.time() + DATA_WAIT
+        poll, handlers = self._poll, self._handlers
+        until = time.monotonic() + DATA_WAIT  # the loop's clock (BaseEventLoop.time), without its call
         timeout = 0.0
         while True:
-            events = poll.poll(timeout)
+            events = poll.poll(timeout, POLL_EVENTS)
             if not events:
                 return
             if timeout:
@@ -439,7 +440,7 @@ class Relay(Generic[E]):
                     handler[0](*handler[1])
             if self.closing:
                 return
-            timeout = min(until, self._timer_at) - loop.time()
+            timeout = min(until, self._timer_at) - time.monotonic()
             if timeout <= 0:
                 return
 
@@ -528,7 +529,7 @@ class Relay(Generic[E]):
 
     def _on_packets(self, rx: Receiver) -> None:
         """Read IP packets from a capture source (nft/bpfdev backends)."""
-        now = self.loop.time()
+        now = time.monotonic()  # the loop's clock (BaseEventLoop.time)
         receive = self.endpoint.receive_packet
         try:
             for pkt, unfilled in rx.packets(self._buf):
@@ -741,7 +742,7 @@ class ServerRelay(Relay[ServerEndpoint]):
 
     def _on_tunnel(self, sock: socket.socket, family: int, port: int) -> None:
         buf, view = self._buf, self._view
-        now = self.loop.time()
+        now = time.monotonic()  # the loop's clock (BaseEventLoop.time)
         fallback = self._fallback
         if self._reader is not None:
             self._drain(self._reader, sock, family, port, now, fallback)
@@ -773,7 +774,7 @@ class ServerRelay(Relay[ServerEndpoint]):
 
     def _on_target(self, key: FlowKey, sock: socket.socket) -> None:
         buf, view = self._buf, self._view
-        now = self.loop.time()
+        now = time.monotonic()  # the loop's clock (BaseEventLoop.time)
         if self._writer is not None:
             self._fill(self._writer, sock, key, now)
             self._pump(now)
@@ -1021,7 +1022,7 @@ class ClientRelay(Relay[ClientEndpoint]):
 
     def _on_tunnel(self, sock: socket.socket, family: int, lport: int) -> None:
         buf, view = self._buf, self._view
-        now = self.loop.time()
+        now = time.monotonic()  # the loop's clock (BaseEventLoop.time)
         if self._reader is not None:
             self._drain(self._reader, sock, family, lport, now, None)
             self._pump(now)
@@ -1049,7 +1050,7 @@ class ClientRelay(Relay[ClientEndpoint]):
         app = self.app
         assert app is not None
         buf, view = self._buf, self._view
-        now = self.loop.time()
+        now = time.monotonic()  # the loop's clock (BaseEventLoop.time)
         if self._writer is not None:
             self._fill(self._writer, app, None, now)
             self._pump(now)
