@@ -285,9 +285,7 @@ class Bench:
 
     def close(self) -> None:
         try:
-            if self.pair is not None:
-                self.pair.close()
-                self.pair = None
+            self._close_pair()
         finally:
             for t in [*self.gens, self.sink]:
                 if t is not None:
@@ -631,8 +629,7 @@ class Bench:
                                    "steering": v.get("steering", {}), "traffic": v.get("traffic", {})}
                                for k, v in st.items()}
         finally:
-            self.pair.close()
-            self.pair = None
+            self._close_pair()
         return out
 
     def profile(self, dst: tuple[str, int], size: int, sustained: float) -> dict[str, Any]:

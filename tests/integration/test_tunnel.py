@@ -110,6 +110,43 @@ def echoed(app: socket.socket, sent: set[bytes]) -> set[bytes]:
     return got
 
 
+def burst_held_at_server(rig: Rig, app: socket.socket) -> None:
+    """200 datagrams of 1104 bytes sent while the server is stopped, so that the client's
+    segments wait in the server's tunnel socket (where GRO coalesces them); all come back."""
+    server, client = rig.server, rig.client
+    assert server is not None and server.proc is not None
+    before = client.status()["traffic"]["tunnel_tx_packets"]
+    sent = {i.to_bytes(4, "big") + os.urandom(1100) for i in range(200)}
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        for msg in sorted(sent):
+            app.sendto(msg, ("127.0.0.1", 30000))
+        deadline = time.monotonic() + 10  # each look is a round trip to the client's control socket
+        while client.status()["traffic"]["tunnel_tx_packets"] - before < len(sent):
+            assert time.monotonic() < deadline, "the client did not send every datagram"
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    assert echoed(app, sent) == sent
+
+
+def burst_held_at_client(rig: Rig, app: socket.socket) -> int:
+    """300 datagrams of 64 bytes sent while the client is stopped (they wait in its socket
+    buffer); all come back.  The segments the client sent for them."""
+    client = rig.client
+    assert client.proc is not None
+    before = client.status()["traffic"]["tunnel_tx_packets"]
+    sent = {i.to_bytes(4, "big") + bytes(60) for i in range(300)}
+    client.proc.send_signal(signal.SIGSTOP)
+    try:
+        for msg in sorted(sent):
+            app.sendto(msg, ("127.0.0.1", 30000))
+    finally:
+        client.proc.send_signal(signal.SIGCONT)
+    assert echoed(app, sent) == sent
+    segments: int = client.status()["traffic"]["tunnel_tx_packets"] - before
+    return segments
+
+
 def test_segments_that_arrive_together_are_read_together(tmp_path: Path) -> None:
     """With GRO on the interface (as physical NICs have it), a connection's segments that wait for
     the server are coalesced after the XDP rewrite and read in runs; their records are checked
@@ -117,22 +154,11 @@ def test_segments_that_arrive_together_are_read_together(tmp_path: Path) -> None
     with Rig(tmp_path, backend="xdp", gro=True) as rig:
         app = rig.app_socket()
         assert rig.echo_run(1, sock=app).received == 1
-        assert rig.server is not None and rig.server.proc is not None
-        before = rig.client.status()["traffic"]["tunnel_tx_packets"]
-        sent = {i.to_bytes(4, "big") + os.urandom(1100) for i in range(200)}
-        rig.server.proc.send_signal(signal.SIGSTOP)  # the segments wait in its tunnel socket
-        try:
-            for msg in sorted(sent):
-                app.sendto(msg, ("127.0.0.1", 30000))
-            deadline = time.monotonic() + 10  # each look is a round trip to the client's control socket
-            while rig.client.status()["traffic"]["tunnel_tx_packets"] - before < len(sent):
-                assert time.monotonic() < deadline, "the client did not send every datagram"
-        finally:
-            rig.server.proc.send_signal(signal.SIGCONT)
-        assert echoed(app, sent) == sent
+        burst_held_at_server(rig, app)
+        assert rig.server is not None
         st = rig.server.status()
         batches, batched = st["traffic"]["tunnel_rx_batches"], st["traffic"]["tunnel_rx_batched"]
-        assert batches > 0 and batched >= len(sent) // 2 and batched > 4 * batches, (batches, batched)
+        assert batches > 0 and batched >= 200 // 2 and batched > 4 * batches, (batches, batched)
         assert not {k: v for k, v in st["drops"].items() if v}
 
 
@@ -175,38 +201,16 @@ def test_the_interpreted_path_carries_bursts_both_ways(tmp_path: Path, backend: 
     with Rig(tmp_path, backend=backend, family=family, gro=True, env={"RSOCKD_PURE": "1"},
              server_args=["--send-path", send_path], client_args=["--send-path", send_path]) as rig:
         server, client = rig.server, rig.client
-        assert server is not None and server.proc is not None and client.proc is not None
+        assert server is not None
         for d in (server, client):
             assert d.status()["build"] == {"core": "interpreted", "reader": "python", "tags_at_once": 1}
         app = rig.app_socket()
         assert rig.echo_run(20, size=200, sock=app).received == 20
-        # held up at the server: the client's segments wait in its tunnel socket (GRO coalesces them)
-        before = client.status()["traffic"]["tunnel_tx_packets"]
-        sent = {i.to_bytes(4, "big") + os.urandom(1100) for i in range(200)}
-        server.proc.send_signal(signal.SIGSTOP)
-        try:
-            for msg in sorted(sent):
-                app.sendto(msg, ("127.0.0.1", 30000))
-            deadline = time.monotonic() + 10
-            while client.status()["traffic"]["tunnel_tx_packets"] - before < len(sent):
-                assert time.monotonic() < deadline, "the client did not send every datagram"
-        finally:
-            server.proc.send_signal(signal.SIGCONT)
-        assert echoed(app, sent) == sent
+        burst_held_at_server(rig, app)
         if backend == "xdp" and send_path == "packet":  # on a veth, only a GSO send's segments meet in GRO
             traffic = server.status()["traffic"]
             assert traffic["tunnel_rx_batched"] > 2 * traffic["tunnel_rx_batches"] > 0, traffic
-        # held up at the client: the application's datagrams wait in its socket, then share segments
-        before = client.status()["traffic"]["tunnel_tx_packets"]
-        sent = {i.to_bytes(4, "big") + bytes(60) for i in range(300)}
-        client.proc.send_signal(signal.SIGSTOP)
-        try:
-            for msg in sorted(sent):
-                app.sendto(msg, ("127.0.0.1", 30000))
-        finally:
-            client.proc.send_signal(signal.SIGCONT)
-        assert echoed(app, sent) == sent
-        assert client.status()["traffic"]["tunnel_tx_packets"] - before < len(sent) // 2
+        assert burst_held_at_client(rig, app) < 300 // 2  # the application's datagrams share segments
         for d in (server, client):
             assert not {k: v for k, v in d.status()["drops"].items() if v}
 
@@ -217,16 +221,6 @@ def test_small_datagrams_queued_together_share_segments(tmp_path: Path, transpor
     with Rig(tmp_path, backend="xdp", transport=transport) as rig:
         app = rig.app_socket()
         assert rig.echo_run(1, sock=app).received == 1
-        before = rig.client.status()["traffic"]["tunnel_tx_packets"]
-        assert rig.client.proc is not None
-        rig.client.proc.send_signal(signal.SIGSTOP)  # everything below waits in its socket buffer
-        try:
-            sent = {i.to_bytes(4, "big") + bytes(60) for i in range(300)}
-            for msg in sorted(sent):
-                app.sendto(msg, ("127.0.0.1", 30000))
-        finally:
-            rig.client.proc.send_signal(signal.SIGCONT)
-        assert echoed(app, sent) == sent
-        segments = rig.client.status()["traffic"]["tunnel_tx_packets"] - before
+        segments = burst_held_at_client(rig, app)
         # 300 frames of 71 bytes fit about 20 to a 1500-byte packet: expect a few dozen segments.
         assert segments <= 40, segments
