@@ -154,7 +154,8 @@ def ask(path: str, command: str) -> dict[str, Any]:
     if not isinstance(resp, dict):
         raise RsockdError(f"{path}: the daemon's answer is not a JSON object")
     if not resp.get("ok"):
-        raise RsockdError(f"the daemon refused {command!r}: {resp.get('error')}")
+        reason = " ".join(str(resp.get("error")).split())  # one line, whatever the answer held
+        raise RsockdError(f"the daemon refused {command!r}: {reason}")
     data = resp.get("data")
     if not isinstance(data, dict):
         raise RsockdError(f"{path}: the daemon's answer has no data object")

@@ -179,6 +179,7 @@ answers = st.one_of(
 @example(b"0\n")  # JSON, not an object
 @example(b'{"ok": true}\n')  # no data
 @example(b'{"ok": true, "data": null}\n')  # data not an object
+@example(b'{"ok": false, "error": "line one\\nline two"}\n')  # a refusal whose reason spans lines
 def test_rsockctl_fails_with_one_typed_error_whatever_answers(fake_daemon: FakeDaemon, answer: bytes) -> None:
     fake_daemon.answer = answer
     path = fake_daemon.sock.getsockname()
