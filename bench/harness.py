@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -455,17 +455,25 @@ class Bench:
             out["daemons_us_per_dgram"] = round((s.cpu["client"] + s.cpu["server"]) / n * 1e6, 2)
         return out
 
-    def latency(self, dst: tuple[str, int], size: int) -> dict[str, Any]:
-        """Ping-pong at a light fixed rate; again (like a step) when other programs disturbed it."""
+    def latency(self, dst: tuple[str, int], size: int, relays: Mapping[str, int] | None = None) -> dict[str, Any]:
+        """Ping-pong at a light fixed rate; again (like a step) when other programs disturbed it.
+        ``relays``: the processes a ping crosses (name -> pid) when they are not the daemons."""
         gens, _ = self.tools
         o = self.o
         count = o.pings + PING_WARM
-        r, other, attempt = self.calm("the pings", lambda: gens[0].call(
+        extra = {name: [pid] for name, pid in (relays or {}).items()}
+        r, other, attempt, used = self.calm("the pings", lambda: gens[0].call(
             {"cmd": "ping", "dst": list(dst), "size": size, "count": count, "rate": o.ping_rate, "timeout": 0.2},
-            timeout=count / o.ping_rate + count * 0.2 + 30))
+            timeout=count / o.ping_rate + count * 0.2 + 30), extra)
         rtts = sorted(r["rtt_ns"][PING_WARM:])
         out: dict[str, Any] = {"count": len(rtts), "lost": int(r["lost"]), "rate": o.ping_rate,
                                "other_cpus": round(other, 3), "retries": attempt}
+        # What one pass costs each relay: a round trip wakes each of them twice (one way, then back).
+        passes = 2 * count
+        names = list(extra) if relays else [n for n in ("client", "server") if n in used[0]]
+        if names:
+            out["cpu_us_per_pass"] = {n: {"total": round(used[0][n] / passes * 1e6, 1),
+                                          "user": round((used[0][n] - used[1][n]) / passes * 1e6, 1)} for n in names}
         if rtts:
             out.update({f"p{p}_us": round(_pct(rtts, p / 100) / 1e3, 1) for p in (50, 90, 99)})
             out["p99_9_us"] = round(_pct(rtts, 0.999) / 1e3, 1)  # the stalls: one ping in a thousand
@@ -483,7 +491,7 @@ class Bench:
                     g.send({"cmd": "ceiling", "size": size, "secs": self.o.ceiling, "flows": self.o.flows})
                 return [g.read(self.o.ceiling + 30) for g in gens]
 
-            rs, other, attempt = self.calm("the generator alone", run)
+            rs, other, attempt, _ = self.calm("the generator alone", run)
             pps, cpu = sum(r["pps"] for r in rs), sum(r["cpu"] for r in rs)
             out[str(size)] = {"pps": round(pps), "mbit_s": round(pps * size * 8 / 1e6, 1), "cpu_cores": round(cpu, 3),
                               "per_process_pps": [round(r["pps"]) for r in rs], "other_cpus": round(other, 3),
@@ -521,17 +529,21 @@ class Bench:
                 srv.wait(5)
         return out
 
-    def calm(self, what: str, run: Callable[[], T]) -> tuple[T, float, int]:
+    def calm(self, what: str, run: Callable[[], T], extra: Mapping[str, list[int]] | None = None
+             ) -> tuple[T, float, int, tuple[dict[str, float], dict[str, float]]]:
         """``run()``, again (up to ``retries`` times, once the machine is calm) when other programs used
-        more than ``max_other`` CPU meanwhile.  Returns (result, their CPUs, attempts made - 1)."""
+        more than ``max_other`` CPU meanwhile.  Returns (result, their CPUs, attempts made - 1, and the
+        CPU seconds, all and system, each of our processes and of ``extra`` used in the accepted run)."""
         o = self.o
         for attempt in range(o.retries + 1):
-            pids = self.pids()
+            pids = {**self.pids(), **(extra or {})}
             before, t0 = Snapshot.take(pids), time.monotonic()
             result = run()
-            other = before.until(Snapshot.take(pids))["other"] / max(time.monotonic() - t0, 1e-3)
+            after = Snapshot.take(pids)
+            used = before.until(after)
+            other = used["other"] / max(time.monotonic() - t0, 1e-3)
             if other <= o.max_other or attempt == o.retries:
-                return result, other, attempt
+                return result, other, attempt, (used, before.system_until(after))
             self.log(f"    (other programs used {other:.2f} CPU during {what}: measuring again)")
             self.wait_idle(60)
         raise AssertionError("unreachable")
@@ -576,7 +588,8 @@ class Bench:
                     stop(p)
                     err = p.stderr.read() if p.stderr is not None else ""
                     return {"skipped": f"relayfloor ({side}) did not start: {line.strip() or err.strip()[-300:]}"}
-            lat = self.latency(("127.0.0.1", FLOOR_PORT), size)
+            lat = self.latency(("127.0.0.1", FLOOR_PORT), size,
+                               relays={"client": procs[1].pid, "server": procs[0].pid})
         finally:
             for p in procs:
                 stop(p)

@@ -252,6 +252,14 @@ def render(data: dict[str, Any]) -> str:
                    f"{_f(lat.get('p99_us'), '.0f')} us, {_f(floor_added(data, 'p50'), '+.0f')}/"
                    f"{_f(floor_added(data, 'p99'), '+.0f')} over plain: what four sleeping "
                    "passes cost here, before any work")
+    passes = {label: _get(res, "sizes", size, "latency", "cpu_us_per_pass")
+              for label, res in [("floor", {"sizes": {size: fl}}), *data.get("rsockd", {}).items()]}
+    if any(passes.values()):
+        out.append(f"CPU per pass during the pings at {size} B (each daemon or relay wakes twice a round trip), "
+                   "us, client/server (user time in brackets): " + ", ".join(
+                       f"{label} {_f(_get(p, 'client', 'total'), '.0f')}/{_f(_get(p, 'server', 'total'), '.0f')} "
+                       f"({_f(_get(p, 'client', 'user'), '.0f')}/{_f(_get(p, 'server', 'user'), '.0f')})"
+                       for label, p in passes.items() if p))
     for label, res in data.get("rsockd", {}).items():
         rd, rss = res.get("ready", {}), res.get("rss", {})
         out.append(f"{label}: READY server {_f(rd.get('server_s'), '.2f')} s, client {_f(rd.get('client_s'), '.2f')} s "
