@@ -146,7 +146,7 @@ class Relay(Generic[E]):
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.loop = asyncio.get_running_loop()
-        self.clock_offset = time.time() - self.loop.time()
+        self.clock_offset = time.time() - time.monotonic()
         self.profile = tcp_profile((cfg.key or "").encode())  # the host's TCP, for segments like its own
         self.tx_errors: Counter[str] = Counter()
         io = _compiled_io()
@@ -246,7 +246,7 @@ class Relay(Generic[E]):
             self._refresh_l2()
         if host:
             self._follow_host()
-        self._pump(self.loop.time())
+        self._pump(time.monotonic())
         if not self.closing:
             self._housekeeping = self.loop.call_later(1.0, self._housekeep)
 
@@ -424,7 +424,7 @@ class Relay(Generic[E]):
         relay's own code, not asyncio's pass over its selector, handles and timers.  What asyncio
         holds meanwhile (the control socket, signals, its other timers) waits at most DATA_WAIT."""
         poll, handlers = self._poll, self._handlers
-        until = time.monotonic() + DATA_WAIT  # the loop's clock (BaseEventLoop.time), without its call
+        until = time.monotonic() + DATA_WAIT
         timeout = 0.0
         while True:
             events = poll.poll(timeout, POLL_EVENTS)
@@ -516,12 +516,13 @@ class Relay(Generic[E]):
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = when
-        self._timer = self.loop.call_at(when, self._on_timer)
+        # Every time of the relay and its endpoint is time.monotonic()'s; the loop's own clock may differ.
+        self._timer = self.loop.call_later(max(0.0, when - time.monotonic()), self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = math.inf
-        now = self.loop.time()
+        now = time.monotonic()
         self.endpoint.handle_timer(now)
         self._pump(now)
 
@@ -529,7 +530,7 @@ class Relay(Generic[E]):
 
     def _on_packets(self, rx: Receiver) -> None:
         """Read IP packets from a capture source (nft/bpfdev backends)."""
-        now = time.monotonic()  # the loop's clock (BaseEventLoop.time)
+        now = time.monotonic()
         receive = self.endpoint.receive_packet
         try:
             for pkt, unfilled in rx.packets(self._buf):
@@ -597,7 +598,7 @@ class Relay(Generic[E]):
     def close(self) -> None:
         """Tell every peer we are going (CLOSE + FIN/RST), then release the sockets."""
         self.closing = True
-        now = self.loop.time()
+        now = time.monotonic()
         self.endpoint.close(now)
         self._pump(now)
         for handle in (self._timer, self._housekeeping):
@@ -742,7 +743,7 @@ class ServerRelay(Relay[ServerEndpoint]):
 
     def _on_tunnel(self, sock: socket.socket, family: int, port: int) -> None:
         buf, view = self._buf, self._view
-        now = time.monotonic()  # the loop's clock (BaseEventLoop.time)
+        now = time.monotonic()
         fallback = self._fallback
         if self._reader is not None:
             self._drain(self._reader, sock, family, port, now, fallback)
@@ -774,7 +775,7 @@ class ServerRelay(Relay[ServerEndpoint]):
 
     def _on_target(self, key: FlowKey, sock: socket.socket) -> None:
         buf, view = self._buf, self._view
-        now = time.monotonic()  # the loop's clock (BaseEventLoop.time)
+        now = time.monotonic()
         if self._writer is not None:
             self._fill(self._writer, sock, key, now)
             self._pump(now)
@@ -956,7 +957,7 @@ class ClientRelay(Relay[ClientEndpoint]):
                         old, mtu, ep.max_datagram)
 
     def start(self) -> None:
-        now = self.loop.time()
+        now = time.monotonic()
         self.endpoint.connect(now)
         self._pump(now)
 
@@ -965,7 +966,7 @@ class ClientRelay(Relay[ClientEndpoint]):
 
         The client id and the flows stay, so the server keeps the session and its flows.
         """
-        now = self.loop.time()
+        now = time.monotonic()
         LOG.warning("local address changed from %s to %s: reconnecting from the new address", self.src,
                     route.source)
         self.endpoint.close_connections(now)
@@ -1022,7 +1023,7 @@ class ClientRelay(Relay[ClientEndpoint]):
 
     def _on_tunnel(self, sock: socket.socket, family: int, lport: int) -> None:
         buf, view = self._buf, self._view
-        now = time.monotonic()  # the loop's clock (BaseEventLoop.time)
+        now = time.monotonic()
         if self._reader is not None:
             self._drain(self._reader, sock, family, lport, now, None)
             self._pump(now)
@@ -1050,7 +1051,7 @@ class ClientRelay(Relay[ClientEndpoint]):
         app = self.app
         assert app is not None
         buf, view = self._buf, self._view
-        now = time.monotonic()  # the loop's clock (BaseEventLoop.time)
+        now = time.monotonic()
         if self._writer is not None:
             self._fill(self._writer, app, None, now)
             self._pump(now)
@@ -1083,6 +1084,6 @@ class ClientRelay(Relay[ClientEndpoint]):
             LOG.info("connection to %s (%s, local port %d) established", peer_text(c.remote), c.transport,
                      c.local[1])
         elif not self.closing:
-            now = self.loop.time()
+            now = time.monotonic()
             LOG.info("connection to %s (%s) closed: %s; reconnecting in %.1f s", peer_text(c.remote), c.transport,
                      ev.reason, (ev.reconnect_at or now) - now)

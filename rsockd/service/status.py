@@ -4,6 +4,7 @@ own relay and the daemon adds them up; ``rsockctl`` only renders it."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,7 +39,7 @@ def connection_row(relay: Relay[Any], conn: Connection, now: float) -> dict[str,
 
 
 def connection_rows(relay: Relay[Any]) -> list[dict[str, Any]]:
-    now = relay.loop.time()
+    now = time.monotonic()  # the relay's clock
     return [connection_row(relay, c, now) for c in relay.connections()]
 
 
