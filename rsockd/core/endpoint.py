@@ -459,12 +459,16 @@ class _Endpoint:
         """Sealed records into segments: runs of equal-sized ones as one ``Transmit``."""
         local, remote, transport = conn.local, conn.remote, conn.transport
         batches = conn.batches
+        if batches and len(payloads) == 1:  # a lone record (a quiet tunnel's every one): no split, no copy
+            self._transmits.append(Transmit(transport, local, remote, conn.batch_header(payloads, now), payloads,
+                                            conn.ip))
+            return
         for i, j in runs([len(p) for p in payloads], BATCH_MAX, overhead=BATCH_OVERHEAD - framing.RECORD_OVERHEAD):
-            if j - i > 1 and batches:
+            if batches:  # a run, or one record: its header apart, as the send path takes it
                 run = payloads[i:j]
                 self._transmits.append(Transmit(transport, local, remote, conn.batch_header(run, now), run, conn.ip))
                 continue
-            for payload in payloads[i:j]:  # one record, or a connection without timestamps / udp
+            for payload in payloads[i:j]:  # a connection without timestamps, or udp
                 seg = conn.send_sealed(payload, now)
                 if seg is not None:
                     self._transmits.append(_whole(transport, local, remote, seg, conn.ip))
