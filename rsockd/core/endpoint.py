@@ -242,6 +242,11 @@ class _Endpoint:
             for conn, records in self._records.items():
                 self._emit_records(conn, records, now)
             self._records.clear()
+        return self.sealed_transmits()
+
+    def sealed_transmits(self) -> list[Transmit]:
+        """What ``transmits`` would give, without closing the records still being filled: what
+        must leave before a connection's next segments are made elsewhere (the compiled writer)."""
         out, self._transmits = self._transmits, []
         return out
 
@@ -488,6 +493,13 @@ class _Endpoint:
         conn.sealed_by_writer(counter, now)
         if payloads:
             self._emit_sealed(conn, payloads, now)
+
+    def sent_run(self, conn: Connection, counter: int, segments: int, nbytes: int, snd_nxt: int, ids: int,
+                 now: float) -> None:
+        """The compiled writer sealed ``conn``'s records up to ``counter`` and sent them itself
+        (``Connection.wire_state``): ``segments`` segments, ``nbytes`` of payload, up to
+        ``snd_nxt``, ``ids`` IPv4 IDs taken."""
+        conn.sent_by_writer(counter, segments, nbytes, snd_nxt, ids, now)
 
 
 # ---------------------------------------------------------------------------------------------

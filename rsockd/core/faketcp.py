@@ -776,6 +776,30 @@ class Connection:
         return _HDR_TS.pack(self.local[1], self.remote[1], seq, ack, _OFF8 | ACK | PSH, self._rwin.field, 0, 0,
                             _TS_LEAD, self._tsval(now), self._ts_recent)
 
+    def wire_state(self, now: float) -> tuple[int, int, int, int, int, int, int, int, int] | None:
+        """What the compiled writer needs to make this connection's segments itself, as
+        ``batch_header`` does: (local port, remote port, sequence number, acknowledgment number,
+        window, timestamp, the timestamp to echo, the next IPv4 ID or -1, the IPv6 flow label).
+        None unless runs can leave as one send (``batches``)."""
+        if not self.batches:
+            return None
+        return (self.local[1], self.remote[1], self.snd_nxt, self.rcv_nxt, self._rwin.field, self._tsval(now),
+                self._ts_recent, self.ip.peek(), self.ip.label)
+
+    def sent_by_writer(self, counter: int, segments: int, nbytes: int, snd_nxt: int, ids: int, now: float) -> None:
+        """The compiled writer sealed records up to ``counter`` and sent them as ``segments``
+        segments of ``nbytes`` in all, up to ``snd_nxt``, with ``ids`` IPv4 IDs (``wire_state``):
+        what ``batch_header`` and the send path count."""
+        self.sealed_by_writer(counter, now)
+        self.tx_packets += segments
+        self.tx_bytes += nbytes
+        self.last_tx = now
+        self.snd_nxt = snd_nxt & MASK32
+        self._unacked = 0
+        self._ack_at = None
+        if ids:
+            self.ip.take(ids)
+
     def fast_sealer(self) -> tuple[tuple[bytes, bytes, bytes], int] | None:
         """What the compiled writer (dataplane/_datapath.c) needs to seal this connection's
         records itself: the tag's key and the next counter.  None unless ESTABLISHED over tcp."""

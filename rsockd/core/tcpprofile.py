@@ -203,6 +203,10 @@ class IpIdent:
         """Whether IDs count (``start`` was called); until then every packet's is 0."""
         return self._next >= 0
 
+    def peek(self) -> int:
+        """The ID the next packet takes, without taking it; -1 while IDs do not count (all 0)."""
+        return self._next
+
     def take(self, count: int = 1) -> int:
         """The ID of the next packet; ``count`` packets (a GSO batch) use it and the next ones."""
         v = self._next

@@ -9,7 +9,8 @@
  *   checks their records against the replay window and their tags, and sends the DATA frames of
  *   flows whose socket the relay names (``sink``) on to it, in runs with UDP GSO;
  * * the **writer** (``Writer.fill``) takes the application's (client) or the target's (server)
- *   datagrams: it packs them into DATA frames and records, and seals those.
+ *   datagrams: it packs them into DATA frames and records, and seals those; on the packet send
+ *   path it makes the connection's segments of them and sends them itself (``wire_send``).
  *
  * Records of one size have their tags computed four at a time (``record_tags``: AVX2, one
  * message per 64-bit lane), the writer's before it hands them over, the reader's when it reaches
@@ -20,7 +21,9 @@
  * its state (``fast_conn``, ``fast_flow``: None sends everything to the full path), and told what
  * was done (``steered_run``: counters, the new sequence number, timestamp and replay window, the
  * DATA frames it did not send, and per flow what it sent; ``flow_sent`` and ``sealed_run``: the
- * sealed records, which the endpoint makes segments of).  Where a flow's datagrams go is asked
+ * sealed records, which the endpoint makes segments of, or ``sent_run``: what the writer sent
+ * itself where the relay's ``wire`` gave it the packet path and the connection's header
+ * fields).  Where a flow's datagrams go is asked
  * once per connection, flow and call (``sink``, the relay's: the endpoint's ``fast_sink`` names
  * the flow, the relay its socket).  Anything else (a handshake, FIN, RST, a control frame, a
  * record that does not parse, no connection, a new flow's first datagram, an oversized one) is
@@ -31,7 +34,8 @@
  *
  * The raw send path's runs of segments (``send_raw``: headers, IDs and TCP checksums made here,
  * one ``sendmmsg``) are rawsock.py's loop in C; tests/integration/test_raw_send.py compares the
- * packets both send.
+ * packets both send, and tests/integration/test_packet_send_kernel.py the writer's own frames
+ * with packetsend.py's.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -440,6 +444,15 @@ static PyObject *io_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 enum { FIN = 0x01, SYN = 0x02, RST = 0x04, PSH = 0x08, ACK = 0x10 };
 enum { DATA = 3, KEEPALIVE = 4 }; /* core/framing.py FrameType */
 
+/* Sends that failed, by errno, until the caller takes them (``take_errors``). */
+typedef struct {
+    struct {
+        int err;
+        long count;
+    } e[8];
+    int n;
+} Errors;
+
 /* Where one flow's datagrams go (the relay's ``sink`` answer): a socket, and the address to
  * send to when it is not connected.  No flow: its DATA frames take the endpoint's path. */
 typedef struct {
@@ -485,11 +498,7 @@ typedef struct {
     int nout;
     PyObject *sink_of;                /* during a drain: the caller's ``sink``, or None */
     int gso, gso_refused;
-    struct {
-        int err;
-        long count;
-    } errors[8];                      /* sends that failed, by errno, until ``take_errors`` */
-    int nerrors;
+    Errors errors;                    /* sends that failed, until ``take_errors`` */
     const uint8_t *ahead, *ahead_end; /* the segments after this one in datagram idx (GRO), or NULL */
     struct {
         const Run *run;
@@ -550,20 +559,34 @@ static void run_clear(Run *r)
 
 /* -- the application side: the DATA frames of taken records, sent from here ------------------------ */
 
-static void count_error(Reader *self, int err, long n)
+static void count_error(Errors *es, int err, long n)
 {
-    for (int i = 0; i < self->nerrors; i++)
-        if (self->errors[i].err == err) {
-            self->errors[i].count += n;
+    for (int i = 0; i < es->n; i++)
+        if (es->e[i].err == err) {
+            es->e[i].count += n;
             return;
         }
-    if (self->nerrors == 8) { /* more kinds than that within one call: counted as the last one */
-        self->errors[7].count += n;
+    if (es->n == 8) { /* more kinds than that within one call: counted as the last one */
+        es->e[7].count += n;
         return;
     }
-    self->errors[self->nerrors].err = err;
-    self->errors[self->nerrors].count = n;
-    self->nerrors++;
+    es->e[es->n].err = err;
+    es->e[es->n].count = n;
+    es->n++;
+}
+
+/* ``[(errno, count)]`` of ``es``, which starts again empty. */
+static PyObject *errors_take(Errors *es)
+{
+    PyObject *list = PyList_New(0);
+    for (int i = 0; list != NULL && i < es->n; i++) {
+        PyObject *item = Py_BuildValue("(il)", es->e[i].err, es->e[i].count);
+        if (item == NULL || PyList_Append(list, item) < 0)
+            Py_CLEAR(list);
+        Py_XDECREF(item);
+    }
+    es->n = 0;
+    return list;
 }
 
 /* One sendmsg: one datagram, or a run of equal-sized ones with UDP GSO (delivery.py: the kernel
@@ -598,7 +621,7 @@ static void send_run(Reader *self, Sink *s, struct iovec *iov, int k, size_t siz
             send_run(self, s, &iov[i], 1, iov[i].iov_len);
         return;
     }
-    count_error(self, err, k);
+    count_error(&self->errors, err, k);
 }
 
 /* Send what is queued: per destination in order, runs of equal sizes together (core/batching.py
@@ -1208,6 +1231,29 @@ static PyObject *drain(Reader *self, int fd, int family, int port, PyObject *end
 #define MAXFLOWS 16
 #define RECORD_HEAD 18 /* length counter tag */
 #define DATA_HEAD 7    /* type length flow_id */
+#define RUN_MAX 32     /* core/endpoint.py BATCH_MAX: records in one GSO send */
+#define SEG_GROWTH 72  /* core/endpoint.py BATCH_OVERHEAD - RECORD_OVERHEAD: TCP and IP headers, the tag */
+#define TCP_TS_HL 32   /* a TCP header with NOP NOP TS: every segment of a connection with timestamps */
+
+/* A connection's segments as the packet send path makes them (dataplane/packetsend.py): one
+ * Ethernet frame per run of records, behind a virtio-net header that has the kernel finish the
+ * TCP checksum and, for a run of several, cut it into segments (GSO).  The relay's ``wire``
+ * gives the link's socket and the frame's fixed parts, the connection its header fields
+ * (faketcp.Connection.wire_state); what was sent goes back with ``sent_run``. */
+typedef struct {
+    int fd;             /* the link's packet socket; -1: no wire */
+    int v4;
+    uint8_t eth[14];
+    uint8_t src[16], dst[16];
+    unsigned ttl;
+    uint32_t label;     /* IPv6: the connection's flow label */
+    int ident;          /* IPv4: the next ID (IpIdent), -1: every packet's is 0 */
+    uint16_t lport, rport, window;
+    uint32_t seq, ack, tsval, tsecr;
+    uint32_t psum;      /* core/packet.py pseudo_sum: without the length */
+    uint32_t hsum;      /* IPv4: the header's own sum without total length, ID and checksum */
+    long segments, nbytes;
+} Wire;
 
 /* One connection's records within a wake-up. */
 typedef struct {
@@ -1220,6 +1266,7 @@ typedef struct {
     size_t fill;
     uint8_t *untagged[4]; /* sealed records (in ``records``) of one size whose tags out_tag writes */
     int nuntagged;
+    Wire wire;          /* how the writer sends the records itself; fd -1: sealed_run */
 } Out;
 
 /* One flow's datagrams within a wake-up. */
@@ -1240,6 +1287,9 @@ typedef struct {
     int nouts;
     Flow flows[MAXFLOWS];
     int nflows;
+    PyObject *wire_of;  /* during a fill: the caller's ``wire``, or None */
+    Errors errors;      /* the writer's own sends that failed, until ``take_errors`` */
+    long long tx_batches, tx_batched; /* its GSO sends, and the segments they made */
 } Writer;
 
 /* The tags of the records out_seal left untagged: before ``records`` goes to the endpoint. */
@@ -1297,7 +1347,186 @@ static void out_clear(Out *o)
     o->frames = NULL;
 }
 
-/* Give every flow's count and every connection's records back (flow_sent, sealed_run). */
+static inline void put16(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
+
+static inline void put32(uint8_t *p, uint32_t v)
+{
+    put16(p, v >> 16);
+    put16(p + 2, v);
+}
+
+static inline uint32_t fold16(uint32_t s) /* packetsend.py _fold */
+{
+    s = (s & 0xFFFF) + (s >> 16);
+    return (s & 0xFFFF) + (s >> 16);
+}
+
+/* The connection's wire (``wire(conn, now)``: (fd, eth, ttl, src, dst, lport, rport, seq, ack,
+ * window, tsval, tsecr, ident, label)); 0 with ``w->fd`` -1 when the caller gave none. */
+static int wire_from(Wire *w, PyObject *t)
+{
+    w->fd = -1;
+    if (t == Py_None)
+        return 0;
+    int fd, ttl, lport, rport, window, ident;
+    unsigned long seq, ack, tsval, tsecr, label;
+    const char *eth, *src, *dst;
+    Py_ssize_t elen, slen, dlen;
+    if (!PyArg_ParseTuple(t, "iy#iy#y#iikkikkik", &fd, &eth, &elen, &ttl, &src, &slen, &dst, &dlen, &lport, &rport,
+                          &seq, &ack, &window, &tsval, &tsecr, &ident, &label))
+        return -1;
+    if (elen != 14 || slen != dlen || (slen != 4 && slen != 16) || ttl < 1 || ttl > 255 || ident < -1 ||
+        ident > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "wire: a link header, addresses, TTL or ID the writer cannot send with");
+        return -1;
+    }
+    w->v4 = slen == 4;
+    memcpy(w->eth, eth, 14);
+    memcpy(w->src, src, (size_t)slen);
+    memcpy(w->dst, dst, (size_t)slen);
+    w->ttl = (unsigned)ttl;
+    w->label = (uint32_t)label & 0xFFFFF;
+    w->ident = ident;
+    w->lport = (uint16_t)lport;
+    w->rport = (uint16_t)rport;
+    w->window = (uint16_t)window;
+    w->seq = (uint32_t)seq;
+    w->ack = (uint32_t)ack;
+    w->tsval = (uint32_t)tsval;
+    w->tsecr = (uint32_t)tsecr;
+    uint64_t words = 0;
+    for (Py_ssize_t i = 0; i < slen; i += 2)
+        words += be16((const uint8_t *)src + i) + be16((const uint8_t *)dst + i);
+    w->psum = (uint32_t)(words % 0xFFFF) + 6; /* int.from_bytes(src + dst) % 0xFFFF + PROTO_TCP */
+    w->hsum = 0x4500 + 0x4000 + (w->ttl << 8 | 6) + (uint32_t)words;
+    w->segments = w->nbytes = 0;
+    w->fd = fd;
+    return 0;
+}
+
+/* Send ``o``'s sealed records as segments (core/endpoint.py ``_emit_sealed`` and
+ * packetsend.py's ``send``): runs of equal-sized records (batching.runs), one frame each, all in
+ * one sendmmsg.  Sends that fail are counted by errno; the sequence space is used all the same. */
+static int wire_send(Writer *self, Out *o)
+{
+    Wire *w = &o->wire;
+    Py_ssize_t n = PyList_GET_SIZE(o->records);
+    if (n == 0)
+        return 0;
+    size_t iphl = w->v4 ? 20 : 40, head = 10 + 14 + iphl + TCP_TS_HL, csum_start = 14 + iphl;
+    uint8_t *heads = PyMem_Malloc(head * (size_t)n);
+    struct mmsghdr *msgs = PyMem_Calloc((size_t)n, sizeof *msgs);
+    struct iovec *iov = PyMem_Malloc(sizeof *iov * (size_t)(n + n * 2));
+    if (heads == NULL || msgs == NULL || iov == NULL) {
+        PyMem_Free(heads);
+        PyMem_Free(msgs);
+        PyMem_Free(iov);
+        PyErr_NoMemory();
+        return -1;
+    }
+    int nmsg = 0;
+    size_t k = 0; /* iovecs used */
+    for (Py_ssize_t i = 0; i < n;) {
+        size_t size = (size_t)PyBytes_GET_SIZE(PyList_GET_ITEM(o->records, i));
+        size_t fit = 65000 / (size + SEG_GROWTH); /* batching.runs, GSO_MAX_BYTES */
+        fit = fit < 1 ? 1 : fit > RUN_MAX ? RUN_MAX : fit;
+        Py_ssize_t j = i + 1;
+        while (j < n && (size_t)(j - i) < fit && (size_t)PyBytes_GET_SIZE(PyList_GET_ITEM(o->records, j)) == size)
+            j++;
+        if (j < n && (size_t)(j - i) < fit) {
+            size_t last = (size_t)PyBytes_GET_SIZE(PyList_GET_ITEM(o->records, j));
+            if (last > 0 && last < size)
+                j++; /* a shorter record may end a run */
+        }
+        size_t segs = (size_t)(j - i), total = 0;
+        for (Py_ssize_t r = i; r < j; r++)
+            total += (size_t)PyBytes_GET_SIZE(PyList_GET_ITEM(o->records, r));
+        uint32_t tcplen = (uint32_t)(TCP_TS_HL + total);
+        uint8_t *h = heads + head * (size_t)nmsg, *ip = h + 24, *tcp = ip + iphl;
+        uint16_t vnet[4]; /* after flags and gso_type (bytes): hdr_len, gso_size, csum_start, csum_offset */
+        h[0] = 1;        /* VIRTIO_NET_HDR_F_NEEDS_CSUM */
+        h[1] = segs > 1 ? (w->v4 ? 1 : 4) : 0; /* GSO_TCPV4 / GSO_TCPV6 */
+        vnet[0] = (uint16_t)(segs > 1 ? csum_start + TCP_TS_HL : 0);
+        vnet[1] = (uint16_t)(segs > 1 ? size : 0);
+        vnet[2] = (uint16_t)csum_start;
+        vnet[3] = 16;    /* the TCP checksum's offset */
+        memcpy(h + 2, vnet, 8); /* native byte order, as packetsend.py's VNET_HDR */
+        memcpy(h + 10, w->eth, 14);
+        uint32_t id = w->ident < 0 ? 0 : (uint32_t)w->ident;
+        if (w->v4) {
+            uint32_t tot = 20 + tcplen;
+            ip[0] = 0x45;
+            ip[1] = 0;
+            put16(ip + 2, tot);
+            put16(ip + 4, id);
+            put16(ip + 6, 0x4000);
+            ip[8] = (uint8_t)w->ttl;
+            ip[9] = 6;
+            put16(ip + 10, ~fold16(w->hsum + tot + id) & 0xFFFF);
+            memcpy(ip + 12, w->src, 4);
+            memcpy(ip + 16, w->dst, 4);
+            if (w->ident >= 0)
+                w->ident = (int)((id + segs) & 0xFFFF);
+        } else {
+            put32(ip, 6u << 28 | w->label);
+            put16(ip + 4, tcplen);
+            ip[6] = 6;
+            ip[7] = (uint8_t)w->ttl;
+            memcpy(ip + 8, w->src, 16);
+            memcpy(ip + 24, w->dst, 16);
+        }
+        put16(tcp, w->lport);
+        put16(tcp + 2, w->rport);
+        put32(tcp + 4, w->seq);
+        put32(tcp + 8, w->ack);
+        put16(tcp + 12, 8u << 12 | ACK | PSH);
+        put16(tcp + 14, w->window);
+        put16(tcp + 16, fold16(w->psum + tcplen)); /* the pseudo-header's sum: the kernel finishes it */
+        put16(tcp + 18, 0);
+        put32(tcp + 20, 0x0101080A);
+        put32(tcp + 24, w->tsval);
+        put32(tcp + 28, w->tsecr);
+        struct msghdr *mh = &msgs[nmsg].msg_hdr;
+        mh->msg_iov = &iov[k];
+        iov[k].iov_base = h;
+        iov[k++].iov_len = head;
+        for (Py_ssize_t r = i; r < j; r++) {
+            PyObject *rec = PyList_GET_ITEM(o->records, r);
+            iov[k].iov_base = PyBytes_AS_STRING(rec);
+            iov[k++].iov_len = (size_t)PyBytes_GET_SIZE(rec);
+        }
+        mh->msg_iovlen = (size_t)(&iov[k] - mh->msg_iov);
+        nmsg++;
+        w->seq += (uint32_t)total;
+        w->segments += (long)segs;
+        w->nbytes += (long)total;
+        if (segs > 1) {
+            self->tx_batches++;
+            self->tx_batched += (long long)segs;
+        }
+        i = j;
+    }
+    for (int i = 0; i < nmsg;) {
+        int r = sendmmsg(w->fd, &msgs[i], (unsigned)(nmsg - i), MSG_DONTWAIT);
+        if (r > 0) {
+            i += r;
+            continue;
+        }
+        count_error(&self->errors, r < 0 ? errno : EIO, 1); /* this frame: counted, the rest tried on */
+        i++;
+    }
+    PyMem_Free(heads);
+    PyMem_Free(msgs);
+    PyMem_Free(iov);
+    return 0;
+}
+
+/* Give every flow's count and every connection's records back (flow_sent; sealed_run, or
+ * sent_run for the records the writer sent itself). */
 static int writer_flush(Writer *self, PyObject *endpoint, PyObject *now)
 {
     int rc = 0;
@@ -1318,8 +1547,14 @@ static int writer_flush(Writer *self, PyObject *endpoint, PyObject *now)
             rc = -1;
         if (rc == 0) {
             out_tag(o);
-            PyObject *res = PyObject_CallMethod(endpoint, "sealed_run", "OOKO", o->conn, o->records,
-                                                (unsigned long long)o->counter, now);
+            PyObject *res;
+            if (o->wire.fd < 0)
+                res = PyObject_CallMethod(endpoint, "sealed_run", "OOKO", o->conn, o->records,
+                                          (unsigned long long)o->counter, now);
+            else
+                res = wire_send(self, o) < 0 ? NULL : PyObject_CallMethod(
+                    endpoint, "sent_run", "OKllklO", o->conn, (unsigned long long)o->counter, o->wire.segments,
+                    o->wire.nbytes, (unsigned long)o->wire.seq, o->wire.v4 ? o->wire.segments : 0L, now);
             if (res == NULL)
                 rc = -1;
             Py_XDECREF(res);
@@ -1411,6 +1646,16 @@ static Flow *flow_for(Writer *self, const struct sockaddr *src, socklen_t srclen
         b2b_init(&out->mac, 8, (const uint8_t *)k, (size_t)klen, (const uint8_t *)person, (size_t)plen);
         b2b_update(&out->mac, (const uint8_t *)context, (size_t)clen);
         self->nouts++;
+        out->wire.fd = -1;
+        if (self->wire_of != NULL && self->wire_of != Py_None) {
+            PyObject *wire = PyObject_CallFunctionObjArgs(self->wire_of, conn, now, NULL);
+            int bad = wire == NULL || wire_from(&out->wire, wire) < 0;
+            Py_XDECREF(wire);
+            if (bad) {
+                Py_DECREF(st);
+                return NULL;
+            }
+        }
     }
     Flow *f = &self->flows[self->nflows++];
     memset(f, 0, sizeof *f);
@@ -1428,21 +1673,33 @@ static Flow *flow_for(Writer *self, const struct sockaddr *src, socklen_t srclen
 }
 
 PyDoc_STRVAR(fill_doc,
-"fill(fd, endpoint, now, key, batch, budget)\n--\n\n"
+"fill(fd, endpoint, now, key, batch, budget, wire=None)\n--\n\n"
 "Read the application-side socket ``fd`` until EAGAIN or ``batch`` datagrams / ``budget`` bytes:\n"
 "the datagrams of every flow whose connection is ESTABLISHED over tcp become DATA frames in\n"
 "records sealed here (endpoint.fast_flow, flow_sent, sealed_run).  ``key``: the flow of a\n"
-"target socket (server), or None: the flow is the sender's address (client).  Returns None\n"
+"target socket (server), or None: the flow is the sender's address (client).  ``wire(conn,\n"
+"now)``, asked once per connection and call: how to send its records as segments from here on\n"
+"the packet send path (then endpoint.sent_run instead of sealed_run), or None.  Returns None\n"
 "when done, or ``(address, datagram)`` for the caller to pass to send_app / send_target\n"
 "before calling again (the address None on a target socket).");
+
+static PyObject *fill(Writer *self, int fd, PyObject *endpoint, PyObject *now, PyObject *key, int batch, long budget);
 
 static PyObject *Writer_fill(Writer *self, PyObject *args)
 {
     int fd, batch;
     long budget;
-    PyObject *endpoint, *now, *key;
-    if (!PyArg_ParseTuple(args, "iOOOil:fill", &fd, &endpoint, &now, &key, &batch, &budget))
+    PyObject *endpoint, *now, *key, *wire = Py_None;
+    if (!PyArg_ParseTuple(args, "iOOOil|O:fill", &fd, &endpoint, &now, &key, &batch, &budget, &wire))
         return NULL;
+    self->wire_of = wire; /* borrowed, for this call */
+    PyObject *res = fill(self, fd, endpoint, now, key, batch, budget);
+    self->wire_of = NULL;
+    return res;
+}
+
+static PyObject *fill(Writer *self, int fd, PyObject *endpoint, PyObject *now, PyObject *key, int batch, long budget)
+{
     for (;;) {
         if (self->in.idx >= self->in.n) {
             int got = batch_read(&self->in, fd, batch, budget, key == Py_None, 0);
@@ -1517,9 +1774,26 @@ static void Writer_dealloc(Writer *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+PyDoc_STRVAR(writer_take_errors_doc,
+"take_errors()\n--\n\n"
+"The writer's own sends (``fill``'s ``wire``) that failed since the last call: ``[(errno, frames)]``.");
+
+static PyObject *Writer_take_errors(Writer *self, PyObject *Py_UNUSED(ignored))
+{
+    return errors_take(&self->errors);
+}
+
 static PyMethodDef Writer_methods[] = {
     {"fill", (PyCFunction)Writer_fill, METH_VARARGS, fill_doc},
+    {"take_errors", (PyCFunction)Writer_take_errors, METH_NOARGS, writer_take_errors_doc},
     {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Writer_members[] = {
+    {"tx_batches", T_LONGLONG, offsetof(Writer, tx_batches), READONLY,
+     "Its own sends of several segments (GSO: the kernel cuts them)."},
+    {"tx_batched", T_LONGLONG, offsetof(Writer, tx_batched), READONLY, "The segments those sends made."},
+    {NULL, 0, 0, 0, NULL},
 };
 
 static PyTypeObject WriterType = {
@@ -1531,6 +1805,7 @@ static PyTypeObject WriterType = {
     .tp_new = io_new,
     .tp_dealloc = (destructor)Writer_dealloc,
     .tp_methods = Writer_methods,
+    .tp_members = Writer_members,
 };
 
 PyDoc_STRVAR(tag_doc,
@@ -1615,21 +1890,8 @@ PyDoc_STRVAR(take_errors_doc,
 
 static PyObject *Reader_take_errors(Reader *self, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *list = PyList_New(0);
-    if (list == NULL)
-        return NULL;
-    for (int i = 0; i < self->nerrors; i++) {
-        PyObject *item = Py_BuildValue("(il)", self->errors[i].err, self->errors[i].count);
-        if (item == NULL || PyList_Append(list, item) < 0) {
-            Py_XDECREF(item);
-            Py_DECREF(list);
-            return NULL;
-        }
-        Py_DECREF(item);
-    }
-    memset(self->errors, 0, sizeof self->errors);
-    self->nerrors = 0;
-    return Py_BuildValue("(NO)", list, self->gso_refused ? Py_True : Py_False);
+    PyObject *list = errors_take(&self->errors);
+    return list == NULL ? NULL : Py_BuildValue("(NO)", list, self->gso_refused ? Py_True : Py_False);
 }
 
 /* -- the raw send path: a run of segments in one sendmmsg ---------------------------------------- */

@@ -123,12 +123,18 @@ class PacketSender(SocketSender):
         for index in set(self._socks) - ifindexes:
             self._socks.pop(index).close()
 
+    def wire(self, route: L2Route, dst: bytes) -> tuple[int, bytes, int]:
+        """What the compiled writer sends frames to ``dst`` with (``_datapath`` ``fill``'s wire):
+        the link's socket, the Ethernet header and the route's TTL."""
+        eth = route.dst_mac + route.src_mac + _CHECK.pack(ETH_P_IP if len(dst) == 4 else ETH_P_IPV6)
+        return self._sock(route).fileno(), eth, route.ttl
+
     def path(self, route: L2Route, src: bytes, dst: bytes) -> Sender:
         """The send function for runs of segments from ``src`` to ``dst`` (packed, one family):
         a run of one as one frame, a longer run as one GSO frame that the kernel splits (the
         checksum field is ignored: the kernel computes it)."""
         sendmsg = self._sock(route).sendmsg
-        failed = self._failed
+        failed = self.failed
         v4 = len(dst) == 4
         iphl = 20 if v4 else 40
         eth = route.dst_mac + route.src_mac + _CHECK.pack(ETH_P_IP if v4 else ETH_P_IPV6)

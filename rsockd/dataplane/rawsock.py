@@ -66,7 +66,7 @@ class SocketSender:
         self._socks: dict[int, socket.socket] = {}
         self._logged: set[int] = set()
 
-    def _failed(self, e: OSError | int, count: int = 1) -> None:
+    def failed(self, e: OSError | int, count: int = 1) -> None:
         """``count`` sends failed with ``e`` (an exception, or an errno)."""
         name = errno_name(e)
         self.errors[name] += count
@@ -135,7 +135,7 @@ class RawSender(SocketSender):
 
             def send6c(header: bytes, payloads: list[bytes], ip: IpIdent | None) -> None:
                 for err, count in send_raw(fd6, dst, b"", 0, 0, header, payloads, 0, pktinfo):
-                    self._failed(err, count)
+                    self.failed(err, count)
 
             return send6c
         cmsg = [(socket.IPPROTO_IPV6, self.IPV6_PKTINFO, pktinfo)]
@@ -147,7 +147,7 @@ class RawSender(SocketSender):
                 try:
                     sendmsg6((hdr, payload), cmsg, 0, addr6)
                 except OSError as e:
-                    self._failed(e)
+                    self.failed(e)
 
         return send6
 
@@ -166,7 +166,7 @@ class RawSender(SocketSender):
                 step = 1 if ident.counting else 0
                 first = ident.take(len(payloads))
                 for err, count in send_raw(fd, dst, tmpl, first, step, header, payloads, psum, b""):
-                    self._failed(err, count)
+                    self.failed(err, count)
 
             return send4c
 
@@ -178,7 +178,7 @@ class RawSender(SocketSender):
                     sendmsg((head, take().to_bytes(2, "big"), tail, hdr[:TCP_CHECK], check, hdr[TCP_CHECK + 2:],
                              payload), (), 0, addr4)
                 except OSError as e:
-                    self._failed(e)
+                    self.failed(e)
 
         return send4
 

@@ -100,13 +100,13 @@ class RawSender(rawsock.RawSender):
             for tcp, payload in run_segments(header, payloads):
                 total = IPV4_MIN_HEADER + len(tcp) + len(payload)
                 if total > 0xFFFF:
-                    self._failed(OSError(errno.EMSGSIZE, "segment too long for IPv4"))
+                    self.failed(OSError(errno.EMSGSIZE, "segment too long for IPv4"))
                     continue
                 set_len(hdr, 2, total)  # sendmsg copies it, so one header serves the path
                 check = segment_checksum(psum, tcp, payload).to_bytes(2, "big")
                 try:
                     sendmsg((hdr, tcp[:TCP_CHECK], check, tcp[TCP_CHECK + 2:], payload), (), 0, addr4)
                 except OSError as e:
-                    self._failed(e)
+                    self.failed(e)
 
         return send4

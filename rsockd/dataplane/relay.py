@@ -162,8 +162,9 @@ class Relay(Generic[E]):
             if sys.platform != "linux":
                 raise RsockdError('send_path = "packet" is supported on Linux only; use "raw"')
             self.packet = self._make_packet_sender()
-        # (local, remote) address -> its send function and kind ("packet" or "raw")
-        self._paths: dict[tuple[bytes, bytes], tuple[Sender, str]] = {}
+        # (local, remote) address -> its send function, its kind ("packet" or "raw") and, on the
+        # packet path, what the compiled writer sends frames with itself (PacketSender.wire)
+        self._paths: dict[tuple[bytes, bytes], tuple[Sender, str, tuple[int, bytes, int] | None]] = {}
         self.started = time.time()
         self._sockets: list[socket.socket] = []
         self._readers: list[int] = []  # fds asyncio watches for us
@@ -329,17 +330,20 @@ class Relay(Generic[E]):
     def _path(self, local: bytes, remote: bytes) -> Sender:
         """The send function from ``local`` to ``remote``: the packet path when it has a route,
         else the raw one."""
+        return self._path_entry(local, remote)[0]
+
+    def _path_entry(self, local: bytes, remote: bytes) -> tuple[Sender, str, tuple[int, bytes, int] | None]:
         entry = self._paths.get((local, remote))
         if entry is not None:
-            return entry[0]
+            return entry
         if len(self._paths) >= PATHS_MAX:
             self._paths.clear()
-        send = self._packet_path(local, remote) if self.packet is not None else None
-        entry = (send, "packet") if send is not None else (self.raw.path(local, remote), "raw")
+        got = self._packet_path(local, remote) if self.packet is not None else None
+        entry = (got[0], "packet", got[1]) if got is not None else (self.raw.path(local, remote), "raw", None)
         self._paths[(local, remote)] = entry
-        return entry[0]
+        return entry
 
-    def _packet_path(self, local: bytes, remote: bytes) -> Sender | None:
+    def _packet_path(self, local: bytes, remote: bytes) -> tuple[Sender, tuple[int, bytes, int]] | None:
         assert self.packet is not None
         if remote not in self._l2:
             self._resolve_l2({remote})
@@ -347,7 +351,7 @@ class Relay(Generic[E]):
         if route is None:
             return None
         try:
-            return self.packet.path(route, local, remote)
+            return self.packet.path(route, local, remote), self.packet.wire(route, remote)
         except OSError as e:  # e.g. a sandbox without AF_PACKET: raw sockets; tried again each second
             if e.errno not in self._l2_warned:
                 self._l2_warned.add(e.errno)
@@ -366,8 +370,9 @@ class Relay(Generic[E]):
     @property
     def tx_batches(self) -> tuple[int, int]:
         """Sends the kernel split into segments (packet send path), and the segments they made."""
-        p = self._packet_sender
-        return (p.batches, p.batched) if p is not None else (0, 0)
+        p, w = self._packet_sender, self._writer
+        batches, batched = (p.batches, p.batched) if p is not None else (0, 0)
+        return (batches + w.tx_batches, batched + w.tx_batched) if w is not None else (batches, batched)
 
     @property
     def rx_batches(self) -> tuple[int, int]:
@@ -579,11 +584,16 @@ class Relay(Generic[E]):
         ``key``: the flow of a target socket (server), None for the application socket (client)."""
         ep, fd = self.endpoint, sock.fileno()
         label = "app_" if key is None else "target_"
+        wire = self._wire_of if self.packet is not None else None
         while True:
             try:
-                back = writer.fill(fd, ep, now, key, BATCH, READ_BUDGET)
+                back = writer.fill(fd, ep, now, key, BATCH, READ_BUDGET, wire)
             except OSError as e:  # ICMP port unreachable from the target: it is down, keep the flow
                 self.tx_errors[label + errno_name(e)] += 1
+                back = False
+            if wire is not None:
+                self._wire_errors(writer)
+            if back is False:
                 continue
             if back is None:
                 return
@@ -592,6 +602,31 @@ class Relay(Generic[E]):
                 ep.send_target(key, datagram, now)
             else:
                 ep.send_app(addr, datagram, now)
+
+    def _wire_of(self, conn: Connection, now: float) -> tuple[Any, ...] | None:
+        """For the compiled writer: how it sends ``conn``'s records as segments itself (the
+        packet path's socket, Ethernet header and TTL, the addresses, and the header fields of
+        ``Connection.wire_state``), or None: they go back to the endpoint (``sealed_run``) and
+        leave as its transmits.  What the endpoint sealed before (``fast_flow`` seals what was
+        queued for ``conn``) leaves first: a connection's segments leave in sequence order."""
+        for tx in self.endpoint.sealed_transmits():
+            self._send(tx)
+        if conn.transport != "tcp":
+            return None
+        wire = self._path_entry(conn.local[0], conn.remote[0])[2]
+        fields = conn.wire_state(now) if wire is not None else None
+        if wire is None or fields is None:
+            return None
+        return wire + (conn.local[0], conn.remote[0]) + fields  # noqa: RUF005 - mypy cannot type the unpacked form here
+
+    def _wire_errors(self, writer: Any) -> None:
+        """Count the compiled writer's own sends that failed, as the packet path counts its own."""
+        sender = self._packet_sender
+        for err, count in writer.take_errors():
+            if sender is not None:
+                sender.failed(err, count)
+            else:
+                self.tx_errors[errno_name(err)] += count
 
     # -- shutdown -------------------------------------------------------------------------------
 

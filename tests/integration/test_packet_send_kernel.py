@@ -11,6 +11,7 @@ import struct
 
 import pytest
 
+import rsockd
 from rsockd.core.packet import (
     ACK,
     PSH,
@@ -116,6 +117,66 @@ def test_single_segments_and_batches_arrive_as_correct_segments(family: int) -> 
         else:
             assert [pkt[7] for pkt in packets] == [64] * len(packets)
             assert {int.from_bytes(pkt[1:4], "big") & 0xFFFFF for pkt in packets} == {ip.label} != {0}
+
+
+@pytest.mark.skipif(rsockd.PURE, reason="RSOCKD_PURE: the package runs its source")
+@pytest.mark.parametrize("role", ["client", "server"])
+@pytest.mark.parametrize("family", [4, 6])
+def test_the_compiled_writer_sends_the_frames_the_packet_path_sends(family: int, role: str) -> None:
+    """Two identical tunnels (tests/unit/test_datapath.py ``WriterRig``) send the same datagrams:
+    one end's writer sends its records itself (``fill``'s ``wire``: _datapath.c ``wire_send``),
+    the other end's transmits leave through packetsend.py.  The same frames arrive, byte for byte
+    but the timestamps (each tunnel's clock is its own) and so the checksums, which are right."""
+    pytest.importorskip("rsockd.dataplane._datapath", reason="the compiled data path is not built")
+    from tests.unit.test_datapath import WriterRig
+
+    with NetnsPair() as net:
+        net.run("c", ["ethtool", "-K", net.dev["c"], "tso", "off"])  # segments on the veth, as above
+        src, dst = (net.cli4, net.srv4) if family == 4 else (net.cli6, net.srv6)
+        psrc, pdst = pack_address(src), pack_address(dst)
+        with net.inside("c"), Host() as host:
+            route = resolve(host, pdst, MARK)
+            assert route is not None
+            sender = PacketSender(MARK)
+            send = sender.path(route, psrc, pdst)
+            fd, eth, ttl = sender.wire(route, pdst)
+        rig = WriterRig(role)
+        cap = capture(net, "s")
+        cap.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)  # SO_RCVBUFFORCE: every frame of the run, held
+        try:
+            rig.send([(i, b"first") for i in range(len(rig.sources) - (1 if role == "client" else 0))])
+            for end in rig.ends:  # the flows are known now; what opened them is not compared
+                end.transmits(rig.pairs[0].now)
+            rig.handed_back = 0
+            fast, slow = rig.ends
+            (conn,) = fast.connections()
+            before = conn.tx_packets
+            rig.wire_of = lambda conn, now: (fd, eth, ttl, psrc, pdst, *conn.wire_state(now))
+            rng = random.Random(5)
+            n = len(rig.sources) - (1 if role == "client" else 0)
+            rig.send([(rng.randrange(n), rng.randbytes(rng.choice((1200, 64, 7, 500, 1300)))) for _ in range(150)])
+            assert rig.handed_back == 0 and rig.writer.take_errors() == []
+            assert fast.transmits(rig.pairs[0].now) == []  # all of it went out from the writer
+            mine = frames(cap, conn.tx_packets - before)
+            for t in slow.transmits(rig.pairs[0].now):
+                send(t.header, t.payloads, t.ip)
+            theirs = frames(cap, len(mine))
+        finally:
+            cap.close()
+            rig.close()
+            sender.close()
+        assert not sender.errors and rig.writer.tx_batches > 0
+
+        def masked(pkt: bytes) -> bytes:
+            check(pkt)  # the checksums are right
+            tcp = (pkt[0] & 15) * 4 if family == 4 else 40
+            return pkt[:tcp + 16] + bytes(2) + pkt[tcp + 18:tcp + 24] + bytes(8) + pkt[tcp + 32:]
+
+        assert [masked(p) for p in mine] == [masked(p) for p in theirs]
+        assert len(mine) > 20
+        (twin,) = slow.connections()
+        assert (conn.tx_packets, conn.tx_bytes, conn.snd_nxt, conn.ip.peek()) == \
+               (twin.tx_packets, twin.tx_bytes, twin.snd_nxt, twin.ip.peek())
 
 
 def test_no_route_or_no_neighbour_resolves_to_none() -> None:

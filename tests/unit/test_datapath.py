@@ -472,6 +472,7 @@ class WriterRig:
             self.rx.connect(self.sources[0].getsockname())
         self.ends: list[Any] = [p.server if role == "server" else p.client for p in self.pairs]
         self.writer = datapath.Writer()
+        self.wire_of: Any = None  # the writer's ``wire`` (tests/integration/test_packet_send_kernel.py)
         self.handed_back = 0
 
     def close(self) -> None:
@@ -492,7 +493,7 @@ class WriterRig:
         while taken < len(datagrams) and select.select([self.rx], [], [], 2.0)[0]:
             before = fast.app_rx
             while (back := self.writer.fill(self.rx.fileno(), fast, now, self.key, relay.BATCH,
-                                            relay.READ_BUDGET)) is not None:
+                                            relay.READ_BUDGET, self.wire_of)) is not None:
                 self.handed_back += 1
                 addr, d = back
                 if self.role == "server":
@@ -557,6 +558,25 @@ def test_writer_keeps_order_with_what_the_endpoint_queued(wrig: WriterRig) -> No
     payload = b"".join(wrig.compare(same_records=False))  # records are cut where a datagram was handed back
     assert payload.index(b"b" * 100) < payload.index(b"e" * 100) < payload.index(b"d" * 100)
     assert b"c" * 100 not in payload
+
+
+def test_writer_own_sends_that_fail_are_counted_and_the_sequence_goes_on(wrig: WriterRig) -> None:
+    """A frame the kernel refuses (here: a socket with nowhere to send) is counted by errno, once
+    per frame, and the connection moves on as if it had left, as the packet path does."""
+    n = len(wrig.sources) - (1 if wrig.role == "client" else 0)
+    wrig.send([(i, b"first") for i in range(n)])
+    wrig.compare()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as nowhere:
+        wrig.wire_of = lambda conn, now: (nowhere.fileno(), bytes(14), 64, LO, LO, *conn.wire_state(now))
+        wrig.send([(0, b"a" * 1200), (0, b"b" * 1200), (0, b"c" * 1300)])
+        errors = wrig.writer.take_errors()
+    (conn,) = wrig.ends[0].connections()
+    (twin,) = wrig.ends[1].connections()
+    assert wrig.ends[0].transmits(wrig.pairs[0].now) == []  # none went back to the endpoint
+    frames = len(wrig.ends[1].transmits(wrig.pairs[0].now))  # the twin's: one frame each on the packet path
+    assert frames >= 2 and errors == [(errno.EDESTADDRREQ, frames)]
+    assert (conn.tx_packets, conn.tx_bytes, conn.snd_nxt) == (twin.tx_packets, twin.tx_bytes, twin.snd_nxt)
+    assert wrig.writer.take_errors() == []
 
 
 def test_counters_past_63_bits(rig: Rig) -> None:
