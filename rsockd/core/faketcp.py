@@ -282,10 +282,11 @@ class Connection:
         t = self._deadline
         if self._ack_at is not None and (t is None or self._ack_at < t):
             t = self._ack_at
-        if self.state == State.ESTABLISHED:
+        if self.state == State.ESTABLISHED:  # after every wake-up's segments: no generator here
             ka = self._last_seal + self.timing.keepalive
             dead = self._last_auth + self.timing.dead_timeout
-            t = min(x for x in (t, ka, dead) if x is not None)
+            first = ka if ka < dead else dead
+            t = first if t is None or first < t else t
         return t
 
     @property
