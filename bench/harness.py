@@ -663,7 +663,7 @@ class Bench:
         self.wait_idle(60)
         s = self.step(dst, size, rate, secs=secs + 1.5, at_start=begin)
         out: dict[str, Any] = {"size": size, "offered_pps": round(rate), "loss": round(s.loss, 5),
-                               "seconds": secs, "sampler": f"py-spy {pyspy.RATE}/s, --nonblocking"}
+                               "seconds": secs, "sampler": f"py-spy {pyspy.RATE}/s, --native"}
         for name, (proc, path) in spies.items():
             try:
                 _, err = proc.communicate(timeout=secs + 30)

@@ -1,7 +1,12 @@
 """Sampling profiles of the daemons under load (py-spy), reduced to their top functions.
 
 ``py-spy record --format raw`` writes collapsed stacks, one ``frame;frame;…;leaf count`` a line
-(idle samples, a thread blocked in epoll, are left out by py-spy).  ``summarise`` ranks functions
+(idle samples, a thread blocked in epoll, are left out by py-spy).  ``--native`` unwinds the C
+frames too: the compiled core (mypyc's ``CPyDef_module___Class___method``), the compiled data path
+(``_datapath.c``) and libc, where the system calls show (``sendmmsg``, ``recvmmsg``); without it
+every sample of a compiled daemon is one interpreted frame (asyncio's ``Handle._run``).  It
+pauses the daemon for each sample, so the profiled step is offered less than the sustained
+rate (harness.py ``profile``).  ``summarise`` ranks functions
 by *self* samples (the leaf frame: time spent in that function's own bytecode and the C calls it
 makes, syscalls included) and by *inclusive* samples (anywhere on the stack, counted once per
 stack).
@@ -18,7 +23,10 @@ from typing import Any
 
 PY_SPY = Path(sys.executable).with_name("py-spy")
 RATE = 250  # samples/s
-SCAFFOLD = ("events.py:", "base_events.py:", "runners.py:")
+# Frames under every sample: the event loop's, the daemon's entry, libc's start and unnamed addresses.
+SCAFFOLD = ("events.py:", "base_events.py:", "runners.py:", "daemon.py:main", "entry.py:main", "rsockd:",
+            "libc.so.6:0x")
+_MYPYC = re.compile(r"^CPy(?:Def|Py)_(?P<name>\w+)$")
 
 
 def available() -> bool:
@@ -26,9 +34,9 @@ def available() -> bool:
 
 
 def start(pid: int, secs: float, out: Path) -> subprocess.Popen[str]:
-    """Sample ``pid`` (and its children) for ``secs`` seconds without pausing it."""
+    """Sample ``pid`` (and its children) for ``secs`` seconds, C frames included (``--native``)."""
     return subprocess.Popen([str(PY_SPY), "record", "--pid", str(pid), "--duration", str(max(1, round(secs))),
-                             "--rate", str(RATE), "--nonblocking", "--function", "--subprocesses",
+                             "--rate", str(RATE), "--native", "--function", "--subprocesses",
                              "--format", "raw", "--output", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -37,11 +45,18 @@ _FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
 
 def _name(frame: str) -> str:
-    """``relay.py:_on_app`` from ``_on_app (rsockd/relay.py:733)``."""
+    """``relay.py:_on_app`` from ``_on_app (rsockd/relay.py:733)``; a compiled core's function
+    (``CPyDef_relay___Relay____on_data (_native__mypyc….so)``, or its ``CPyPy_`` wrapper) as
+    ``relay.py:Relay._on_data``; a C function as ``_datapath.c:writer_flush``, ``libc.so.6:sendmmsg``."""
     m = _FRAME.match(frame.strip())
     if not m:
         return frame.strip()
-    return f"{Path(m['file']).name}:{m['func']}"
+    func = m["func"]
+    mypyc = _MYPYC.match(func)
+    if mypyc:
+        module, *rest = mypyc["name"].split("___")
+        return f"{module}.py:{'.'.join(rest) or module}"
+    return f"{Path(m['file']).name.split('.cpython-')[0]}:{func}"  # an extension without its ABI tag
 
 
 def summarise(raw: str, secs: float, top: int = 15) -> dict[str, Any]:
