@@ -782,6 +782,17 @@ static int flush_all(Reader *self, PyObject *endpoint, PyObject *now)
     return rc;
 }
 
+/* After an error: give back what was done before it (flush_all), the error kept for the caller
+ * (the endpoint is not called with an exception set; one of its own is dropped for the first). */
+static void flush_all_keeping_error(Reader *self, PyObject *endpoint, PyObject *now)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (flush_all(self, endpoint, now) < 0)
+        PyErr_Clear();
+    PyErr_Restore(type, value, tb);
+}
+
 /* The run of this segment's connection: found, or started from the endpoint's fast_conn.
  * NULL with no exception: the connection takes the full path (or is not one). */
 static Run *run_for(Reader *self, const uint8_t *key, size_t llen, size_t ralen, PyObject *endpoint,
@@ -1205,13 +1216,13 @@ static PyObject *drain(Reader *self, int fd, int family, int port, PyObject *end
         Run *r = run_for(self, key, llen, alen, endpoint, now);
         if (r == NULL) {
             if (PyErr_Occurred()) {
-                flush_all(self, endpoint, now);
+                flush_all_keeping_error(self, endpoint, now);
                 return NULL;
             }
             goto full;
         }
         if (take(self, r, be32(p + 4), has_ts, tsval, payload, plen) < 0) {
-            flush_all(self, endpoint, now);
+            flush_all_keeping_error(self, endpoint, now);
             return NULL;
         }
         continue;
@@ -1565,6 +1576,18 @@ static int writer_flush(Writer *self, PyObject *endpoint, PyObject *now)
     return rc;
 }
 
+/* After an error: give back what was done before it (writer_flush), the error kept for the
+ * caller (the endpoint is not called with an exception set; one of its own is dropped for the
+ * first). */
+static void writer_flush_keeping_error(Writer *self, PyObject *endpoint, PyObject *now)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (writer_flush(self, endpoint, now) < 0)
+        PyErr_Clear();
+    PyErr_Restore(type, value, tb);
+}
+
 /* ``src`` as the socket module gives a sender's address: (host, port) or (host, port, flowinfo,
  * scope_id); the client's flow table is keyed by it. */
 static PyObject *sockaddr_tuple(const struct sockaddr *src)
@@ -1724,7 +1747,7 @@ static PyObject *fill(Writer *self, int fd, PyObject *endpoint, PyObject *now, P
         Flow *f = flow_for(self, src, srclen, key, endpoint, now);
         if (f == NULL) {
             if (PyErr_Occurred()) {
-                writer_flush(self, endpoint, now);
+                writer_flush_keeping_error(self, endpoint, now);
                 return NULL;
             }
             goto full;
@@ -1734,7 +1757,7 @@ static PyObject *fill(Writer *self, int fd, PyObject *endpoint, PyObject *now, P
         Out *o = &self->outs[f->out];
         size_t frame = DATA_HEAD + n;
         if (o->fill && o->fill + frame > o->budget && out_seal(o) < 0) {
-            writer_flush(self, endpoint, now);
+            writer_flush_keeping_error(self, endpoint, now);
             return NULL;
         }
         uint8_t *w = o->frames + o->fill;

@@ -579,6 +579,67 @@ def test_writer_own_sends_that_fail_are_counted_and_the_sequence_goes_on(wrig: W
     assert wrig.writer.take_errors() == []
 
 
+def test_an_error_in_the_relays_sink_comes_out_after_the_run_is_given_back() -> None:
+    """The reader gives the endpoint the segments it took before the error (steered_run) without
+    calling it with the exception pending, and the caller gets the error itself."""
+    r = Rig("client")
+    try:
+        open_flows(r)
+        send_datagrams(r, 3)
+        before = r.fast_conn.rx_packets
+        for seg in r.outgoing():
+            r.tx.sendto(seg, r.rx.getsockname())
+        assert select.select([r.rx], [], [], 2.0)[0]
+
+        def raising(conn: Connection, flow_id: int) -> None:
+            raise RuntimeError("boom")
+
+        with pytest.raises(RuntimeError, match="boom"):
+            r.reader.drain(r.rx.fileno(), socket.AF_INET, r.local[1], r.fast_end, r.pairs[0].now, False, None,
+                           relay.BATCH, relay.READ_BUDGET, raising, True)
+        assert r.fast_conn.rx_packets == before + 1  # the segment whose frame asked the sink: given back
+    finally:
+        r.close()
+
+
+class RaisingFor:
+    """An endpoint whose ``fast_flow`` raises for one source; everything else is ``end``'s."""
+
+    def __init__(self, end: Any, bad: Any) -> None:
+        self.end, self.bad = end, bad
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.end, name)
+
+    def fast_flow(self, source: Any, now: float) -> Any:
+        if source == self.bad:
+            raise RuntimeError("boom")
+        return self.end.fast_flow(source, now)
+
+
+def test_an_error_in_the_endpoint_comes_out_after_what_was_done_is_given_back() -> None:
+    """The writer gives the endpoint what it did before the error (flow_sent, sealed_run) without
+    calling it with the exception pending, and the caller gets the error itself."""
+    wrig = WriterRig("client")
+    try:
+        wrig.send([(i, b"first") for i in range(len(wrig.sources) - 1)])
+        wrig.compare()
+        fast, now = wrig.ends[0], wrig.pairs[0].now
+        good, bad = wrig.sources[0], wrig.sources[1]
+        good.sendto(b"a" * 100, wrig.rx.getsockname())
+        bad.sendto(b"b" * 100, wrig.rx.getsockname())
+        while len(select.select([wrig.rx], [], [], 2.0)[0]) == 0:
+            pass
+        before = fast.app_rx
+        with pytest.raises(RuntimeError, match="boom"):
+            wrig.writer.fill(wrig.rx.fileno(), RaisingFor(fast, bad.getsockname()), now, None, relay.BATCH,
+                             relay.READ_BUDGET)
+        assert fast.app_rx == before + 1  # the good flow's datagram: counted ...
+        assert any(b"a" * 100 in s for s in wrig.wire(fast))  # ... and sealed into a segment
+    finally:
+        wrig.close()
+
+
 def test_counters_past_63_bits(rig: Rig) -> None:
     """Record counters are 64-bit: a window whose top is past 2**63 (signed overflow) reads and
     writes back the same in both paths."""
