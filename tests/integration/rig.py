@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from rsockd.dataplane.relay import SO_RCVBUFFORCE
 from rsockd.service.control import request
@@ -33,7 +33,14 @@ LISTEN_PORT = 30000
 
 
 class Notify:
-    """A unix datagram socket standing in for systemd's notification socket."""
+    """A unix datagram socket standing in for systemd's notification socket.
+
+    Its queue holds ``net.unix.max_dgram_qlen`` (10) messages, and a daemon's message that finds
+    it full is lost (the daemon does not block on it, as on systemd's).  So while a test waits on
+    one daemon's socket, every other open one is read too: a client's STATUS must not be lost
+    while the rig waits for the server's READY."""
+
+    live: ClassVar[list[Notify]] = []  # every open one, read whenever any of them waits
 
     def __init__(self, path: Path) -> None:
         self.path = str(path)
@@ -41,14 +48,27 @@ class Notify:
         self.sock.bind(self.path)
         self.messages: list[dict[str, str]] = []
         self.times: list[float] = []
+        Notify.live.append(self)
 
-    def _read(self, timeout: float) -> bool:
-        if not select.select([self.sock], [], [], timeout)[0]:
-            return False
+    def _take(self) -> None:
         data = self.sock.recv(65536).decode()
         self.messages.append(dict(line.split("=", 1) for line in data.splitlines() if "=" in line))
         self.times.append(time.monotonic())
-        return True
+
+    def _read(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for a message of this socket; one of another that comes first
+        is kept in its own list."""
+        end = time.monotonic() + timeout
+        while True:
+            socks = {n.sock: n for n in Notify.live if n.sock.fileno() >= 0}
+            socks[self.sock] = self
+            ready = select.select(list(socks), [], [], max(0.0, end - time.monotonic()))[0]
+            for s in ready:
+                socks[s]._take()
+            if self.sock in ready:
+                return True
+            if not ready or time.monotonic() >= end:
+                return False
 
     def mark(self) -> int:
         """A position: ``wait(..., since=mark)`` then looks only at later messages."""
@@ -75,6 +95,8 @@ class Notify:
             pass
 
     def close(self) -> None:
+        if self in Notify.live:
+            Notify.live.remove(self)
         self.sock.close()
 
 
