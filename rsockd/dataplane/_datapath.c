@@ -360,6 +360,30 @@ static inline uint32_t be32(const uint8_t *p)
 }
 static inline uint64_t be64(const uint8_t *p) { return (uint64_t)be32(p) << 32 | be32(p + 4); }
 
+/* After an error: ``give_back`` (flush_all, writer_flush: what the wake-up did, to the endpoint)
+ * with the error kept aside, so that the endpoint is not called with an exception set, and
+ * raised again after (an error of the giving back is dropped for the first). */
+#define GIVE_BACK_KEEPING_ERROR(give_back)              \
+    do {                                                \
+        PyObject *type_, *value_, *tb_;                 \
+        PyErr_Fetch(&type_, &value_, &tb_);             \
+        if ((give_back) < 0)                            \
+            PyErr_Clear();                              \
+        PyErr_Restore(type_, value_, tb_);              \
+    } while (0)
+
+static inline void put16(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
+
+static inline void put32(uint8_t *p, uint32_t v)
+{
+    put16(p, v >> 16);
+    put16(p + 2, v);
+}
+
 /* -- one wake-up's reads of a socket: recvmmsg into buffers kept between calls -------------------- */
 
 typedef struct {
@@ -782,16 +806,6 @@ static int flush_all(Reader *self, PyObject *endpoint, PyObject *now)
     return rc;
 }
 
-/* After an error: give back what was done before it (flush_all), the error kept for the caller
- * (the endpoint is not called with an exception set; one of its own is dropped for the first). */
-static void flush_all_keeping_error(Reader *self, PyObject *endpoint, PyObject *now)
-{
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    if (flush_all(self, endpoint, now) < 0)
-        PyErr_Clear();
-    PyErr_Restore(type, value, tb);
-}
 
 /* The run of this segment's connection: found, or started from the endpoint's fast_conn.
  * NULL with no exception: the connection takes the full path (or is not one). */
@@ -1208,21 +1222,19 @@ static PyObject *drain(Reader *self, int fd, int family, int port, PyObject *end
             goto full;
         if (llen)
             memcpy(key, laddr, llen);
-        key[16] = (uint8_t)(port >> 8);
-        key[17] = (uint8_t)port;
+        put16(key + 16, (uint32_t)port);
         memcpy(key + 18, raddr, alen);
-        key[34] = (uint8_t)(rport >> 8);
-        key[35] = (uint8_t)rport;
+        put16(key + 34, (uint32_t)rport);
         Run *r = run_for(self, key, llen, alen, endpoint, now);
         if (r == NULL) {
             if (PyErr_Occurred()) {
-                flush_all_keeping_error(self, endpoint, now);
+                GIVE_BACK_KEEPING_ERROR(flush_all(self, endpoint, now));
                 return NULL;
             }
             goto full;
         }
         if (take(self, r, be32(p + 4), has_ts, tsval, payload, plen) < 0) {
-            flush_all_keeping_error(self, endpoint, now);
+            GIVE_BACK_KEEPING_ERROR(flush_all(self, endpoint, now));
             return NULL;
         }
         continue;
@@ -1329,8 +1341,7 @@ static int out_seal(Out *o)
         return -1;
     uint8_t *r = (uint8_t *)PyBytes_AS_STRING(rec);
     size_t length = 16 + o->fill;
-    r[0] = (uint8_t)(length >> 8);
-    r[1] = (uint8_t)length;
+    put16(r, (uint32_t)length);
     for (int k = 0; k < 8; k++)
         r[2 + k] = (uint8_t)(o->counter >> (56 - 8 * k));
     memcpy(r + RECORD_HEAD, o->frames, o->fill);
@@ -1356,18 +1367,6 @@ static void out_clear(Out *o)
     Py_CLEAR(o->records);
     PyMem_Free(o->frames);
     o->frames = NULL;
-}
-
-static inline void put16(uint8_t *p, uint32_t v)
-{
-    p[0] = (uint8_t)(v >> 8);
-    p[1] = (uint8_t)v;
-}
-
-static inline void put32(uint8_t *p, uint32_t v)
-{
-    put16(p, v >> 16);
-    put16(p + 2, v);
 }
 
 static inline uint32_t fold16(uint32_t s) /* packetsend.py _fold */
@@ -1576,18 +1575,6 @@ static int writer_flush(Writer *self, PyObject *endpoint, PyObject *now)
     return rc;
 }
 
-/* After an error: give back what was done before it (writer_flush), the error kept for the
- * caller (the endpoint is not called with an exception set; one of its own is dropped for the
- * first). */
-static void writer_flush_keeping_error(Writer *self, PyObject *endpoint, PyObject *now)
-{
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    if (writer_flush(self, endpoint, now) < 0)
-        PyErr_Clear();
-    PyErr_Restore(type, value, tb);
-}
-
 /* ``src`` as the socket module gives a sender's address: (host, port) or (host, port, flowinfo,
  * scope_id); the client's flow table is keyed by it. */
 static PyObject *sockaddr_tuple(const struct sockaddr *src)
@@ -1747,7 +1734,7 @@ static PyObject *fill(Writer *self, int fd, PyObject *endpoint, PyObject *now, P
         Flow *f = flow_for(self, src, srclen, key, endpoint, now);
         if (f == NULL) {
             if (PyErr_Occurred()) {
-                writer_flush_keeping_error(self, endpoint, now);
+                GIVE_BACK_KEEPING_ERROR(writer_flush(self, endpoint, now));
                 return NULL;
             }
             goto full;
@@ -1757,17 +1744,13 @@ static PyObject *fill(Writer *self, int fd, PyObject *endpoint, PyObject *now, P
         Out *o = &self->outs[f->out];
         size_t frame = DATA_HEAD + n;
         if (o->fill && o->fill + frame > o->budget && out_seal(o) < 0) {
-            writer_flush_keeping_error(self, endpoint, now);
+            GIVE_BACK_KEEPING_ERROR(writer_flush(self, endpoint, now));
             return NULL;
         }
         uint8_t *w = o->frames + o->fill;
         w[0] = DATA;
-        w[1] = (uint8_t)((4 + n) >> 8);
-        w[2] = (uint8_t)(4 + n);
-        w[3] = (uint8_t)(f->flow_id >> 24);
-        w[4] = (uint8_t)(f->flow_id >> 16);
-        w[5] = (uint8_t)(f->flow_id >> 8);
-        w[6] = (uint8_t)f->flow_id;
+        put16(w + 1, (uint32_t)(4 + n));
+        put32(w + 3, f->flow_id);
         memcpy(w + DATA_HEAD, d, n);
         o->fill += frame;
         f->count++;
@@ -2018,19 +2001,14 @@ static PyObject *datapath_send_raw(PyObject *mod, PyObject *args)
         uint8_t *ip = heads + per * (size_t)i, *tcp = ip + iph.len;
         memcpy(ip, iph.buf, (size_t)iph.len);
         memcpy(tcp, hdr.buf, hl);
-        tcp[4] = (uint8_t)(seq >> 24);
-        tcp[5] = (uint8_t)(seq >> 16);
-        tcp[6] = (uint8_t)(seq >> 8);
-        tcp[7] = (uint8_t)seq;
+        put32(tcp + 4, seq);
         seq += (uint32_t)plen;
         int k = 0;
         if (v4) {
             uint16_t id = (uint16_t)(ident + step * (unsigned int)i);
-            ip[4] = (uint8_t)(id >> 8);
-            ip[5] = (uint8_t)id;
+            put16(ip + 4, id);
             uint16_t check = tcp_checksum((uint32_t)psum, tcp, hl, p, plen);
-            tcp[16] = (uint8_t)(check >> 8);
-            tcp[17] = (uint8_t)check;
+            put16(tcp + 16, check);
             iov[3 * i].iov_base = ip;
             iov[3 * i].iov_len = 20;
             k = 1;
