@@ -1179,10 +1179,12 @@ static PyObject *drain(Reader *self, int fd, int family, int port, PyObject *end
         }
         const uint8_t *laddr = NULL;
         size_t llen = 0;
+        uint8_t dst[16]; /* a copy: moving on to the next datagram below overwrites self->dst */
         if (!pktinfo) {
             laddr = (const uint8_t *)"";
         } else if (self->has_dst == (int)alen) {
-            laddr = self->dst;
+            memcpy(dst, self->dst, alen);
+            laddr = dst;
             llen = alen;
         } else if (fb != NULL) {
             laddr = fb;

@@ -655,3 +655,33 @@ def test_counters_past_63_bits(rig: Rig) -> None:
     rig.compare()
     window = rig.fast_conn._opener.window  # type: ignore[union-attr]
     assert window.top >= 2**64 - 3 and rig.handed_back == 0
+
+
+def test_a_segment_handed_back_keeps_the_destination_it_came_to() -> None:
+    """A server's tunnel socket takes datagrams for every address of the host (one per client
+    link, say), and each carries its own destination (IP_PKTINFO).  A segment handed back keeps
+    its datagram's, not that of the datagram read after it in the same batch: a SYN that took the
+    next one's would make a connection the client never sees and turn its retransmissions into
+    replays of a tag seen elsewhere (``bad_tag``)."""
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = Rig.udp()
+    try:
+        rx.bind(("0.0.0.0", 0))  # every loopback address: 127.0.0.1, .2, .3
+        rx.setblocking(False)
+        rx.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        port = rx.getsockname()[1]
+        pair = EndpointPair(ports=(port,), client_addr=LO, server_addr=LO)
+        syn = struct.pack("!HHII", 5 << 12 | 0x02, 65535, 1, 0)  # the steered form of a bare SYN
+        dsts = [bytes([127, 0, 0, 1 + i % 3]) for i in range(9)]
+        for i, d in enumerate(dsts):
+            tx.sendto(syn + bytes([i]), (socket.inet_ntoa(d), port))
+        assert select.select([rx], [], [], 2.0)[0]
+        reader, got = datapath.Reader(), []
+        while (back := reader.drain(rx.fileno(), socket.AF_INET, port, pair.server, pair.now, True, None,
+                                    relay.BATCH, relay.READ_BUDGET, None, True)) is not None:
+            (laddr, lport), _remote, seg = back
+            got.append((seg[-1], laddr, lport))
+        assert got == [(i, d, port) for i, d in enumerate(dsts)]
+    finally:
+        rx.close()
+        tx.close()
