@@ -160,7 +160,8 @@ def _measured(t: dict[str, Any]) -> str:
     v = t["measured"]
     if v is None:
         return "-"
-    return f"{v:.2f}x" if t["unit"] == "ratio" else f"{v:.1f} {t['unit']}"
+    # three decimals: a ratio of 0.317 against a goal of 0.32 must not read as the goal itself
+    return f"{v:.3f}x" if t["unit"] == "ratio" else f"{v:.1f} {t['unit']}"
 
 
 def _wireguard_lines(data: dict[str, Any]) -> list[str]:
