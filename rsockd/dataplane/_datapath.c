@@ -43,6 +43,7 @@
 #include <structmember.h>
 
 #include <errno.h>
+#include <stdarg.h>
 #include <netinet/in.h>
 #include <stdint.h>
 #include <string.h>
@@ -64,6 +65,36 @@
 #define OUTQ 512              /* datagrams queued for the application side before they are sent */
 #define GSO_SEGS 64           /* UDP_MAX_SEGMENTS */
 #define GSO_BYTES 65000       /* core/batching.py GSO_MAX_BYTES */
+
+/* -- calls into Python ----------------------------------------------------------------------- */
+
+/* The endpoint's methods the data path calls, by interned name (PyInit__datapath). */
+static PyObject *M_fast_conn, *M_steered_run, *M_flow_sent, *M_sealed_run, *M_sent_run, *M_fast_flow;
+
+#define CALL_ARGS_MAX 16
+
+/* ``callable(*args)``, or with ``name`` ``callable.name(*args)``, ``args`` made by Py_BuildValue
+ * from ``fmt`` (in parentheses: always a tuple).  A vectorcall: no bound method, no name made,
+ * the arguments passed as they are (the compiled endpoint's methods take them so). */
+static PyObject *call(PyObject *callable, PyObject *name, const char *fmt, ...)
+{
+    va_list va;
+    va_start(va, fmt);
+    PyObject *args = Py_VaBuildValue(fmt, va);
+    va_end(va);
+    if (args == NULL)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(args);
+    PyObject *stack[CALL_ARGS_MAX + 1];
+    stack[0] = callable;
+    for (Py_ssize_t i = 0; i < n && i < CALL_ARGS_MAX; i++)
+        stack[i + 1] = PyTuple_GET_ITEM(args, i);
+    PyObject *res = n > CALL_ARGS_MAX ? PyObject_Call(callable, args, NULL)
+                    : name != NULL ? PyObject_VectorcallMethod(name, stack, (size_t)n + 1, NULL)
+                    : PyObject_Vectorcall(callable, stack + 1, (size_t)n, NULL);
+    Py_DECREF(args);
+    return res;
+}
 
 /* -- BLAKE2b (RFC 7693), keyed, with a personalization: the record tag ------------------------ */
 
@@ -735,7 +766,7 @@ static Sink *sink_for(Reader *self, Run *r, uint32_t id)
     Sink *s = &r->sinks[r->nsinks];
     memset(s, 0, sizeof *s);
     s->id = id;
-    PyObject *got = PyObject_CallFunction(self->sink_of, "Ok", r->conn, (unsigned long)id);
+    PyObject *got = call(self->sink_of, NULL, "(Ok)", r->conn, (unsigned long)id);
     if (got == NULL)
         return NULL;
     if (got != Py_None) {
@@ -777,8 +808,8 @@ static int run_flush(Run *r, PyObject *endpoint, PyObject *now)
         }
         Py_DECREF(item);
     }
-    PyObject *res = ts == NULL || top == NULL ? NULL : PyObject_CallMethod(
-        endpoint, "steered_run", "OOllllkOOy#llOO", r->conn, r->data ? r->data : Py_None, r->segments,
+    PyObject *res = ts == NULL || top == NULL ? NULL : call(
+        endpoint, M_steered_run, "(OOllllkOOy#llOO)", r->conn, r->data ? r->data : Py_None, r->segments,
         r->nbytes, r->authed, r->authed_bytes, (unsigned long)r->rcv_nxt, ts, top, (const char *)raw,
         (Py_ssize_t)sizeof raw, r->replays, r->bad, sent ? sent : Py_None, now);
     Py_XDECREF(ts);
@@ -817,7 +848,7 @@ static Run *run_for(Reader *self, const uint8_t *key, size_t llen, size_t ralen,
             return &self->runs[i];
     if (self->nruns == MAXRUNS && flush_all(self, endpoint, now) < 0)
         return NULL;
-    PyObject *st = PyObject_CallMethod(endpoint, "fast_conn", "y#Iy#I", (const char *)key, (Py_ssize_t)llen,
+    PyObject *st = call(endpoint, M_fast_conn, "(y#Iy#I)", (const char *)key, (Py_ssize_t)llen,
                                        be16(key + 16), (const char *)key + 18, (Py_ssize_t)ralen, be16(key + 34));
     if (st == NULL || st == Py_None) {
         Py_XDECREF(st);
@@ -1545,7 +1576,7 @@ static int writer_flush(Writer *self, PyObject *endpoint, PyObject *now)
     for (int i = 0; i < self->nflows; i++) {
         Flow *f = &self->flows[i];
         if (rc == 0 && f->count) {
-            PyObject *res = PyObject_CallMethod(endpoint, "flow_sent", "OllO", f->flow, f->count, f->nbytes, now);
+            PyObject *res = call(endpoint, M_flow_sent, "(OllO)", f->flow, f->count, f->nbytes, now);
             if (res == NULL)
                 rc = -1;
             Py_XDECREF(res);
@@ -1561,11 +1592,11 @@ static int writer_flush(Writer *self, PyObject *endpoint, PyObject *now)
             out_tag(o);
             PyObject *res;
             if (o->wire.fd < 0)
-                res = PyObject_CallMethod(endpoint, "sealed_run", "OOKO", o->conn, o->records,
+                res = call(endpoint, M_sealed_run, "(OOKO)", o->conn, o->records,
                                           (unsigned long long)o->counter, now);
             else
-                res = wire_send(self, o) < 0 ? NULL : PyObject_CallMethod(
-                    endpoint, "sent_run", "OKllklO", o->conn, (unsigned long long)o->counter, o->wire.segments,
+                res = wire_send(self, o) < 0 ? NULL : call(
+                    endpoint, M_sent_run, "(OKllklO)", o->conn, (unsigned long long)o->counter, o->wire.segments,
                     o->wire.nbytes, (unsigned long)o->wire.seq, o->wire.v4 ? o->wire.segments : 0L, now);
             if (res == NULL)
                 rc = -1;
@@ -1614,7 +1645,7 @@ static Flow *flow_for(Writer *self, const struct sockaddr *src, socklen_t srclen
     PyObject *source = key == Py_None ? sockaddr_tuple(src) : Py_NewRef(key);
     if (source == NULL)
         return NULL;
-    PyObject *st = PyObject_CallMethod(endpoint, "fast_flow", "OO", source, now);
+    PyObject *st = call(endpoint, M_fast_flow, "(OO)", source, now);
     Py_DECREF(source);
     if (st == NULL || st == Py_None) {
         Py_XDECREF(st);
@@ -2125,6 +2156,13 @@ PyMODINIT_FUNC PyInit__datapath(void)
 {
     if (PyType_Ready(&ReaderType) < 0 || PyType_Ready(&WriterType) < 0)
         return NULL;
+    struct { PyObject **slot; const char *name; } methods[] = {
+        {&M_fast_conn, "fast_conn"}, {&M_steered_run, "steered_run"}, {&M_flow_sent, "flow_sent"},
+        {&M_sealed_run, "sealed_run"}, {&M_sent_run, "sent_run"}, {&M_fast_flow, "fast_flow"},
+    };
+    for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++)
+        if (*methods[i].slot == NULL && (*methods[i].slot = PyUnicode_InternFromString(methods[i].name)) == NULL)
+            return NULL;
 #if MULTI
     __builtin_cpu_init();
     have_avx2 = __builtin_cpu_supports("avx2") && !getenv("RSOCKD_TAGS_ONE_AT_A_TIME");
