@@ -48,7 +48,9 @@
 #include <stdint.h>
 #include <string.h>
 #include <arpa/inet.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
+#include <time.h>
 
 #ifndef SOL_UDP
 #define SOL_UDP 17
@@ -70,6 +72,9 @@
 
 /* The endpoint's methods the data path calls, by interned name (PyInit__datapath). */
 static PyObject *M_fast_conn, *M_steered_run, *M_flow_sent, *M_sealed_run, *M_sent_run, *M_fast_flow;
+/* ... and the relay's, and its attributes, that the wait loop (Serve) uses. */
+static PyObject *M_tunnel_back, *M_tunnel_failed, *M_fill_back, *M_fill_failed, *M_handle, *M_pump, *A_closing,
+    *A_timer_at;
 
 #define CALL_ARGS_MAX 16
 
@@ -2140,6 +2145,361 @@ static PyTypeObject ReaderType = {
     .tp_members = Reader_members,
 };
 
+/* -- the wait loop: the relay's sockets served from here while datagrams keep coming ------------ */
+
+/* What a socket of the relay's epoll is, for the loop: a tunnel socket (the reader takes it), an
+ * application-side socket (the writer takes it), or anything else (the relay's ``_handle``). */
+enum { W_OTHER = 0, W_TUNNEL, W_FILL };
+
+typedef struct {
+    int kind;
+    int family, port;   /* W_TUNNEL */
+    PyObject *fallback; /* W_TUNNEL: the server's local_ip (packed) or None; strong */
+    PyObject *key;      /* W_FILL: the flow's key (server) or None (the client's application socket); strong */
+} Watch;
+
+#define POLL_EVENTS 64 /* dataplane/relay.py POLL_EVENTS: sockets served per epoll_wait */
+
+typedef struct {
+    PyObject_HEAD
+    int epfd;
+    int batch;   /* datagrams and bytes read per socket and wake-up (relay.BATCH, READ_BUDGET) */
+    long budget;
+    Watch *w;    /* by fd */
+    int cap;
+} Serve;
+
+static double monotonic(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* time.monotonic()'s clock */
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static PyObject *Serve_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    int epfd, batch;
+    long budget;
+    static char *kw[] = {"epfd", "batch", "budget", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iil:Serve", kw, &epfd, &batch, &budget))
+        return NULL;
+    Serve *self = (Serve *)type->tp_alloc(type, 0);
+    if (self != NULL) {
+        self->epfd = epfd;
+        self->batch = batch;
+        self->budget = budget;
+    }
+    return (PyObject *)self;
+}
+
+static void watch_clear(Watch *w)
+{
+    Py_CLEAR(w->fallback);
+    Py_CLEAR(w->key);
+    w->kind = W_OTHER;
+}
+
+static void Serve_dealloc(Serve *self)
+{
+    for (int i = 0; i < self->cap; i++)
+        watch_clear(&self->w[i]);
+    PyMem_Free(self->w);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static Watch *watch_at(Serve *self, int fd)
+{
+    if (fd < 0)
+        return NULL;
+    if (fd >= self->cap) {
+        int cap = fd + 64;
+        Watch *w = PyMem_Realloc(self->w, sizeof(Watch) * (size_t)cap);
+        if (w == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        memset(w + self->cap, 0, sizeof(Watch) * (size_t)(cap - self->cap));
+        self->w = w;
+        self->cap = cap;
+    }
+    return &self->w[fd];
+}
+
+static PyObject *Serve_tunnel(Serve *self, PyObject *args)
+{
+    int fd, family, port;
+    PyObject *fallback;
+    if (!PyArg_ParseTuple(args, "iiiO:tunnel", &fd, &family, &port, &fallback))
+        return NULL;
+    if (fallback != Py_None &&
+        (!PyBytes_Check(fallback) || (PyBytes_GET_SIZE(fallback) != 4 && PyBytes_GET_SIZE(fallback) != 16))) {
+        PyErr_SetString(PyExc_TypeError, "tunnel: fallback is a packed address or None");
+        return NULL;
+    }
+    Watch *w = watch_at(self, fd);
+    if (w == NULL)
+        return NULL;
+    watch_clear(w);
+    w->kind = W_TUNNEL;
+    w->family = family;
+    w->port = port;
+    w->fallback = Py_NewRef(fallback);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Serve_fill(Serve *self, PyObject *args)
+{
+    int fd;
+    PyObject *key;
+    if (!PyArg_ParseTuple(args, "iO:fill", &fd, &key))
+        return NULL;
+    Watch *w = watch_at(self, fd);
+    if (w == NULL)
+        return NULL;
+    watch_clear(w);
+    w->kind = W_FILL;
+    w->key = Py_NewRef(key);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Serve_forget(Serve *self, PyObject *arg)
+{
+    long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    if (fd >= 0 && fd < self->cap)
+        watch_clear(&self->w[fd]);
+    Py_RETURN_NONE;
+}
+
+/* ``relay.name(a, b, c)`` (from the first NULL on, fewer arguments), its result dropped: 0, or -1
+ * with the error set. */
+static int relay_call3(PyObject *relay, PyObject *name, PyObject *a, PyObject *b, PyObject *c)
+{
+    PyObject *stack[4] = {relay, a, b, c};
+    size_t n = b == NULL ? 2 : c == NULL ? 3 : 4;
+    PyObject *res = PyObject_VectorcallMethod(name, stack, n, NULL);
+    Py_XDECREF(res);
+    return res == NULL ? -1 : 0;
+}
+
+static int relay_call(PyObject *relay, PyObject *name, PyObject *a, PyObject *b)
+{
+    return relay_call3(relay, name, a, b, NULL);
+}
+
+/* An OSError from a read (the reader's or the writer's) goes to the relay's ``failed``, as the
+ * Python loop counts it there, and the loop reads on; any other error ends the run. */
+static int read_failed(PyObject *relay, PyObject *failed, PyObject *key)
+{
+    if (!PyErr_ExceptionMatches(PyExc_OSError))
+        return -1;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    int rc = relay_call(relay, failed, key != NULL ? key : value, key != NULL ? value : NULL);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    return rc;
+}
+
+/* One readable tunnel socket: what ``Relay._drain`` and ``_pump`` do, the reader's calls made from here. */
+static int serve_tunnel(Serve *self, Reader *reader, PyObject *relay, PyObject *endpoint, int fd, const Watch *w,
+                        int pktinfo, int *gso, PyObject *sink, PyObject *now)
+{
+    const uint8_t *fb = NULL;
+    Py_ssize_t fblen = 0;
+    if (w->fallback != Py_None) {
+        fb = (const uint8_t *)PyBytes_AS_STRING(w->fallback);
+        fblen = PyBytes_GET_SIZE(w->fallback);
+    }
+    PyObject *fallback = Py_NewRef(w->fallback); /* ``w`` may be forgotten by a call below */
+    int family = w->family, port = w->port, rc = 0;
+    for (;;) {
+        reader->sink_of = sink;
+        reader->gso = reader->gso_refused ? 0 : *gso;
+        PyObject *back = drain(reader, fd, family, port, endpoint, now, pktinfo, fb, fblen, self->batch, self->budget);
+        reader->sink_of = NULL;
+        if (back == NULL) {
+            if (read_failed(relay, M_tunnel_failed, NULL) < 0) {
+                rc = -1;
+                break;
+            }
+            continue;
+        }
+        if (reader->errors.n || (reader->gso_refused && *gso)) {
+            *gso = 0; /* the relay turns its own GSO off on hearing of it */
+            if (relay_call(relay, M_tunnel_failed, Py_None, NULL) < 0) {
+                Py_DECREF(back);
+                rc = -1;
+                break;
+            }
+        }
+        if (back == Py_None) {
+            Py_DECREF(back);
+            break;
+        }
+        rc = relay_call(relay, M_tunnel_back, back, now);
+        Py_DECREF(back);
+        if (rc < 0)
+            break;
+    }
+    Py_DECREF(fallback);
+    return rc < 0 ? -1 : relay_call(relay, M_pump, now, NULL);
+}
+
+/* One readable application-side socket: what ``Relay._fill`` and ``_pump`` do. */
+static int serve_fill(Serve *self, Writer *writer, PyObject *relay, PyObject *endpoint, int fd, const Watch *w,
+                      PyObject *wire, PyObject *now)
+{
+    PyObject *key = Py_NewRef(w->key); /* ``w`` may be forgotten by a call below */
+    int rc = 0;
+    for (;;) {
+        writer->wire_of = wire;
+        PyObject *back = fill(writer, fd, endpoint, now, key, self->batch, self->budget);
+        writer->wire_of = NULL;
+        if (back == NULL) {
+            if (read_failed(relay, M_fill_failed, key) < 0) {
+                rc = -1;
+                break;
+            }
+            continue;
+        }
+        if (writer->errors.n && relay_call(relay, M_fill_failed, key, Py_None) < 0) {
+            Py_DECREF(back);
+            rc = -1;
+            break;
+        }
+        if (back == Py_None) {
+            Py_DECREF(back);
+            break;
+        }
+        rc = relay_call3(relay, M_fill_back, key, back, now);
+        Py_DECREF(back);
+        if (rc < 0)
+            break;
+    }
+    Py_DECREF(key);
+    return rc < 0 ? -1 : relay_call(relay, M_pump, now, NULL);
+}
+
+PyDoc_STRVAR(serve_run_doc,
+"run(relay, endpoint, reader, writer, until, pktinfo, gso, wire)\n--\n\n"
+"``Relay._on_data``'s loop, from here: serve every ready socket of the epoll, then wait for the\n"
+"next datagram in one ``epoll_wait`` for up to ``until`` (monotonic seconds; never past\n"
+"``relay._timer_at``) and serve again, until nothing comes or ``relay.closing``.  A tunnel socket\n"
+"(``tunnel``) is drained by ``reader`` and an application-side one (``fill``) filled by ``writer``\n"
+"here, each handed-back segment or datagram going to ``relay._tunnel_back(back, now)`` /\n"
+"``relay._fill_back(key, back, now)``, each failure to ``relay._tunnel_failed(error)`` /\n"
+"``relay._fill_failed(key, error)`` (``error`` an OSError from a read, or None: sends failed),\n"
+"then ``relay._pump(now)``; any other socket goes to ``relay._handle(fd)``.  ``pktinfo``,\n"
+"``gso``: as ``Reader.drain``'s; ``wire``: as ``Writer.fill``'s.  Returns ``(loop, own)``: the\n"
+"wake-ups asyncio gave and those of the loop's own wait.");
+
+static PyObject *Serve_run(Serve *self, PyObject *args)
+{
+    PyObject *relay, *endpoint, *wire, *sink;
+    Reader *reader;
+    Writer *writer;
+    double until;
+    int pktinfo, gso;
+    if (!PyArg_ParseTuple(args, "OOO!O!dppO:run", &relay, &endpoint, &ReaderType, &reader, &WriterType, &writer,
+                          &until, &pktinfo, &gso, &wire))
+        return NULL;
+    sink = PyObject_GetAttrString(relay, "_sink_of");
+    if (sink == NULL)
+        return NULL;
+    long loop = 0, own = 0;
+    int timeout_ms = 0;
+    struct epoll_event evs[POLL_EVENTS];
+    for (;;) {
+        int n;
+        Py_BEGIN_ALLOW_THREADS
+        n = epoll_wait(self->epfd, evs, POLL_EVENTS, timeout_ms);
+        Py_END_ALLOW_THREADS
+        if (n < 0) {
+            if (errno == EINTR && PyErr_CheckSignals() == 0)
+                continue; /* as select.epoll.poll does (PEP 475) */
+            if (!PyErr_Occurred())
+                PyErr_SetFromErrno(PyExc_OSError);
+            goto fail;
+        }
+        if (n == 0)
+            break;
+        if (timeout_ms)
+            own++;
+        else
+            loop++;
+        for (int i = 0; i < n; i++) {
+            int fd = evs[i].data.fd;
+            const Watch *w = fd >= 0 && fd < self->cap ? &self->w[fd] : NULL; /* looked up now: an earlier
+                                                                                 socket's calls may forget it */
+            int rc;
+            if (w != NULL && w->kind != W_OTHER) {
+                PyObject *now = PyFloat_FromDouble(monotonic());
+                if (now == NULL)
+                    goto fail;
+                rc = w->kind == W_TUNNEL ? serve_tunnel(self, reader, relay, endpoint, fd, w, pktinfo, &gso, sink, now)
+                                         : serve_fill(self, writer, relay, endpoint, fd, w, wire, now);
+                Py_DECREF(now);
+            } else {
+                PyObject *o = PyLong_FromLong(fd);
+                rc = o == NULL ? -1 : relay_call(relay, M_handle, o, NULL);
+                Py_XDECREF(o);
+            }
+            if (rc < 0)
+                goto fail;
+        }
+        PyObject *closing = PyObject_GetAttr(relay, A_closing);
+        int is_closing = closing == NULL ? -1 : PyObject_IsTrue(closing);
+        Py_XDECREF(closing);
+        if (is_closing < 0)
+            goto fail;
+        if (is_closing)
+            break;
+        PyObject *at = PyObject_GetAttr(relay, A_timer_at);
+        double timer_at = at == NULL ? -1.0 : PyFloat_AsDouble(at);
+        Py_XDECREF(at);
+        if (PyErr_Occurred())
+            goto fail;
+        double left = (timer_at < until ? timer_at : until) - monotonic();
+        if (left <= 0)
+            break;
+        timeout_ms = (int)(left * 1000.0);
+        if (timeout_ms < 1)
+            timeout_ms = 1; /* as select.epoll.poll rounds a timeout up to whole milliseconds */
+        else if ((double)timeout_ms < left * 1000.0)
+            timeout_ms++;
+    }
+    Py_DECREF(sink);
+    return Py_BuildValue("(ll)", loop, own);
+fail:
+    Py_DECREF(sink);
+    return NULL;
+}
+
+static PyMethodDef Serve_methods[] = {
+    {"tunnel", (PyCFunction)Serve_tunnel, METH_VARARGS,
+     PyDoc_STR("tunnel(fd, family, port, fallback): the reader drains tunnel socket fd (as Reader.drain's).")},
+    {"fill", (PyCFunction)Serve_fill, METH_VARARGS,
+     PyDoc_STR("fill(fd, key): the writer fills from application-side socket fd (key: as Writer.fill's).")},
+    {"forget", (PyCFunction)Serve_forget, METH_O, PyDoc_STR("forget(fd): fd goes to relay._handle again.")},
+    {"run", (PyCFunction)Serve_run, METH_VARARGS, serve_run_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ServeType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "rsockd.dataplane._datapath.Serve",
+    .tp_doc = PyDoc_STR("The relay's wait loop over its epoll, its sockets served by a reader and a writer."),
+    .tp_basicsize = sizeof(Serve),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = Serve_new,
+    .tp_dealloc = (destructor)Serve_dealloc,
+    .tp_methods = Serve_methods,
+};
+
 static PyMethodDef module_methods[] = {
     {"send_raw", datapath_send_raw, METH_VARARGS, send_raw_doc},
     {"tag", datapath_tag, METH_VARARGS, tag_doc},
@@ -2154,11 +2514,14 @@ static struct PyModuleDef datapath_module = {
 
 PyMODINIT_FUNC PyInit__datapath(void)
 {
-    if (PyType_Ready(&ReaderType) < 0 || PyType_Ready(&WriterType) < 0)
+    if (PyType_Ready(&ReaderType) < 0 || PyType_Ready(&WriterType) < 0 || PyType_Ready(&ServeType) < 0)
         return NULL;
     struct { PyObject **slot; const char *name; } methods[] = {
         {&M_fast_conn, "fast_conn"}, {&M_steered_run, "steered_run"}, {&M_flow_sent, "flow_sent"},
         {&M_sealed_run, "sealed_run"}, {&M_sent_run, "sent_run"}, {&M_fast_flow, "fast_flow"},
+        {&M_tunnel_back, "_tunnel_back"}, {&M_tunnel_failed, "_tunnel_failed"}, {&M_fill_back, "_fill_back"},
+        {&M_fill_failed, "_fill_failed"}, {&M_handle, "_handle"}, {&M_pump, "_pump"}, {&A_closing, "closing"},
+        {&A_timer_at, "_timer_at"},
     };
     for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++)
         if (*methods[i].slot == NULL && (*methods[i].slot = PyUnicode_InternFromString(methods[i].name)) == NULL)
@@ -2178,17 +2541,16 @@ PyMODINIT_FUNC PyInit__datapath(void)
         Py_DECREF(m);
         return NULL;
     }
-    Py_INCREF(&ReaderType);
-    if (PyModule_AddObject(m, "Reader", (PyObject *)&ReaderType) < 0) {
-        Py_DECREF(&ReaderType);
-        Py_DECREF(m);
-        return NULL;
-    }
-    Py_INCREF(&WriterType);
-    if (PyModule_AddObject(m, "Writer", (PyObject *)&WriterType) < 0) {
-        Py_DECREF(&WriterType);
-        Py_DECREF(m);
-        return NULL;
+    struct { const char *name; PyTypeObject *type; } types[] = {
+        {"Reader", &ReaderType}, {"Writer", &WriterType}, {"Serve", &ServeType},
+    };
+    for (size_t i = 0; i < sizeof types / sizeof types[0]; i++) {
+        Py_INCREF(types[i].type);
+        if (PyModule_AddObject(m, types[i].name, (PyObject *)types[i].type) < 0) {
+            Py_DECREF(types[i].type);
+            Py_DECREF(m);
+            return NULL;
+        }
     }
     return m;
 }

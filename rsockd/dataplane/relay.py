@@ -193,6 +193,11 @@ class Relay(Generic[E]):
         self._reader = io.Reader() if io is not None else None  # the tunnel sockets' (_drain)
         self._rx_batches = self._rx_batched = 0  # reads of several segments (GRO), without the reader
         self._writer = io.Writer() if io is not None else None  # the application side's (_fill)
+        # The wait loop in C (_on_data): the sockets' own epoll served by the reader and the writer
+        # without a Python frame per socket; RSOCKD_PYTHON_LOOP=1 keeps the loop below (comparisons).
+        self._serve = (io.Serve(self._poll.fileno(), BATCH, READ_BUDGET)
+                       if io is not None and self._poll is not None and os.environ.get("RSOCKD_PYTHON_LOOP") != "1"
+                       else None)
         # What the kernel says changed (netlink notifications): housekeeping looks the host up
         # again only then (docs/design.md, "Following the host"); None: it cannot say, look.
         self._host_changed = self._egress_changed = False
@@ -412,7 +417,21 @@ class Relay(Generic[E]):
             self.loop.add_reader(fd, callback, *args)
             self._readers.append(fd)
 
+    def _serve_tunnel(self, fd: int, family: int, port: int, fallback: bytes | None) -> None:
+        """A watched tunnel socket: the compiled loop's reader drains it (as ``_on_tunnel`` would)."""
+        if self._serve is not None:
+            self._serve.tunnel(fd, family, port, fallback)
+
+    def _serve_fill(self, fd: int, key: Any) -> None:
+        """A watched application-side socket (``key``: a target socket's flow, None: the
+        application socket): the compiled loop's writer fills from it (as ``_on_target`` /
+        ``_on_app`` would)."""
+        if self._serve is not None:
+            self._serve.fill(fd, key)
+
     def _unwatch(self, fd: int) -> None:
+        if self._serve is not None:
+            self._serve.forget(fd)
         if self._handlers.pop(fd, None) is not None:
             try:
                 self._poll.unregister(fd)
@@ -427,7 +446,18 @@ class Relay(Generic[E]):
         the next datagram here, in one ``epoll_wait``, for up to DATA_WAIT (never past the
         endpoint's timer), before asyncio runs again: while traffic flows, a datagram wakes the
         relay's own code, not asyncio's pass over its selector, handles and timers.  What asyncio
-        holds meanwhile (the control socket, signals, its other timers) waits at most DATA_WAIT."""
+        holds meanwhile (the control socket, signals, its other timers) waits at most DATA_WAIT.
+        Compiled (``_serve``), the loop and the reader's and writer's calls run in C, and come
+        back here for what the Python loop below would do beyond them (``_handle``,
+        ``_tunnel_back``, ``_tunnel_failed``, ``_fill_back``, ``_fill_failed``, ``_pump``)."""
+        serve = self._serve
+        if serve is not None:
+            loop, own = serve.run(self, self.endpoint, self._reader, self._writer, time.monotonic() + DATA_WAIT,
+                                  self.role == "server", self.delivery.gso,
+                                  self._wire_of if self.packet is not None else None)
+            self.wakeups_loop += loop
+            self.wakeups_own += own
+            return
         poll, handlers = self._poll, self._handlers
         until = time.monotonic() + DATA_WAIT
         timeout = 0.0
@@ -448,6 +478,12 @@ class Relay(Generic[E]):
             timeout = min(until, self._timer_at) - time.monotonic()
             if timeout <= 0:
                 return
+
+    def _handle(self, fd: int) -> None:
+        """The compiled loop's socket of another kind: its handler, if it is still watched."""
+        handler = self._handlers.get(fd)
+        if handler is not None:
+            handler[0](*handler[1])
 
     def add_receivers(self, receivers: list[Receiver]) -> None:
         """Capture sources of a capture backend: whole IP packets, checksum unverified.  When
@@ -549,24 +585,33 @@ class Relay(Generic[E]):
         """A wake-up of a tunnel socket through the compiled reader (dataplane/_datapath.c): it
         takes the established connections' data segments itself and hands back each other one,
         which takes ``receive_steered`` as in the loop it replaces."""
-        receive, fd, pktinfo = self.endpoint.receive_steered, sock.fileno(), self.role == "server"
-        sink, label = self._sink_of, "target_" if self.role == "server" else "app_"
+        fd, pktinfo, sink = sock.fileno(), self.role == "server", self._sink_of
         while True:
             try:
                 back = reader.drain(fd, family, port, self.endpoint, now, pktinfo, fallback, BATCH, READ_BUDGET,
                                     sink, self.delivery.gso)
             except OSError as e:  # e.g. ECONNREFUSED from an earlier ICMP: not about this read
-                self._send_errors(reader, label)
-                self.tx_errors["rx_" + errno_name(e)] += 1
+                self._tunnel_failed(e)
                 continue
-            self._send_errors(reader, label)
+            self._tunnel_failed(None)
             if back is None:
                 return
-            local, remote, segment = back
-            if local is None:
-                self.endpoint.drops["malformed"] += 1
-            else:
-                receive(local, remote, memoryview(segment), now)
+            self._tunnel_back(back, now)
+
+    def _tunnel_back(self, back: tuple[Any, Any, bytes], now: float) -> None:
+        """A segment the reader handed back: ``receive_steered`` takes it."""
+        local, remote, segment = back
+        if local is None:
+            self.endpoint.drops["malformed"] += 1
+        else:
+            self.endpoint.receive_steered(local, remote, memoryview(segment), now)
+
+    def _tunnel_failed(self, err: OSError | None) -> None:
+        """After a reader's call: what it could not send on; ``err``: its read failed."""
+        assert self._reader is not None
+        self._send_errors(self._reader, "target_" if self.role == "server" else "app_")
+        if err is not None:
+            self.tx_errors["rx_" + errno_name(err)] += 1
 
     def _send_errors(self, reader: Any, label: str) -> None:
         """Count what the reader could not send on to the application side."""
@@ -583,25 +628,34 @@ class Relay(Generic[E]):
         back each other one, which takes ``send_app`` / ``send_target`` as in the loop it replaces.
         ``key``: the flow of a target socket (server), None for the application socket (client)."""
         ep, fd = self.endpoint, sock.fileno()
-        label = "app_" if key is None else "target_"
         wire = self._wire_of if self.packet is not None else None
         while True:
             try:
                 back = writer.fill(fd, ep, now, key, BATCH, READ_BUDGET, wire)
             except OSError as e:  # ICMP port unreachable from the target: it is down, keep the flow
-                self.tx_errors[label + errno_name(e)] += 1
-                back = False
+                self._fill_failed(key, e)
+                continue
             if wire is not None:
                 self._wire_errors(writer)
-            if back is False:
-                continue
             if back is None:
                 return
-            addr, datagram = back
-            if isinstance(ep, ServerEndpoint):
-                ep.send_target(key, datagram, now)
-            else:
-                ep.send_app(addr, datagram, now)
+            self._fill_back(key, back, now)
+
+    def _fill_back(self, key: Any, back: tuple[Any, bytes], now: float) -> None:
+        """A datagram the writer handed back: ``send_target`` / ``send_app`` takes it."""
+        addr, datagram = back
+        ep = self.endpoint
+        if isinstance(ep, ServerEndpoint):
+            ep.send_target(key, datagram, now)
+        else:
+            ep.send_app(addr, datagram, now)
+
+    def _fill_failed(self, key: Any, err: OSError | None) -> None:
+        """After a writer's call: its own sends that failed; ``err``: its read failed."""
+        if err is not None:
+            self.tx_errors[("app_" if key is None else "target_") + errno_name(err)] += 1
+        if self.packet is not None and self._writer is not None:
+            self._wire_errors(self._writer)
 
     def _wire_of(self, conn: Connection, now: float) -> tuple[Any, ...] | None:
         """For the compiled writer: how it sends ``conn``'s records as segments itself (the
@@ -762,6 +816,7 @@ class ServerRelay(Relay[ServerEndpoint]):
                 self._sockets.append(udp)
                 self._tunnel[(fam, port)] = udp
                 self._watch(udp.fileno(), self._on_tunnel, udp, fam, port)
+                self._serve_tunnel(udp.fileno(), fam, port, self._fallback)
         self._start_housekeeping()
 
     @staticmethod
@@ -858,6 +913,7 @@ class ServerRelay(Relay[ServerEndpoint]):
                 return
             self._targets[ev.key] = sock
             self._watch(sock.fileno(), self._on_target, ev.key, sock)
+            self._serve_fill(sock.fileno(), ev.key)
         elif isinstance(ev, FlowGone):
             self._close_flow(ev.key)
         elif isinstance(ev, HelloRefused):
@@ -955,6 +1011,7 @@ class ClientRelay(Relay[ClientEndpoint]):
         _bufsize(self.app)
         self._sockets.append(self.app)
         self._watch(self.app.fileno(), self._on_app)
+        self._serve_fill(self.app.fileno(), None)
         self._start_housekeeping()
 
     def _bind_tunnel(self, route: Route) -> None:
@@ -976,6 +1033,7 @@ class ClientRelay(Relay[ClientEndpoint]):
             self._tunnel[lport] = udp
             self.local_ports.append(lport)
             self._watch(udp.fileno(), self._on_tunnel, udp, fam, lport)
+            self._serve_tunnel(udp.fileno(), fam, lport, None)
         self.endpoint.bind(pack_address(src), self.local_ports)
 
     def conn_tuples(self) -> list[tuple[str, int, str, int]]:
