@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import statistics
 import subprocess
@@ -38,9 +39,10 @@ def main() -> int:
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, stop)
 
-    tmp = Path(tempfile.mkdtemp(prefix="rsockd-demo-"))
+    tmp = Path(tempfile.mkdtemp(prefix="rsockd-demo-"))  # the daemons' logs and notify sockets
     print("== starting a server and a client rsockd in two network namespaces joined by a veth pair")
     t0 = time.monotonic()
+    done = False
     try:
         with Rig(tmp, backend=args.backend, transport=args.type) as rig:
             net = rig.net
@@ -82,10 +84,16 @@ def main() -> int:
             print("\n== rsockctl ports (client)")
             print(rig.client.ctl("ports").stdout, end="")
             print("\n== stopping and tearing down")
+        done = True
     except KeyboardInterrupt:
         print("\ninterrupted: torn down", file=sys.stderr)
         return 130
-    print("done: namespaces, veth, XDP/TC programs and nft tables are gone")
+    finally:
+        if done:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"the daemons' logs are kept in {tmp}", file=sys.stderr)
+    print("done: namespaces, veth, XDP/TC programs, nft tables and the logs are gone")
     return 0
 
 

@@ -10,7 +10,9 @@ one-line ``ConfigError`` naming its source; only ``--help``/``--version`` exit.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 from tests.fuzz.harness import instrumented, main
@@ -21,6 +23,7 @@ with instrumented():
 
 config.DEFAULT_CONFIG_PATH = "/nonexistent/rsockd/rsockd.toml"  # never the machine's own file
 FILE = os.path.join(tempfile.mkdtemp(prefix="rsockd-fuzz-"), "fuzz.toml")
+atexit.register(shutil.rmtree, os.path.dirname(FILE), True)  # the host as it was
 BASES: tuple[list[str], ...] = (["--role=server", "-t", "127.0.0.1:9"], ["--role", "client", "-t", "192.0.2.1"], [])
 
 
