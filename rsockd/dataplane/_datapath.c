@@ -89,14 +89,18 @@ static PyObject *call(PyObject *callable, PyObject *name, const char *fmt, ...)
     va_end(va);
     if (args == NULL)
         return NULL;
+    if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) > CALL_ARGS_MAX) {
+        Py_DECREF(args);
+        PyErr_SetString(PyExc_SystemError, "_datapath call: a format in parentheses, of at most 16 arguments");
+        return NULL;
+    }
     Py_ssize_t n = PyTuple_GET_SIZE(args);
     PyObject *stack[CALL_ARGS_MAX + 1];
     stack[0] = callable;
-    for (Py_ssize_t i = 0; i < n && i < CALL_ARGS_MAX; i++)
+    for (Py_ssize_t i = 0; i < n; i++)
         stack[i + 1] = PyTuple_GET_ITEM(args, i);
-    PyObject *res = n > CALL_ARGS_MAX ? PyObject_Call(callable, args, NULL)
-                    : name != NULL ? PyObject_VectorcallMethod(name, stack, (size_t)n + 1, NULL)
-                    : PyObject_Vectorcall(callable, stack + 1, (size_t)n, NULL);
+    PyObject *res = name != NULL ? PyObject_VectorcallMethod(name, stack, (size_t)n + 1, NULL)
+                                 : PyObject_Vectorcall(callable, stack + 1, (size_t)n, NULL);
     Py_DECREF(args);
     return res;
 }
