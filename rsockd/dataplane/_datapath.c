@@ -74,7 +74,7 @@
 static PyObject *M_fast_conn, *M_steered_run, *M_flow_sent, *M_sealed_run, *M_sent_run, *M_fast_flow;
 /* ... and the relay's, and its attributes, that the wait loop (Serve) uses. */
 static PyObject *M_tunnel_back, *M_tunnel_failed, *M_fill_back, *M_fill_failed, *M_handle, *M_pump, *A_closing,
-    *A_timer_at;
+    *A_timer_at, *A_sink_of;
 
 #define CALL_ARGS_MAX 16
 
@@ -846,7 +846,6 @@ static int flush_all(Reader *self, PyObject *endpoint, PyObject *now)
     return rc;
 }
 
-
 /* The run of this segment's connection: found, or started from the endpoint's fast_conn.
  * NULL with no exception: the connection takes the full path (or is not one). */
 static Run *run_for(Reader *self, const uint8_t *key, size_t llen, size_t ralen, PyObject *endpoint,
@@ -1146,8 +1145,35 @@ PyDoc_STRVAR(drain_doc,
 "to the endpoint.  ``gso``: send runs of equal-sized datagrams with UDP GSO.  What failed to\n"
 "send, ``take_errors`` says.");
 
-static PyObject *drain(Reader *self, int fd, int family, int port, PyObject *endpoint, PyObject *now, int pktinfo,
-                       const uint8_t *fb, Py_ssize_t fblen, int batch, long budget);
+static PyObject *drain_reads(Reader *self, int fd, int family, int port, PyObject *endpoint, PyObject *now,
+                             int pktinfo, const uint8_t *fb, Py_ssize_t fblen, int batch, long budget);
+
+/* ``Reader.drain``, for Python and for the wait loop: ``sink`` (borrowed) and ``gso`` for this call. */
+static PyObject *drain(Reader *self, PyObject *sink, int gso, int fd, int family, int port, PyObject *endpoint,
+                       PyObject *now, int pktinfo, const uint8_t *fb, Py_ssize_t fblen, int batch, long budget)
+{
+    self->sink_of = sink;
+    self->gso = self->gso_refused ? 0 : gso;
+    PyObject *res = drain_reads(self, fd, family, port, endpoint, now, pktinfo, fb, fblen, batch, budget);
+    self->sink_of = NULL;
+    return res;
+}
+
+/* ``fallback``: a packed address (4 or 16 bytes), its bytes in ``*fb``/``*fblen``, or None (NULL, 0). */
+static int packed_fallback(PyObject *fallback, const char *what, const uint8_t **fb, Py_ssize_t *fblen)
+{
+    *fb = NULL;
+    *fblen = 0;
+    if (fallback == Py_None)
+        return 0;
+    if (!PyBytes_Check(fallback) || (PyBytes_GET_SIZE(fallback) != 4 && PyBytes_GET_SIZE(fallback) != 16)) {
+        PyErr_Format(PyExc_TypeError, "%s: fallback is a packed address or None", what);
+        return -1;
+    }
+    *fb = (const uint8_t *)PyBytes_AS_STRING(fallback);
+    *fblen = PyBytes_GET_SIZE(fallback);
+    return 0;
+}
 
 static PyObject *Reader_drain(Reader *self, PyObject *args)
 {
@@ -1161,25 +1187,15 @@ static PyObject *Reader_drain(Reader *self, PyObject *args)
         PyErr_SetString(PyExc_TypeError, "drain: sink is a callable or None");
         return NULL;
     }
-    const uint8_t *fb = NULL;
-    Py_ssize_t fblen = 0;
-    if (fallback != Py_None) {
-        if (!PyBytes_Check(fallback) || (PyBytes_GET_SIZE(fallback) != 4 && PyBytes_GET_SIZE(fallback) != 16)) {
-            PyErr_SetString(PyExc_TypeError, "drain: fallback is a packed address or None");
-            return NULL;
-        }
-        fb = (const uint8_t *)PyBytes_AS_STRING(fallback);
-        fblen = PyBytes_GET_SIZE(fallback);
-    }
-    self->sink_of = sink_of; /* borrowed, for this call */
-    self->gso = self->gso_refused ? 0 : gso;
-    PyObject *res = drain(self, fd, family, port, endpoint, now, pktinfo, fb, fblen, batch, budget);
-    self->sink_of = NULL;
-    return res;
+    const uint8_t *fb;
+    Py_ssize_t fblen;
+    if (packed_fallback(fallback, "drain", &fb, &fblen) < 0)
+        return NULL;
+    return drain(self, sink_of, gso, fd, family, port, endpoint, now, pktinfo, fb, fblen, batch, budget);
 }
 
-static PyObject *drain(Reader *self, int fd, int family, int port, PyObject *endpoint, PyObject *now, int pktinfo,
-                       const uint8_t *fb, Py_ssize_t fblen, int batch, long budget)
+static PyObject *drain_reads(Reader *self, int fd, int family, int port, PyObject *endpoint, PyObject *now,
+                             int pktinfo, const uint8_t *fb, Py_ssize_t fblen, int batch, long budget)
 {
     size_t alen = family == AF_INET6 ? 16 : 4;
     for (;;) {
@@ -1735,7 +1751,18 @@ PyDoc_STRVAR(fill_doc,
 "when done, or ``(address, datagram)`` for the caller to pass to send_app / send_target\n"
 "before calling again (the address None on a target socket).");
 
-static PyObject *fill(Writer *self, int fd, PyObject *endpoint, PyObject *now, PyObject *key, int batch, long budget);
+static PyObject *fill_reads(Writer *self, int fd, PyObject *endpoint, PyObject *now, PyObject *key, int batch,
+                            long budget);
+
+/* ``Writer.fill``, for Python and for the wait loop: ``wire`` (borrowed) for this call. */
+static PyObject *fill(Writer *self, PyObject *wire, int fd, PyObject *endpoint, PyObject *now, PyObject *key,
+                      int batch, long budget)
+{
+    self->wire_of = wire;
+    PyObject *res = fill_reads(self, fd, endpoint, now, key, batch, budget);
+    self->wire_of = NULL;
+    return res;
+}
 
 static PyObject *Writer_fill(Writer *self, PyObject *args)
 {
@@ -1744,13 +1771,11 @@ static PyObject *Writer_fill(Writer *self, PyObject *args)
     PyObject *endpoint, *now, *key, *wire = Py_None;
     if (!PyArg_ParseTuple(args, "iOOOil|O:fill", &fd, &endpoint, &now, &key, &batch, &budget, &wire))
         return NULL;
-    self->wire_of = wire; /* borrowed, for this call */
-    PyObject *res = fill(self, fd, endpoint, now, key, batch, budget);
-    self->wire_of = NULL;
-    return res;
+    return fill(self, wire, fd, endpoint, now, key, batch, budget);
 }
 
-static PyObject *fill(Writer *self, int fd, PyObject *endpoint, PyObject *now, PyObject *key, int batch, long budget)
+static PyObject *fill_reads(Writer *self, int fd, PyObject *endpoint, PyObject *now, PyObject *key, int batch,
+                            long budget)
 {
     for (;;) {
         if (self->in.idx >= self->in.n) {
@@ -2235,11 +2260,10 @@ static PyObject *Serve_tunnel(Serve *self, PyObject *args)
     PyObject *fallback;
     if (!PyArg_ParseTuple(args, "iiiO:tunnel", &fd, &family, &port, &fallback))
         return NULL;
-    if (fallback != Py_None &&
-        (!PyBytes_Check(fallback) || (PyBytes_GET_SIZE(fallback) != 4 && PyBytes_GET_SIZE(fallback) != 16))) {
-        PyErr_SetString(PyExc_TypeError, "tunnel: fallback is a packed address or None");
+    const uint8_t *fb;
+    Py_ssize_t fblen;
+    if (packed_fallback(fallback, "tunnel", &fb, &fblen) < 0)
         return NULL;
-    }
     Watch *w = watch_at(self, fd);
     if (w == NULL)
         return NULL;
@@ -2312,19 +2336,14 @@ static int read_failed(PyObject *relay, PyObject *failed, PyObject *key)
 static int serve_tunnel(Serve *self, Reader *reader, PyObject *relay, PyObject *endpoint, int fd, const Watch *w,
                         int pktinfo, int *gso, PyObject *sink, PyObject *now)
 {
-    const uint8_t *fb = NULL;
-    Py_ssize_t fblen = 0;
-    if (w->fallback != Py_None) {
-        fb = (const uint8_t *)PyBytes_AS_STRING(w->fallback);
-        fblen = PyBytes_GET_SIZE(w->fallback);
-    }
+    const uint8_t *fb;
+    Py_ssize_t fblen;
+    packed_fallback(w->fallback, "tunnel", &fb, &fblen); /* checked by Serve.tunnel */
     PyObject *fallback = Py_NewRef(w->fallback); /* ``w`` may be forgotten by a call below */
     int family = w->family, port = w->port, rc = 0;
     for (;;) {
-        reader->sink_of = sink;
-        reader->gso = reader->gso_refused ? 0 : *gso;
-        PyObject *back = drain(reader, fd, family, port, endpoint, now, pktinfo, fb, fblen, self->batch, self->budget);
-        reader->sink_of = NULL;
+        PyObject *back = drain(reader, sink, *gso, fd, family, port, endpoint, now, pktinfo, fb, fblen, self->batch,
+                               self->budget);
         if (back == NULL) {
             if (read_failed(relay, M_tunnel_failed, NULL) < 0) {
                 rc = -1;
@@ -2360,9 +2379,7 @@ static int serve_fill(Serve *self, Writer *writer, PyObject *relay, PyObject *en
     PyObject *key = Py_NewRef(w->key); /* ``w`` may be forgotten by a call below */
     int rc = 0;
     for (;;) {
-        writer->wire_of = wire;
-        PyObject *back = fill(writer, fd, endpoint, now, key, self->batch, self->budget);
-        writer->wire_of = NULL;
+        PyObject *back = fill(writer, wire, fd, endpoint, now, key, self->batch, self->budget);
         if (back == NULL) {
             if (read_failed(relay, M_fill_failed, key) < 0) {
                 rc = -1;
@@ -2411,7 +2428,7 @@ static PyObject *Serve_run(Serve *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOO!O!dppO:run", &relay, &endpoint, &ReaderType, &reader, &WriterType, &writer,
                           &until, &pktinfo, &gso, &wire))
         return NULL;
-    sink = PyObject_GetAttrString(relay, "_sink_of");
+    sink = PyObject_GetAttr(relay, A_sink_of);
     if (sink == NULL)
         return NULL;
     long loop = 0, own = 0;
@@ -2525,7 +2542,7 @@ PyMODINIT_FUNC PyInit__datapath(void)
         {&M_sealed_run, "sealed_run"}, {&M_sent_run, "sent_run"}, {&M_fast_flow, "fast_flow"},
         {&M_tunnel_back, "_tunnel_back"}, {&M_tunnel_failed, "_tunnel_failed"}, {&M_fill_back, "_fill_back"},
         {&M_fill_failed, "_fill_failed"}, {&M_handle, "_handle"}, {&M_pump, "_pump"}, {&A_closing, "closing"},
-        {&A_timer_at, "_timer_at"},
+        {&A_timer_at, "_timer_at"}, {&A_sink_of, "_sink_of"},
     };
     for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++)
         if (*methods[i].slot == NULL && (*methods[i].slot = PyUnicode_InternFromString(methods[i].name)) == NULL)

@@ -635,8 +635,7 @@ class Relay(Generic[E]):
             except OSError as e:  # ICMP port unreachable from the target: it is down, keep the flow
                 self._fill_failed(key, e)
                 continue
-            if wire is not None:
-                self._wire_errors(writer)
+            self._fill_failed(key, None)
             if back is None:
                 return
             self._fill_back(key, back, now)
